@@ -1,0 +1,1 @@
+"""layerstore: a content-addressed, verified, deduplicated store of OCI image layers."""

@@ -1,0 +1,1 @@
+"""unionfs.core: union semantics in plain synchronous Python (no pyfuse3, no trio)."""
