@@ -1,0 +1,154 @@
+"""Mount helpers for tests: layerfs, fuse-overlayfs and kernel overlayfs with one interface."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import typing
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+LAYERFS = [sys.executable, "-m", "unionfs"]
+MOUNT_TIMEOUT = 30.0
+
+
+def _mount_points() -> set[bytes]:
+    points: set[bytes] = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            raw = line.split()[4]
+            # mountinfo escapes space, tab, newline and backslash as octal.
+            points.add(
+                raw.replace(b"\\040", b" ")
+                .replace(b"\\011", b"\t")
+                .replace(b"\\012", b"\n")
+                .replace(b"\\134", b"\\")
+            )
+    return points
+
+
+def is_mounted(path: Path | str) -> bool:
+    return os.fsencode(os.path.realpath(path)) in _mount_points()
+
+
+def wait_mounted(
+    path: Path | str,
+    timeout: float = MOUNT_TIMEOUT,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: typing.IO[bytes] | None = None,
+) -> None:
+    """Bounded poll until `path` is a mount point; fail early if `proc` exits first.
+
+    `log` is the file the process writes its stderr to, quoted in the error.
+    """
+    deadline = time.monotonic() + timeout
+    while not is_mounted(path):
+        if proc is not None and proc.poll() is not None:
+            err = b""
+            if log is not None:
+                log.seek(0)
+                err = log.read()
+            raise RuntimeError(
+                f"mount process exited {proc.returncode}: {err.decode(errors='replace').strip()}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} not mounted after {timeout}s")
+        time.sleep(0.02)
+
+
+def force_unmount(path: Path | str) -> None:
+    """Unmount whatever is mounted at path (FUSE or kernel), lazily as a last resort."""
+    if not is_mounted(path):
+        return
+    for cmd in (
+        ["fusermount3", "-u", "-q", str(path)],
+        ["umount", str(path)],
+        ["umount", "-l", str(path)],
+    ):
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        if not is_mounted(path):
+            return
+
+
+def overlay_options(
+    lowers: Sequence[Path], upper: Path | None, work: Path | None, opts: Sequence[str] = ()
+) -> str:
+    parts = ["lowerdir=" + ":".join(str(p) for p in lowers)]
+    if upper is not None:
+        parts.append(f"upperdir={upper}")
+    if work is not None:
+        parts.append(f"workdir={work}")
+    parts.extend(opts)
+    return ",".join(parts)
+
+
+@contextmanager
+def overlay_mount(
+    impl: str,
+    lowers: Sequence[Path],
+    mnt: Path,
+    upper: Path | None = None,
+    work: Path | None = None,
+    opts: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[Path]:
+    """Mount an overlay of `lowers` (top first) at `mnt` with impl layerfs|fuse-overlayfs|kernel.
+
+    Unmounts in `finally`; for FUSE implementations the daemon runs in the foreground as our
+    child, so only that child is reaped (and killed if it does not exit after the unmount).
+    """
+    mnt.mkdir(parents=True, exist_ok=True)
+    optstr = overlay_options(lowers, upper, work, opts)
+    proc: subprocess.Popen[bytes] | None = None
+    # The daemon's stderr goes to a file, not a pipe: a pipe nobody reads would fill and
+    # block a chatty daemon.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below, after the yield
+    daemon_log = b""
+    try:
+        if impl == "kernel":
+            subprocess.run(
+                ["mount", "-t", "overlay", "overlay", "-o", optstr, str(mnt)],
+                check=True,
+                capture_output=True,
+            )
+        elif impl == "layerfs":
+            proc = subprocess.Popen(
+                [*LAYERFS, "overlay", "-f", "-o", optstr, str(mnt)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+            )
+            wait_mounted(mnt, proc=proc, log=log)
+        elif impl == "fuse-overlayfs":
+            proc = subprocess.Popen(
+                ["fuse-overlayfs", "-f", "-o", optstr, str(mnt)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+            )
+            wait_mounted(mnt, proc=proc, log=log)
+        else:
+            raise ValueError(f"unknown overlay implementation {impl!r}")
+        yield mnt
+    finally:
+        force_unmount(mnt)
+        if proc is not None:
+            try:
+                proc.wait(timeout=MOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        log.seek(0)
+        daemon_log = log.read()
+        log.close()
+    # An unexpected exception in the daemon is answered with EIO in production; in tests it
+    # must fail loudly, so a logged traceback fails the test that caused it.
+    if b"Traceback" in daemon_log:
+        raise AssertionError(
+            f"{impl} daemon logged an exception:\n{daemon_log.decode(errors='replace')}"
+        )
