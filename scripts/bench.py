@@ -1,0 +1,1469 @@
+#!/usr/bin/env python3
+"""Benchmark layerfs against kernel overlayfs and fuse-overlayfs on the same layer stacks.
+
+Run by hand as root (never a test): every measurement mounts a fresh overlay of the same lower
+layers with each implementation, rounds are interleaved with the order rotated, cold figures
+drop the page cache after a fresh mount, and the trees each implementation shows are compared
+after every workload. Prints a table of medians with ratios to the kernel, and writes JSON.
+
+    .venv/bin/python scripts/bench.py --scale 0.02 --rounds 3      # quick
+    .venv/bin/python scripts/bench.py --json bench.json            # full size (long)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import stat
+import statistics
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+IMPLS = ("kernel", "fuse-overlayfs", "layerfs")
+FIXTURE_VERSION = 1
+MiB = 1 << 20
+CHUNK = 1 << 20  # read/write unit for bulk I/O (what `dd bs=1M` would use)
+
+# One snapshot value per path: (kind, mode, size, sha256-or-link-target) or ("ABSENT",).
+Snap = dict[str, tuple[object, ...]]
+
+
+class MountError(Exception):
+    """The implementation could not mount this stack (the message says why)."""
+
+
+class BenchTimeout(Exception):
+    """The watchdog killed the daemon because one measurement took too long."""
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters and fixtures
+
+
+@dataclass(frozen=True)
+class Params:
+    """Sizes and counts of every workload at a given scale (1.0 = the issue's sizes)."""
+
+    scale: float
+    seq_bytes: int
+    walk_dirs: int
+    walk_files_per_dir_layer: int
+    walk_layers: int
+    readdir_entries: int
+    readdir_layers: int
+    stack_files: int
+    stack_depths: tuple[int, ...]
+    create_files: int
+    create_size: int
+    copyup_bytes: int
+    rename_files: int
+    unlink_files: int
+    par_procs: int
+    par_bytes: int
+    src_c_files: int
+    src_proj_headers: int
+    src_sys_headers: int
+
+    @staticmethod
+    def at(scale: float) -> Params:
+        def n(full: float, lo: int) -> int:
+            return max(lo, round(full * scale))
+
+        return Params(
+            scale=scale,
+            seq_bytes=n(1024 * MiB, MiB) // MiB * MiB,
+            walk_dirs=n(1000, 5),
+            walk_files_per_dir_layer=4,  # 1,000 dirs x 5 layers x 4 = 20,000 files
+            walk_layers=5,
+            readdir_entries=n(10_000, 100),
+            readdir_layers=4,
+            stack_files=n(2000, 20),
+            stack_depths=(1, 10, 50, 100),  # depth is the point: never scaled
+            create_files=n(5000, 20),
+            create_size=4096,
+            copyup_bytes=n(100_000_000, MiB),
+            rename_files=n(1000, 10),
+            unlink_files=n(5000, 20),
+            par_procs=4,
+            par_bytes=n(256 * MiB, MiB) // MiB * MiB,
+            src_c_files=n(3000, 20),
+            src_proj_headers=n(600, 10),
+            src_sys_headers=n(400, 10),
+        )
+
+
+def _block(seed: int) -> bytes:
+    return random.Random(seed).randbytes(CHUNK)
+
+
+def _write_big(path: Path, size: int, seed: int) -> None:
+    """Pseudo-random content, different in every MiB (no two blocks alike)."""
+    block = bytearray(_block(seed))
+    with open(path, "wb") as f:
+        done = 0
+        i = 0
+        while done < size:
+            block[:8] = i.to_bytes(8, "little")
+            n = min(CHUNK, size - done)
+            f.write(block[:n])
+            done += n
+            i += 1
+
+
+def _small(rng: random.Random, lo: int, hi: int) -> bytes:
+    return rng.randbytes(rng.randint(lo, hi))
+
+
+def _whiteout(path: Path) -> None:
+    """overlayfs native whiteout: a 0/0 character device (all three implementations read it)."""
+    os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+
+
+def build_seq(d: Path, p: Params) -> None:
+    (d / "0").mkdir()
+    _write_big(d / "0" / "big.bin", p.seq_bytes, 1)
+    (d / "1").mkdir()  # a small top layer, so the file is really looked up through a stack
+    (d / "1" / "README").write_bytes(b"top layer\n")
+
+
+def walk_dir_names(p: Params) -> list[str]:
+    return [f"t/d{i // 100}/e{(i // 10) % 10}/f{i % 10}" for i in range(p.walk_dirs)]
+
+
+def build_walk(d: Path, p: Params) -> None:
+    rng = random.Random(2)
+    dirs = walk_dir_names(p)
+    for layer in range(p.walk_layers):
+        for i, rel in enumerate(dirs):
+            dd = d / str(layer) / rel
+            dd.mkdir(parents=True)
+            for j in range(p.walk_files_per_dir_layer):
+                (dd / f"l{layer}_{j}").write_bytes(_small(rng, 50, 2000))
+            top = layer == p.walk_layers - 1
+            if top and i % 10 == 0:
+                _whiteout(dd / "l0_0")  # deletes a bottom-layer file
+            if layer == p.walk_layers - 2 and i % 5 == 0:
+                (dd / "l0_1").write_bytes(b"shadows the bottom layer's l0_1\n")
+
+
+def build_readdir(d: Path, p: Params) -> None:
+    for layer in range(p.readdir_layers):
+        (d / str(layer) / "big").mkdir(parents=True)
+    top = p.readdir_layers - 1
+    for i in range(p.readdir_entries):
+        layer = i % p.readdir_layers
+        (d / str(layer) / "big" / f"e{i:05d}").touch()
+        if i % 10 == 1 and layer != top:  # the same name again in the top layer: merged once
+            (d / str(top) / "big" / f"e{i:05d}").write_bytes(b"top\n")
+
+
+def build_stack(d: Path, p: Params) -> None:
+    deepest = max(p.stack_depths)
+    bottom = d / "0" / "p" / "q"
+    bottom.mkdir(parents=True)
+    for i in range(p.stack_files):
+        (bottom / f"b{i}").write_bytes(b"bottom %d\n" % i)
+    for layer in range(1, deepest):
+        q = d / str(layer) / "p" / "q"
+        q.mkdir(parents=True)
+        for j in range(5):
+            (q / f"f{layer}_{j}").write_bytes(b"filler\n")
+        (d / str(layer) / f"x{layer}").write_bytes(b"filler\n")
+
+
+def build_copyup(d: Path, p: Params) -> None:
+    (d / "0").mkdir()
+    _write_big(d / "0" / "big.bin", p.copyup_bytes, 3)
+
+
+def build_rename(d: Path, p: Params) -> None:
+    rng = random.Random(4)
+    for i in range(p.rename_files):
+        sub = d / "0" / "old" / f"s{i % 10}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i}").write_bytes(_small(rng, 10, 400))
+
+
+def build_unlink(d: Path, p: Params) -> None:
+    for i in range(p.unlink_files):
+        sub = d / "0" / "u" / f"s{i // 100}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i}").write_bytes(b"x" * (i % 97))
+
+
+def build_par(d: Path, p: Params) -> None:
+    (d / "0").mkdir()
+    for i in range(p.par_procs):
+        _write_big(d / "0" / f"p{i}.bin", p.par_bytes, 10 + i)
+
+
+def _c_source(rng: random.Random, p: Params, idx: int) -> bytes:
+    lines = [f"/* unit {idx} */"]
+    for _ in range(8):
+        lines.append(f'#include "h{rng.randrange(p.src_proj_headers)}.h"')
+    for _ in range(6):
+        k = rng.randrange(p.src_sys_headers)
+        lines.append(f"#include <sys/t{k}.h>" if k % 3 == 0 else f"#include <s{k}.h>")
+    body_lines = rng.randint(60, 600)
+    for i in range(body_lines):
+        lines.append(f"static int f{idx}_{i}(int x) {{ return x * {rng.randrange(1000)} + {i}; }}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def build_src(d: Path, p: Params) -> None:
+    """A base layer with system headers, and a tarball of a synthetic C project."""
+    rng = random.Random(5)
+    inc = d / "0" / "usr" / "include"
+    (inc / "sys").mkdir(parents=True)
+    (d / "0" / "usr" / "local").mkdir()  # no include/ here: a compiler's lookup misses it
+    for k in range(p.src_sys_headers):
+        rel = f"sys/t{k}.h" if k % 3 == 0 else f"s{k}.h"
+        (inc / rel).write_bytes(b"/* system header */\n" + _small(rng, 200, 4000).hex().encode())
+    ndirs = max(1, p.src_c_files // 20)
+    with tarfile.open(d / "src.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add(name: str, data: bytes | None) -> None:
+            info = tarfile.TarInfo(name)
+            info.mtime = 1_700_000_000
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                info.mode = 0o644
+                tar.addfile(info, io.BytesIO(data))
+
+        add("proj", None)
+        add("proj/include", None)
+        for k in range(p.src_proj_headers):
+            add(
+                f"proj/include/h{k}.h",
+                b"/* project header */\n" + rng.randbytes(300).hex().encode(),
+            )
+        for dn in range(ndirs):
+            add(f"proj/d{dn}", None)
+        for idx in range(p.src_c_files):
+            add(f"proj/d{idx % ndirs}/u{idx}.c", _c_source(rng, p, idx))
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of layers (and files) built once and reused; `deps` are the Params fields used."""
+
+    name: str
+    build: Callable[[Path, Params], None]
+    deps: tuple[str, ...]
+
+
+GROUPS = {
+    g.name: g
+    for g in (
+        Group("seq", build_seq, ("seq_bytes",)),
+        Group("w", build_walk, ("walk_dirs", "walk_files_per_dir_layer", "walk_layers")),
+        Group("r", build_readdir, ("readdir_entries", "readdir_layers")),
+        Group("k", build_stack, ("stack_files", "stack_depths")),
+        Group("c", build_copyup, ("copyup_bytes",)),
+        Group("n", build_rename, ("rename_files",)),
+        Group("x", build_unlink, ("unlink_files",)),
+        Group("p", build_par, ("par_procs", "par_bytes")),
+        Group("b", build_src, ("src_c_files", "src_proj_headers", "src_sys_headers")),
+    )
+}
+
+
+def ensure_group(root: Path, g: Group, p: Params, rebuild: bool) -> Path:
+    """Build a fixture group once (into a temp dir, then rename); a stamp records its params."""
+    d = root / g.name
+    stamp = root / f"{g.name}.stamp"
+    want = json.dumps(
+        {"version": FIXTURE_VERSION, **{k: getattr(p, k) for k in g.deps}}, sort_keys=True
+    )
+    if not rebuild and d.is_dir() and stamp.is_file() and stamp.read_text() == want:
+        return d
+    stamp.unlink(missing_ok=True)
+    for old in (d, root / f"{g.name}.tmp"):
+        if old.exists():
+            shutil.rmtree(old)
+    tmp = root / f"{g.name}.tmp"
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    g.build(tmp, p)
+    os.rename(tmp, d)
+    stamp.write_text(want)
+    log(f"built fixture {g.name} in {time.perf_counter() - t0:.1f}s")
+    return d
+
+
+# --------------------------------------------------------------------------------------------
+# Mounting
+
+
+def log(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def mount_points() -> set[bytes]:
+    points: set[bytes] = set()
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            raw = line.split()[4]
+            points.add(
+                raw.replace(b"\\040", b" ")
+                .replace(b"\\011", b"\t")
+                .replace(b"\\012", b"\n")
+                .replace(b"\\134", b"\\")
+            )
+    return points
+
+
+def is_mounted(path: Path) -> bool:
+    return os.fsencode(os.path.realpath(path)) in mount_points()
+
+
+def unmount(path: Path, fuse: bool) -> None:
+    """Unmount what is mounted at `path`; retries a busy mount briefly, lazily as a last resort."""
+    cmds = [["fusermount3", "-u", "-q", str(path)]] if fuse else []
+    cmds.append(["umount", str(path)])
+    deadline = time.monotonic() + 10
+    while is_mounted(path) and time.monotonic() < deadline:
+        for cmd in cmds:
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            if not is_mounted(path):
+                return
+        time.sleep(0.1)
+    if is_mounted(path):
+        log(f"warning: {path} busy, unmounting lazily")
+        subprocess.run(["umount", "-l", str(path)], check=False, stderr=subprocess.DEVNULL)
+
+
+@dataclass
+class Mounted:
+    impl: str
+    path: Path
+    proc: subprocess.Popen[bytes] | None
+    profiled: bool
+    timed_out: threading.Event = field(default_factory=threading.Event)
+
+    def peak_rss_kib(self) -> int | None:
+        """The daemon's peak resident set (VmHWM), None for the kernel or a profiled daemon."""
+        if self.proc is None or self.profiled:
+            return None
+        try:
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1])
+        except OSError:
+            pass
+        return None
+
+
+@dataclass
+class Config:
+    workdir: Path
+    python: str
+    mount_timeout: float
+    timeout: float
+    profile: str | None  # "py-spy" | "pyinstrument" | None
+    profile_dir: Path
+    cold_ok: bool = True
+
+
+def overlay_opts(lowers: Sequence[Path], upper: Path, work: Path) -> str:
+    return f"lowerdir={':'.join(str(x) for x in lowers)},upperdir={upper},workdir={work}"
+
+
+@contextlib.contextmanager
+def mounted(
+    cfg: Config,
+    impl: str,
+    lowers: Sequence[Path],
+    upper: Path,
+    work: Path,
+    mnt: Path,
+    label: str,
+) -> Iterator[Mounted]:
+    """Mount `lowers` (top first) at `mnt`; always unmounts and reaps only our own child."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    if is_mounted(mnt):
+        raise MountError(f"{mnt} is already a mount point")
+    opts = overlay_opts(lowers, upper, work)
+    proc: subprocess.Popen[bytes] | None = None
+    logpath = cfg.workdir / "logs" / f"{label}.log"
+    logpath.parent.mkdir(parents=True, exist_ok=True)
+    m: Mounted | None = None
+    watchdog: threading.Timer | None = None
+    with open(logpath, "wb") as logf:
+        try:
+            if impl == "kernel":
+                r = subprocess.run(
+                    [
+                        "mount",
+                        "-t",
+                        "overlay",
+                        "overlay",
+                        "-o",
+                        opts + ",redirect_dir=on",
+                        str(mnt),
+                    ],
+                    capture_output=True,
+                    check=False,
+                )
+                if r.returncode != 0:
+                    msg = r.stderr.decode(errors="replace").strip().splitlines()
+                    raise MountError(
+                        f"mount -t overlay failed ({len(opts)} byte options): "
+                        + (msg[-1] if msg else f"exit {r.returncode}")
+                    )
+                m = Mounted(impl, mnt, None, False)
+            else:
+                profiled = False
+                if impl == "fuse-overlayfs":
+                    cmd = ["fuse-overlayfs", "-f", "-o", opts, str(mnt)]
+                elif impl == "layerfs":
+                    cmd = [cfg.python, "-m", "unionfs", "overlay", "-f", "-o", opts, str(mnt)]
+                    if cfg.profile is not None:
+                        profiled = True
+                        cmd = profile_cmd(cfg, cmd, label)
+                else:
+                    raise ValueError(f"unknown implementation {impl!r}")
+                # Own session: a Ctrl-C reaches only us, and we unmount the daemon ourselves.
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=logf,
+                    cwd=REPO,
+                    start_new_session=True,
+                )
+                m = Mounted(impl, mnt, proc, profiled)
+                deadline = time.monotonic() + cfg.mount_timeout
+                while not is_mounted(mnt):
+                    if proc.poll() is not None:
+                        logf.flush()
+                        tail = logpath.read_bytes().decode(errors="replace").strip().splitlines()
+                        raise MountError(
+                            f"{impl} exited {proc.returncode} before mounting"
+                            + (f": {tail[-1]}" if tail else "")
+                        )
+                    if time.monotonic() > deadline:
+                        raise MountError(f"{impl} not mounted after {cfg.mount_timeout:.0f}s")
+                    time.sleep(0.01)
+
+                # A hung daemon would hang the bench: the watchdog kills our own child, and the
+                # blocked system call then fails with ENOTCONN.
+                def expire(mm: Mounted = m) -> None:
+                    mm.timed_out.set()
+                    if mm.proc is not None and mm.proc.poll() is None:
+                        mm.proc.kill()
+
+                watchdog = threading.Timer(cfg.timeout, expire)
+                watchdog.daemon = True
+                watchdog.start()
+            yield m
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            unmount(mnt, fuse=impl != "kernel")
+            if proc is not None:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    log(f"{impl} did not exit after unmount; killing pid {proc.pid}")
+                    proc.kill()
+                    proc.wait()
+            text = logpath.read_bytes()
+            if b"Traceback" in text:
+                log(f"!!! {impl} logged a traceback during {label}: see {logpath}")
+            if not text:
+                logpath.unlink()
+
+
+def profile_cmd(cfg: Config, cmd: list[str], label: str) -> list[str]:
+    cfg.profile_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.profile == "py-spy":
+        out = cfg.profile_dir / f"{label}.speedscope.json"
+        return [pyspy_path() or "py-spy", "record", "-f", "speedscope", "-o", str(out), "--", *cmd]
+    out = cfg.profile_dir / f"{label}.pyinstrument.html"
+    return [cmd[0], "-m", "pyinstrument", "-r", "html", "-o", str(out), *cmd[1:]]
+
+
+def pyspy_path() -> str | None:
+    local = Path(sys.executable).parent / "py-spy"
+    venv = REPO / ".venv" / "bin" / "py-spy"
+    for cand in (local, venv):
+        if cand.exists():
+            return str(cand)
+    return shutil.which("py-spy")
+
+
+# --------------------------------------------------------------------------------------------
+# Workload primitives (identical code for every implementation)
+
+
+def drop_caches(cfg: Config) -> None:
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        if cfg.cold_ok:
+            log(f"warning: cannot drop caches ({exc}); cold figures are not cold")
+        cfg.cold_ok = False
+
+
+def read_whole(path: str | bytes, buf: bytearray) -> int:
+    mv = memoryview(buf)
+    total = 0
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(mv):
+            total += n
+    return total
+
+
+def walk_lstat(root: bytes) -> int:
+    """find-like: readdir every directory and lstat every entry (no cached d_type shortcut)."""
+    count = 0
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                st = os.lstat(e.path)
+                count += 1
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(e.path)
+    return count
+
+
+def files_under(root: Path) -> list[bytes]:
+    out: list[bytes] = []
+    for dirpath, _dirs, files in os.walk(os.fsencode(root)):
+        out.extend(os.path.join(dirpath, f) for f in files)
+    out.sort()
+    return out
+
+
+def timed(rec: dict[str, float], row: str, fn: Callable[[], object]) -> None:
+    t0 = time.perf_counter()
+    fn()
+    rec[row] = time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+
+
+@dataclass
+class Ctx:
+    cfg: Config
+    params: Params
+    root: Path  # fixture root
+    stack_paths: dict[int, list[bytes]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    rows: tuple[str, ...]
+    what: str
+    group: str
+    lowers: Callable[[Params], list[str]]  # layer dirs relative to the group dir, TOP first
+    touched: tuple[str, ...]  # mount-relative subtrees compared across implementations
+    cold: bool  # drop caches after the fresh mount, before the workload
+    run: Callable[[Ctx, Path, dict[str, float]], None]
+
+
+def top_first(n: int) -> list[str]:
+    return [str(i) for i in reversed(range(n))]
+
+
+def fixed_layers(n: int) -> Callable[[Params], list[str]]:
+    return lambda _p: top_first(n)
+
+
+def wl_seqread(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    buf = bytearray(CHUNK)
+    path = str(mnt / "big.bin")
+    size = ctx.params.seq_bytes
+    for row in ("seqread-cold", "seqread-warm"):
+        t0 = time.perf_counter()
+        got = read_whole(path, buf)
+        rec[row] = time.perf_counter() - t0
+        if got != size:
+            raise RuntimeError(f"read {got} bytes, expected {size}")
+
+
+def wl_walk(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    p = ctx.params
+    # files (minus the whiteouts) + dirs; the check below compares the exact trees.
+    root = os.fsencode(mnt / "t")
+    for row in ("walk-cold", "walk-warm"):
+        t0 = time.perf_counter()
+        n = walk_lstat(root)
+        rec[row] = time.perf_counter() - t0
+        if n < p.walk_dirs * p.walk_layers * p.walk_files_per_dir_layer * 0.9:
+            raise RuntimeError(f"walk saw only {n} entries")
+
+
+def wl_readdir(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    path = os.fsencode(mnt / "big")
+    for row in ("readdir-cold", "readdir-warm"):
+        t0 = time.perf_counter()
+        n = len(os.listdir(path))
+        rec[row] = time.perf_counter() - t0
+        if n != ctx.params.readdir_entries:
+            raise RuntimeError(f"readdir saw {n} entries, expected {ctx.params.readdir_entries}")
+
+
+def make_wl_stat(depth: int) -> Callable[[Ctx, Path, dict[str, float]], None]:
+    def run(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+        q = os.fsencode(mnt / "p" / "q")
+        paths = [os.path.join(q, b"b%d" % i) for i in range(ctx.params.stack_files)]
+        for row in (f"stat{depth}-cold", f"stat{depth}-warm"):
+            t0 = time.perf_counter()
+            for path in paths:
+                os.lstat(path)
+            rec[row] = time.perf_counter() - t0
+
+    return run
+
+
+def wl_create(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    data = b"c" * ctx.params.create_size
+    d = os.fsencode(mnt / "new")
+    paths = [os.path.join(d, b"f%d" % i) for i in range(ctx.params.create_files)]
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+
+    def go() -> None:
+        os.mkdir(d)
+        for path in paths:
+            fd = os.open(path, flags, 0o644)
+            os.write(fd, data)
+            os.close(fd)
+
+    timed(rec, "create", go)
+
+
+def wl_copyup(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    path = mnt / "big.bin"
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY)  # no O_TRUNC: the whole file is copied up
+    try:
+        os.pwrite(fd, b"COPIED-UP", 0)
+        rec["copyup"] = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+
+
+def wl_rename(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    timed(rec, "rename-dir", lambda: os.rename(mnt / "old", mnt / "new"))
+
+
+def wl_mv(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    # coreutils mv: rename(2), and on EXDEV a recursive copy + delete (what users get).
+    def go() -> None:
+        r = subprocess.run(["mv", str(mnt / "old"), str(mnt / "new")], capture_output=True)
+        if r.returncode != 0:
+            raise OSError(errno.EIO, "mv failed: " + r.stderr.decode(errors="replace").strip())
+
+    timed(rec, "mv-dir", go)
+
+
+def wl_unlink(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    paths = files_under(mnt / "u")  # the listing is not timed
+    if len(paths) != ctx.params.unlink_files:
+        raise RuntimeError(
+            f"found {len(paths)} files to unlink, expected {ctx.params.unlink_files}"
+        )
+
+    def go() -> None:
+        for path in paths:
+            os.unlink(path)
+
+    timed(rec, "unlink", go)
+
+
+def parallel_read(paths: Sequence[str]) -> float:
+    """Fork one reader per file; they start together on a pipe; time until all have exited."""
+    rfd, wfd = os.pipe()
+    pids: list[int] = []
+    try:
+        for path in paths:
+            pid = os.fork()
+            if pid == 0:  # child: wait for the start signal, read, exit without cleanup
+                code = 1
+                try:
+                    os.close(wfd)
+                    if os.read(rfd, 1) == b"g":
+                        read_whole(path, bytearray(CHUNK))
+                        code = 0
+                except BaseException:
+                    code = 1
+                finally:
+                    os._exit(code)
+            pids.append(pid)
+        os.close(rfd)
+        rfd = -1
+        t0 = time.perf_counter()
+        os.write(wfd, b"g" * len(pids))
+        failed = 0
+        while pids:
+            pid, status = os.waitpid(pids[0], 0)
+            pids.pop(0)
+            failed += os.waitstatus_to_exitcode(status) != 0
+        elapsed = time.perf_counter() - t0
+        if failed:
+            raise OSError(errno.EIO, f"{failed} parallel reader(s) failed")
+        return elapsed
+    finally:
+        os.close(wfd)
+        if rfd >= 0:
+            os.close(rfd)
+        for pid in pids:  # only on error: our own children, reaped
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
+def wl_parread(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    paths = [str(mnt / f"p{i}.bin") for i in range(ctx.params.par_procs)]
+    for row in ("parread-cold", "parread-warm"):
+        rec[row] = parallel_read(paths)
+
+
+INCLUDE_SYS = ("proj/include", "usr/local/include", "usr/include")
+
+
+def compile_pass(mnt: Path) -> int:
+    """Read each .c, look up and read its headers like cc -I proj/include, write a .o."""
+    sys_dirs = [os.fsencode(mnt / d) for d in INCLUDE_SYS]
+    sources = sorted(p for p in files_under(mnt / "proj") if p.endswith(b".c"))
+    n = 0
+    for src in sources:
+        with open(src, "rb") as f:
+            data = f.read()
+        here = os.path.dirname(src)
+        for line in data.split(b"\n", 20)[:20]:
+            if not line.startswith(b"#include "):
+                continue
+            spec = line[9:]
+            name = spec[1:-1]
+            dirs = [here, sys_dirs[0]] if spec.startswith(b'"') else sys_dirs
+            for d in dirs:
+                cand = os.path.join(d, name)
+                try:
+                    os.stat(cand)
+                except FileNotFoundError:
+                    continue
+                with open(cand, "rb") as h:
+                    h.read()
+                break
+            else:
+                raise FileNotFoundError(errno.ENOENT, "header not found", name)
+        obj = hashlib.sha256(data).digest() * max(1, len(data) // 64)
+        with open(src[:-2] + b".o", "wb") as o:
+            o.write(obj)
+        n += 1
+    return n
+
+
+def wl_untar(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    tarball = ctx.root / "b" / "src.tar"
+
+    def untar() -> None:
+        r = subprocess.run(["tar", "-xf", str(tarball), "-C", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            raise OSError(errno.EIO, "tar failed: " + r.stderr.decode(errors="replace").strip())
+
+    timed(rec, "untar", untar)
+    timed(rec, "compile", lambda: compile_pass(mnt))
+
+
+def all_workloads(p: Params) -> list[Workload]:
+    wls = [
+        Workload(
+            "seqread",
+            ("seqread-cold", "seqread-warm"),
+            f"read {p.seq_bytes // MiB} MiB file",
+            "seq",
+            lambda p: ["1", "0"],
+            ("big.bin",),
+            True,
+            wl_seqread,
+        ),
+        Workload(
+            "walk",
+            ("walk-cold", "walk-warm"),
+            f"walk+lstat {p.walk_dirs * p.walk_layers * p.walk_files_per_dir_layer} files, "
+            f"{p.walk_dirs} dirs, {p.walk_layers} layers",
+            "w",
+            lambda p: top_first(p.walk_layers),
+            ("t",),
+            True,
+            wl_walk,
+        ),
+        Workload(
+            "readdir",
+            ("readdir-cold", "readdir-warm"),
+            f"readdir {p.readdir_entries} entries from {p.readdir_layers} layers",
+            "r",
+            lambda p: top_first(p.readdir_layers),
+            ("big",),
+            True,
+            wl_readdir,
+        ),
+    ]
+    for depth in p.stack_depths:
+        wls.append(
+            Workload(
+                f"stat{depth}",
+                (f"stat{depth}-cold", f"stat{depth}-warm"),
+                f"lstat {p.stack_files} bottom files, {depth} layers",
+                "k",
+                fixed_layers(depth),
+                ("p",),
+                True,
+                make_wl_stat(depth),
+            )
+        )
+    wls += [
+        Workload(
+            "create",
+            ("create",),
+            f"create+write+close {p.create_files} x {p.create_size} B",
+            "b",
+            lambda p: ["0"],
+            ("new",),
+            False,
+            wl_create,
+        ),
+        Workload(
+            "copyup",
+            ("copyup",),
+            f"open+first write of a {p.copyup_bytes / 1e6:.0f} MB lower file",
+            "c",
+            lambda p: ["0"],
+            ("big.bin",),
+            False,
+            wl_copyup,
+        ),
+        Workload(
+            "rename-dir",
+            ("rename-dir",),
+            f"rename(2) of a lower dir with {p.rename_files} files",
+            "n",
+            lambda p: ["0"],
+            ("old", "new"),
+            False,
+            wl_rename,
+        ),
+        Workload(
+            "mv-dir",
+            ("mv-dir",),
+            f"mv(1) of a lower dir with {p.rename_files} files (copy on EXDEV)",
+            "n",
+            lambda p: ["0"],
+            ("old", "new"),
+            False,
+            wl_mv,
+        ),
+        Workload(
+            "unlink",
+            ("unlink",),
+            f"unlink {p.unlink_files} lower files",
+            "x",
+            lambda p: ["0"],
+            ("u",),
+            False,
+            wl_unlink,
+        ),
+        Workload(
+            "parread",
+            ("parread-cold", "parread-warm"),
+            f"{p.par_procs} processes each read a {p.par_bytes // MiB} MiB file",
+            "p",
+            lambda p: ["0"],
+            tuple(f"p{i}.bin" for i in range(p.par_procs)),
+            True,
+            wl_parread,
+        ),
+        Workload(
+            "untar",
+            ("untar", "compile"),
+            f"tar -x {p.src_c_files} .c + {p.src_proj_headers} .h; compile-like pass",
+            "b",
+            lambda p: ["0"],
+            ("proj",),
+            False,
+            wl_untar,
+        ),
+    ]
+    return wls
+
+
+# --------------------------------------------------------------------------------------------
+# Tree check
+
+
+def snapshot(mnt: Path, rels: Sequence[str]) -> Snap:
+    """Kind, permission bits, size and content hash (or link target) of each touched subtree."""
+    out: Snap = {}
+
+    def one(rel: str, path: bytes) -> bool:
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            out[rel] = ("ABSENT",)
+            return False
+        mode = stat.S_IMODE(st.st_mode)
+        if stat.S_ISDIR(st.st_mode):
+            out[rel] = ("dir", oct(mode))
+            return True
+        if stat.S_ISLNK(st.st_mode):
+            out[rel] = ("symlink", oct(mode), st.st_size, os.readlink(path).hex())
+        elif stat.S_ISREG(st.st_mode):
+            h = hashlib.sha256()
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+            out[rel] = ("file", oct(mode), st.st_size, h.hexdigest())
+        else:
+            out[rel] = ("other", oct(st.st_mode))
+        return False
+
+    for top in rels:
+        pending = [(top, os.fsencode(mnt / top))]
+        while pending:
+            rel, path = pending.pop()
+            if one(rel, path):
+                for name in sorted(os.listdir(path)):
+                    pending.append((f"{rel}/{os.fsdecode(name)}", os.path.join(path, name)))
+    return out
+
+
+def diff_snaps(ref: Snap, other: Snap, limit: int = 8) -> list[str]:
+    diffs: list[str] = []
+    for key in sorted(set(ref) | set(other)):
+        a = ref.get(key, ("ABSENT",))
+        b = other.get(key, ("ABSENT",))
+        if a != b:
+            diffs.append(f"{key}: {a} != {b}")
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+    return diffs
+
+
+# --------------------------------------------------------------------------------------------
+# Runner
+
+
+@dataclass
+class Cell:
+    times: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Results:
+    cells: dict[str, dict[str, Cell]] = field(default_factory=dict)  # row -> impl -> Cell
+    mismatches: list[dict[str, Any]] = field(default_factory=list)
+    checked: dict[str, str] = field(default_factory=dict)  # workload -> ok|MISMATCH
+    rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)  # workload -> impl -> KiB
+
+    def cell(self, row: str, impl: str) -> Cell:
+        return self.cells.setdefault(row, {}).setdefault(impl, Cell())
+
+
+def fresh_dir(path: Path) -> Path:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+def measure(
+    ctx: Ctx, wl: Workload, impl: str, rnd: int, res: Results, want_snap: bool
+) -> Snap | None:
+    """One fresh mount of `wl`'s stack with `impl`; records times or the failure."""
+    cfg = ctx.cfg
+    group_dir = ctx.root / wl.group
+    lowers = [group_dir / rel for rel in wl.lowers(ctx.params)]
+    run_dir = fresh_dir(cfg.workdir / "u")
+    upper = fresh_dir(run_dir / "u")
+    work = fresh_dir(run_dir / "w")
+    mnt = cfg.workdir / "m"
+    rec: dict[str, float] = {}
+    snap: Snap | None = None
+    label = f"{wl.name}-r{rnd}-{impl}"
+    error: str | None = None
+    timed_out = False
+    try:
+        with mounted(cfg, impl, lowers, upper, work, mnt, label) as m:
+            try:
+                if wl.cold:
+                    drop_caches(cfg)
+                wl.run(ctx, mnt, rec)
+                if want_snap:
+                    snap = snapshot(mnt, wl.touched)
+                rss = m.peak_rss_kib()
+                if rss is not None:
+                    prev = res.rss_kib.setdefault(wl.name, {}).get(impl, 0)
+                    res.rss_kib[wl.name][impl] = max(prev, rss)
+            finally:
+                timed_out = m.timed_out.is_set()
+    except MountError as exc:
+        error = f"MOUNT FAILED: {exc}"
+    except OSError as exc:
+        name = errno.errorcode.get(exc.errno or 0, "OSError")
+        error = "EXDEV" if exc.errno == errno.EXDEV else f"{name}: {exc.strerror or exc}"
+    except RuntimeError as exc:
+        error = f"WRONG RESULT: {exc}"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if timed_out:
+        error = f"TIMEOUT after {cfg.timeout:.0f}s (daemon killed)"
+    for row in wl.rows:
+        c = res.cell(row, impl)
+        if row in rec:
+            c.times.append(rec[row])
+        if error is not None and row not in rec:
+            c.errors.append(error)
+    if error is not None:
+        log(f"{label}: {error}")
+    return snap
+
+
+def run_all(
+    ctx: Ctx, wls: Sequence[Workload], impls: Sequence[str], rounds: int, check: str
+) -> Results:
+    res = Results()
+    given_up: set[tuple[str, str]] = set()  # (workload, impl) that timed out: not retried
+    for wi, wl in enumerate(wls):
+        for rnd in range(rounds):
+            k = (rnd + wi) % len(impls)
+            order = list(impls[k:]) + list(impls[:k])
+            want = check == "all" or (check == "first" and rnd == 0)
+            snaps: dict[str, Snap] = {}
+            t0 = time.perf_counter()
+            for impl in order:
+                if (wl.name, impl) in given_up:
+                    for row in wl.rows:
+                        res.cell(row, impl).errors.append("skipped after timeout")
+                    continue
+                snap = measure(ctx, wl, impl, rnd, res, want)
+                if snap is not None:
+                    snaps[impl] = snap
+                if any("TIMEOUT" in e for r in wl.rows for e in res.cell(r, impl).errors):
+                    given_up.add((wl.name, impl))
+            if want:
+                check_round(wl, rnd, impls, snaps, res)
+            cells = "  ".join(
+                f"{impl}={fmt_time(res.cell(row, impl).times[-1])}"
+                if res.cell(row, impl).times
+                else f"{impl}=-"
+                for row in wl.rows[:1]
+                for impl in impls
+            )
+            log(f"{wl.name} round {rnd + 1}/{rounds} ({time.perf_counter() - t0:.1f}s): {cells}")
+    return res
+
+
+def check_round(
+    wl: Workload, rnd: int, impls: Sequence[str], snaps: dict[str, Snap], res: Results
+) -> None:
+    ref_impl = next((i for i in impls if i in snaps), None)
+    if ref_impl is None:
+        return
+    status = res.checked.get(wl.name, "ok")
+    for impl in impls:
+        if impl == ref_impl or impl not in snaps:
+            continue
+        diffs = diff_snaps(snaps[ref_impl], snaps[impl])
+        if diffs:
+            status = "MISMATCH"
+            res.mismatches.append(
+                {
+                    "workload": wl.name,
+                    "round": rnd + 1,
+                    "ref": ref_impl,
+                    "impl": impl,
+                    "diffs": diffs,
+                }
+            )
+            bar = "!" * 78
+            print(
+                f"\n{bar}\n!!! MISMATCH in {wl.name} (round {rnd + 1}): {impl} differs from "
+                f"{ref_impl}:\n" + "\n".join(f"!!!   {d}" for d in diffs) + f"\n{bar}\n",
+                file=sys.stderr,
+                flush=True,
+            )
+    res.checked[wl.name] = status
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def fmt_time(t: float | None) -> str:
+    if t is None:
+        return "-"
+    if t < 1:
+        return f"{t * 1000:.1f}ms"
+    return f"{t:.2f}s"
+
+
+def short_err(errors: list[str]) -> str:
+    e = errors[0]
+    for key in ("EXDEV", "TIMEOUT", "MOUNT FAILED", "WRONG RESULT"):
+        if e.startswith(key):
+            return "MOUNT-FAIL" if key == "MOUNT FAILED" else key.replace(" ", "-")
+    return e.split(":")[0]
+
+
+def fuse_overlayfs_version() -> str:
+    try:
+        r = subprocess.run(["fuse-overlayfs", "--version"], capture_output=True, text=True)
+    except OSError:
+        return "absent"
+    for line in (r.stdout + r.stderr).splitlines():
+        if line.startswith("fuse-overlayfs"):
+            return line.split()[-1]
+    return "?"
+
+
+def machine_info(python: str) -> dict[str, Any]:
+    mem_kib = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kib = int(line.split()[1])
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+
+    def out(cmd: list[str]) -> str:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=20)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        return (r.stdout + r.stderr).strip().splitlines()[0] if (r.stdout + r.stderr) else "?"
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(mem_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "daemon_python": out([python, "-c", "import sys; print(sys.version.split()[0])"]),
+        "fuse_overlayfs": fuse_overlayfs_version(),
+        "layerfs_commit": out(["git", "rev-parse", "--short", "HEAD"]),
+        "layerfs_dirty": bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                cwd=REPO,
+                check=False,
+            ).stdout.strip()
+        ),
+    }
+
+
+def render(
+    res: Results,
+    wls: Sequence[Workload],
+    impls: Sequence[str],
+    machine: dict[str, Any],
+    args: argparse.Namespace,
+    cold_ok: bool,
+) -> tuple[str, dict[str, Any]]:
+    lines = [
+        f"layerfs bench  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
+        f"scale {args.scale:g}  rounds {args.rounds}  medians",
+        f"machine: {machine['nproc']} cpus ({machine['cpu']}), {machine['mem_gib']} GiB, "
+        f"Linux {machine['kernel']}, Python {machine['python']} "
+        f"(daemon {machine['daemon_python']}), fuse-overlayfs {machine['fuse_overlayfs']}, "
+        f"layerfs {machine['layerfs_commit']}"
+        + (" +local changes" if machine["layerfs_dirty"] else ""),
+        "cold = fresh mount + page cache dropped"
+        + ("" if cold_ok else " (FAILED: cold figures are NOT cold)")
+        + "; every measurement mounts fresh (fresh upper for writes)",
+    ]
+    if args.profile:
+        lines.append("PROFILED: layerfs ran under a profiler, its times are not representative")
+    short = {"kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "layerfs": "layerfs"}
+    ratios = [(a, b) for a, b in (("fuse-overlayfs", "kernel"), ("layerfs", "kernel"))]
+    ratios.append(("layerfs", "fuse-overlayfs"))
+    ratios = [(a, b) for a, b in ratios if a in impls and b in impls]
+    rname = {
+        ("fuse-overlayfs", "kernel"): "fo/k",
+        ("layerfs", "kernel"): "lfs/k",
+        ("layerfs", "fuse-overlayfs"): "lfs/fo",
+    }
+    head = f"{'workload':<14}" + "".join(f"{short[i]:>11}" for i in impls)
+    head += "".join(f"{rname[r]:>8}" for r in ratios) + "  check  what"
+    lines += [head, "-" * len(head)]
+    table: dict[str, Any] = {}
+    for wl in wls:
+        for row in wl.rows:
+            cells = res.cells.get(row, {})
+            med: dict[str, float | None] = {}
+            line = f"{row:<14}"
+            jrow: dict[str, Any] = {"workload": wl.name, "what": wl.what, "impls": {}}
+            for impl in impls:
+                c = cells.get(impl, Cell())
+                m = statistics.median(c.times) if c.times else None
+                med[impl] = m
+                shown = fmt_time(m) if m is not None else (short_err(c.errors) if c.errors else "-")
+                if m is not None and c.errors:
+                    shown += "*"  # some rounds failed
+                line += f"{shown:>11}"
+                jrow["impls"][impl] = {
+                    "median_s": m,
+                    "times_s": c.times,
+                    "errors": c.errors,
+                }
+            for a, b in ratios:
+                ma, mb = med[a], med[b]
+                rv = ma / mb if ma is not None and mb is not None and mb > 0 else None
+                line += f"{(f'{rv:.2f}' if rv is not None else '-'):>8}"
+                jrow[rname[a, b]] = rv
+            status = res.checked.get(wl.name, "-")
+            jrow["check"] = status
+            line += f"  {status:<5}  {wl.what if row == wl.rows[0] else ''}"
+            lines.append(line)
+            table[row] = jrow
+    notes = []
+    for row, jrow in table.items():
+        for impl, d in jrow["impls"].items():
+            if d["errors"]:
+                errs = sorted(set(d["errors"]))
+                notes.append(f"  {row} / {impl}: {'; '.join(errs)}")
+    if "mv-dir" in table and "fuse-overlayfs" in impls:
+        rn = table.get("rename-dir", {}).get("impls", {}).get("fuse-overlayfs", {})
+        if any(e == "EXDEV" for e in rn.get("errors", [])):
+            notes.append(
+                "  mv-dir / fuse-overlayfs: rename(2) returns EXDEV there, so mv(1) fell back to "
+                "copy + delete; the kernel (redirect_dir=on) renames"
+            )
+    if notes:
+        lines += ["", "failures (* = some rounds failed):", *notes]
+    if res.rss_kib:
+        lines += ["", "daemon peak RSS (VmHWM) per workload, MiB:"]
+        for wl in wls:
+            r = res.rss_kib.get(wl.name)
+            if r:
+                lines.append(
+                    f"  {wl.name:<12}"
+                    + "  ".join(f"{i}={r[i] / 1024:.0f}" for i in impls if i in r)
+                )
+    if res.mismatches:
+        lines += ["", f"!!! {len(res.mismatches)} TREE MISMATCH(ES): see above / the JSON"]
+    doc = {
+        "machine": machine,
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "params": asdict(Params.at(args.scale)),
+        "cold_ok": cold_ok,
+        "rows": table,
+        "rss_kib": res.rss_kib,
+        "mismatches": res.mismatches,
+    }
+    return "\n".join(lines), doc
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description="Benchmark layerfs vs kernel overlayfs vs fuse-overlayfs (run as root)."
+    )
+    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/layerfs-bench"))
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink sizes/counts, e.g. 0.02")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
+    ap.add_argument(
+        "--only", default="", help="comma list of workload names or globs (e.g. stat*,walk)"
+    )
+    ap.add_argument("--list", action="store_true", help="list the workloads and exit")
+    ap.add_argument("--json", type=Path, help="write the results as JSON here")
+    ap.add_argument(
+        "--check",
+        choices=("first", "all", "none"),
+        default="first",
+        help="compare the trees after the workload in the first round (default), all, none",
+    )
+    ap.add_argument("--python", help="interpreter for the layerfs daemon (default: the venv's)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="per measurement, seconds")
+    ap.add_argument("--mount-timeout", type=float, default=60.0)
+    ap.add_argument("--rebuild", action="store_true", help="rebuild the fixtures")
+    ap.add_argument(
+        "--profile",
+        nargs="?",
+        const="auto",
+        choices=("auto", "py-spy", "pyinstrument"),
+        help="run layerfs under py-spy (speedscope JSON) or pyinstrument (HTML), "
+        "files under WORKDIR/profiles",
+    )
+    args = ap.parse_args(argv)
+    if args.scale <= 0 or args.scale > 1:
+        ap.error("--scale must be in (0, 1]")
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    impls = [i for i in args.impls.split(",") if i]
+    bad = [i for i in impls if i not in IMPLS]
+    if bad or not impls:
+        ap.error(f"unknown implementation(s) {bad}; choose from {','.join(IMPLS)}")
+    args.impls = impls
+    return args
+
+
+def select(wls: Sequence[Workload], only: str) -> list[Workload]:
+    pats = [p for p in only.split(",") if p]
+    if not pats:
+        return list(wls)
+    chosen = [
+        w
+        for w in wls
+        if any(
+            fnmatch.fnmatch(w.name, pat) or any(fnmatch.fnmatch(r, pat) for r in w.rows)
+            for pat in pats
+        )
+    ]
+    return chosen
+
+
+def resolve_profiler(want: str | None, python: str) -> str | None:
+    if want is None:
+        return None
+    if want in ("auto", "py-spy") and pyspy_path():
+        return "py-spy"
+    ok = subprocess.run([python, "-c", "import pyinstrument"], capture_output=True).returncode == 0
+    if want in ("auto", "pyinstrument") and ok:
+        return "pyinstrument"
+    raise SystemExit(
+        f"bench: --profile {want}: not installed (.venv/bin/pip install py-spy or pyinstrument)"
+    )
+
+
+def layerfs_available(python: str) -> str | None:
+    r = subprocess.run(
+        [python, "-m", "unionfs", "overlay", "--help"], capture_output=True, cwd=REPO, timeout=60
+    )
+    if r.returncode == 0:
+        return None
+    tail = (r.stderr or r.stdout).decode(errors="replace").strip().splitlines()
+    return tail[-1] if tail else f"exit {r.returncode}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = Params.at(args.scale)
+    wls = select(all_workloads(params), args.only)
+    if args.list:
+        for w in all_workloads(params):
+            print(f"{w.name:<12} rows {','.join(w.rows):<28} {w.what}")
+        return 0
+    if not wls:
+        log(f"--only {args.only!r} matches no workload (see --list)")
+        return 2
+    if os.geteuid() != 0:
+        log("needs root (mount -t overlay, drop_caches)")
+        return 2
+    if args.rounds < 3:
+        log(f"note: {args.rounds} round(s); medians want at least 3")
+
+    python = args.python or (
+        str(REPO / ".venv" / "bin" / "python")
+        if (REPO / ".venv" / "bin" / "python").exists()
+        else sys.executable
+    )
+    impls: list[str] = list(args.impls)
+    if "fuse-overlayfs" in impls and shutil.which("fuse-overlayfs") is None:
+        log("fuse-overlayfs is not installed: skipped")
+        impls.remove("fuse-overlayfs")
+    if "layerfs" in impls:
+        why = layerfs_available(python)
+        if why is not None:
+            log(f"layerfs overlay command not usable ({why}): skipped")
+            impls.remove("layerfs")
+    if not impls:
+        log("no implementation left to run")
+        return 2
+
+    workdir: Path = args.workdir.resolve()
+    root = workdir / f"x{args.scale:g}"
+    cfg = Config(
+        workdir=workdir,
+        python=python,
+        mount_timeout=args.mount_timeout,
+        timeout=args.timeout,
+        profile=resolve_profiler(args.profile, python) if "layerfs" in impls else None,
+        profile_dir=workdir / "profiles",
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    mnt = workdir / "m"
+    if is_mounted(mnt):  # left by an earlier, killed run of this script
+        log(f"unmounting a leftover mount at {mnt}")
+        unmount(mnt, fuse=True)
+    shutil.rmtree(workdir / "logs", ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    for gname in dict.fromkeys(w.group for w in wls):
+        ensure_group(root, GROUPS[gname], params, args.rebuild)
+
+    ctx = Ctx(cfg=cfg, params=params, root=root)
+    machine = machine_info(python)
+    t0 = time.perf_counter()
+    try:
+        res = run_all(ctx, wls, impls, args.rounds, args.check)
+    except KeyboardInterrupt:
+        log("interrupted; mounts cleaned up")
+        return 130
+    finally:
+        if is_mounted(mnt):
+            unmount(mnt, fuse=True)
+    text, doc = render(res, wls, impls, machine, args, cfg.cold_ok)
+    doc["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    print(text)
+    print(f"(measured in {doc['elapsed_s']:.0f}s)")
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, args.json)
+        log(f"wrote {args.json}")
+    return 1 if res.mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
