@@ -356,6 +356,38 @@ def unmount(path: Path, fuse: bool) -> None:
         subprocess.run(["umount", "-l", str(path)], check=False, stderr=subprocess.DEVNULL)
 
 
+class Children:
+    """The daemons this process started: reaped after their unmount, and again on the way out."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = subprocess.Popen(cmd, **kw)
+        self.procs.append(proc)
+        return proc
+
+    def reap(self, proc: subprocess.Popen[bytes], what: str) -> None:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            log(f"{what} did not exit after unmount; killing pid {proc.pid}")
+            proc.kill()
+            proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def cleanup(self, mnt: Path) -> None:
+        """Last resort (interrupt during a cleanup): unmount, then reap or kill our children."""
+        if is_mounted(mnt):
+            unmount(mnt, fuse=True)
+        for proc in list(self.procs):
+            self.reap(proc, f"pid {proc.pid}")
+
+
+CHILDREN = Children()
+
+
 @dataclass
 class Mounted:
     impl: str
@@ -448,7 +480,7 @@ def mounted(
                 else:
                     raise ValueError(f"unknown implementation {impl!r}")
                 # Own session: a Ctrl-C reaches only us, and we unmount the daemon ourselves.
-                proc = subprocess.Popen(
+                proc = CHILDREN.spawn(
                     cmd,
                     stdin=subprocess.DEVNULL,
                     stdout=logf,
@@ -486,12 +518,7 @@ def mounted(
                 watchdog.cancel()
             unmount(mnt, fuse=impl != "kernel")
             if proc is not None:
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    log(f"{impl} did not exit after unmount; killing pid {proc.pid}")
-                    proc.kill()
-                    proc.wait()
+                CHILDREN.reap(proc, impl)
             text = logpath.read_bytes()
             if b"Traceback" in text:
                 log(f"!!! {impl} logged a traceback during {label}: see {logpath}")
@@ -616,14 +643,17 @@ def wl_seqread(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
 
 def wl_walk(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
     p = ctx.params
-    # files (minus the whiteouts) + dirs; the check below compares the exact trees.
+    dirs = walk_dir_names(p)
+    subdirs = {"/".join(d.split("/")[1:k]) for d in dirs for k in range(2, 5)}
+    whiteouts = sum(1 for i in range(len(dirs)) if i % 10 == 0)
+    want = len(subdirs) + len(dirs) * p.walk_layers * p.walk_files_per_dir_layer - whiteouts
     root = os.fsencode(mnt / "t")
     for row in ("walk-cold", "walk-warm"):
         t0 = time.perf_counter()
         n = walk_lstat(root)
         rec[row] = time.perf_counter() - t0
-        if n < p.walk_dirs * p.walk_layers * p.walk_files_per_dir_layer * 0.9:
-            raise RuntimeError(f"walk saw only {n} entries")
+        if n != want:
+            raise RuntimeError(f"{row} saw {n} entries, expected {want}")
 
 
 def wl_readdir(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
@@ -1019,12 +1049,16 @@ def measure(
     label = f"{wl.name}-r{rnd}-{impl}"
     error: str | None = None
     timed_out = False
+    wrong: str | None = None
     try:
         with mounted(cfg, impl, lowers, upper, work, mnt, label) as m:
             try:
                 if wl.cold:
                     drop_caches(cfg)
-                wl.run(ctx, mnt, rec)
+                try:
+                    wl.run(ctx, mnt, rec)
+                except RuntimeError as exc:  # the mount works but answered wrongly
+                    wrong = f"WRONG RESULT: {exc}"
                 if want_snap:
                     snap = snapshot(mnt, wl.touched)
                 rss = m.peak_rss_kib()
@@ -1038,12 +1072,15 @@ def measure(
     except OSError as exc:
         name = errno.errorcode.get(exc.errno or 0, "OSError")
         error = "EXDEV" if exc.errno == errno.EXDEV else f"{name}: {exc.strerror or exc}"
-    except RuntimeError as exc:
-        error = f"WRONG RESULT: {exc}"
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     if timed_out:
-        error = f"TIMEOUT after {cfg.timeout:.0f}s (daemon killed)"
+        error = f"TIMEOUT after {cfg.timeout:g}s (daemon killed)"
+    elif wrong is not None and error is None:
+        error = wrong
+        rec.clear()  # a wrong answer's time means nothing (it may have done less work)
+        res.checked[wl.name] = "WRONG"
+        loud(f"WRONG RESULT in {wl.name} (round {rnd + 1}) from {impl}: {wrong[14:]}")
     for row in wl.rows:
         c = res.cell(row, impl)
         if row in rec:
@@ -1097,6 +1134,11 @@ def check_round(
     if ref_impl is None:
         return
     status = res.checked.get(wl.name, "ok")
+    if status == "WRONG":
+        status = "ok"  # re-derived below; WRONG is restored after the comparison
+        wrong = True
+    else:
+        wrong = False
     for impl in impls:
         if impl == ref_impl or impl not in snaps:
             continue
@@ -1112,14 +1154,17 @@ def check_round(
                     "diffs": diffs,
                 }
             )
-            bar = "!" * 78
-            print(
-                f"\n{bar}\n!!! MISMATCH in {wl.name} (round {rnd + 1}): {impl} differs from "
-                f"{ref_impl}:\n" + "\n".join(f"!!!   {d}" for d in diffs) + f"\n{bar}\n",
-                file=sys.stderr,
-                flush=True,
+            loud(
+                f"MISMATCH in {wl.name} (round {rnd + 1}): {impl} differs from {ref_impl}:",
+                *diffs,
             )
-    res.checked[wl.name] = status
+    res.checked[wl.name] = "WRONG" if wrong and status == "ok" else status
+
+
+def loud(head: str, *details: str) -> None:
+    bar = "!" * 78
+    body = "\n".join([f"!!! {head}", *(f"!!!   {d}" for d in details)])
+    print(f"\n{bar}\n{body}\n{bar}\n", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1136,10 +1181,16 @@ def fmt_time(t: float | None) -> str:
 
 def short_err(errors: list[str]) -> str:
     e = errors[0]
-    for key in ("EXDEV", "TIMEOUT", "MOUNT FAILED", "WRONG RESULT"):
+    for key, label in (
+        ("EXDEV", "EXDEV"),
+        ("TIMEOUT", "TIMEOUT"),
+        ("MOUNT FAILED", "MNT-FAIL"),
+        ("WRONG RESULT", "WRONG"),
+        ("skipped", "skipped"),
+    ):
         if e.startswith(key):
-            return "MOUNT-FAIL" if key == "MOUNT FAILED" else key.replace(" ", "-")
-    return e.split(":")[0]
+            return label
+    return e.split(":")[0][:9]
 
 
 def fuse_overlayfs_version() -> str:
@@ -1225,7 +1276,7 @@ def render(
         ("layerfs", "fuse-overlayfs"): "lfs/fo",
     }
     head = f"{'workload':<14}" + "".join(f"{short[i]:>11}" for i in impls)
-    head += "".join(f"{rname[r]:>8}" for r in ratios) + "  check  what"
+    head += "".join(f"{rname[r]:>8}" for r in ratios) + "  check    what"
     lines += [head, "-" * len(head)]
     table: dict[str, Any] = {}
     for wl in wls:
@@ -1254,7 +1305,7 @@ def render(
                 jrow[rname[a, b]] = rv
             status = res.checked.get(wl.name, "-")
             jrow["check"] = status
-            line += f"  {status:<5}  {wl.what if row == wl.rows[0] else ''}"
+            line += f"  {status:<8} {wl.what if row == wl.rows[0] else ''}"
             lines.append(line)
             table[row] = jrow
     notes = []
@@ -1432,6 +1483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    signal.signal(signal.SIGINT, on_signal)  # even when started with SIGINT ignored
 
     mnt = workdir / "m"
     if is_mounted(mnt):  # left by an earlier, killed run of this script
@@ -1451,8 +1503,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("interrupted; mounts cleaned up")
         return 130
     finally:
-        if is_mounted(mnt):
-            unmount(mnt, fuse=True)
+        # Nothing may interrupt the last cleanup.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        CHILDREN.cleanup(mnt)
     text, doc = render(res, wls, impls, machine, args, cfg.cold_ok)
     doc["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(text)
