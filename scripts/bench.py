@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("kernel", "fuse-overlayfs", "layerfs")
 FIXTURE_VERSION = 1
 MiB = 1 << 20
+PAGE = os.sysconf("SC_PAGESIZE")
 CHUNK = 1 << 20  # read/write unit for bulk I/O (what `dd bs=1M` would use)
 
 # One snapshot value per path: (kind, mode, size, sha256-or-link-target) or ("ABSENT",).
@@ -49,10 +50,6 @@ Snap = dict[str, tuple[object, ...]]
 
 class MountError(Exception):
     """The implementation could not mount this stack (the message says why)."""
-
-
-class BenchTimeout(Exception):
-    """The watchdog killed the daemon because one measurement took too long."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,24 +445,26 @@ def mounted(
     with open(logpath, "wb") as logf:
         try:
             if impl == "kernel":
+                kopts, kcwd = opts + ",redirect_dir=on", None
+                if len(kopts) >= PAGE:
+                    # mount(2) takes one page of options: name the layers relative to their
+                    # common parent, which the kernel resolves against our working directory.
+                    kcwd = Path(os.path.commonpath([str(x) for x in lowers]))
+                    rel = [os.path.relpath(x, kcwd) for x in lowers]
+                    kopts = (
+                        f"lowerdir={':'.join(rel)},upperdir={upper},workdir={work},redirect_dir=on"
+                    )
                 r = subprocess.run(
-                    [
-                        "mount",
-                        "-t",
-                        "overlay",
-                        "overlay",
-                        "-o",
-                        opts + ",redirect_dir=on",
-                        str(mnt),
-                    ],
+                    ["mount", "-t", "overlay", "overlay", "-o", kopts, str(mnt)],
                     capture_output=True,
                     check=False,
+                    cwd=kcwd,
                 )
                 if r.returncode != 0:
-                    msg = r.stderr.decode(errors="replace").strip().splitlines()
+                    msg = " ".join(r.stderr.decode(errors="replace").split())
                     raise MountError(
-                        f"mount -t overlay failed ({len(opts)} byte options): "
-                        + (msg[-1] if msg else f"exit {r.returncode}")
+                        f"mount -t overlay failed ({len(kopts)} byte options): "
+                        + (msg or f"exit {r.returncode}")
                     )
                 m = Mounted(impl, mnt, None, False)
             else:
