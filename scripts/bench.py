@@ -1060,12 +1060,12 @@ def measure(
                     wrong = f"WRONG RESULT: {exc}"
                 if want_snap:
                     snap = snapshot(mnt, wl.touched)
+            finally:
+                timed_out = m.timed_out.is_set()
                 rss = m.peak_rss_kib()
                 if rss is not None:
                     prev = res.rss_kib.setdefault(wl.name, {}).get(impl, 0)
                     res.rss_kib[wl.name][impl] = max(prev, rss)
-            finally:
-                timed_out = m.timed_out.is_set()
     except MountError as exc:
         error = f"MOUNT FAILED: {exc}"
     except OSError as exc:
@@ -1263,6 +1263,7 @@ def render(
         + ("" if cold_ok else " (FAILED: cold figures are NOT cold)")
         + "; every measurement mounts fresh (fresh upper for writes)",
     ]
+    lines.append("command: " + " ".join(["scripts/bench.py", *sys.argv[1:]]))
     if args.profile:
         lines.append("PROFILED: layerfs ran under a profiler, its times are not representative")
     short = {"kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "layerfs": "layerfs"}
@@ -1320,8 +1321,13 @@ def render(
                 "  mv-dir / fuse-overlayfs: rename(2) returns EXDEV there, so mv(1) fell back to "
                 "copy + delete; the kernel (redirect_dir=on) renames"
             )
+    if "copyup" in table and "kernel" in impls:
+        notes.append(
+            "  copyup / kernel: overlayfs fsyncs a copied-up file before the open returns "
+            "(unless -o volatile); the FUSE daemons do not"
+        )
     if notes:
-        lines += ["", "failures (* = some rounds failed):", *notes]
+        lines += ["", "notes and failures (* = some rounds failed):", *notes]
     if res.rss_kib:
         lines += ["", "daemon peak RSS (VmHWM) per workload, MiB:"]
         for wl in wls:
