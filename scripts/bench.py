@@ -1076,6 +1076,8 @@ def measure(
     except OSError as exc:
         name = errno.errorcode.get(exc.errno or 0, "OSError")
         error = "EXDEV" if exc.errno == errno.EXDEV else f"{name}: {exc.strerror or exc}"
+    except Exception as exc:  # report what fails and go on with the next measurement
+        error = f"ERROR {type(exc).__name__}: {exc}"
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     if timed_out:
@@ -1084,6 +1086,9 @@ def measure(
         error = wrong
         rec.clear()  # a wrong answer's time means nothing (it may have done less work)
         res.checked[wl.name] = "WRONG"
+        res.mismatches.append(
+            {"workload": wl.name, "round": rnd + 1, "impl": impl, "wrong_result": wrong[14:]}
+        )
         loud(f"WRONG RESULT in {wl.name} (round {rnd + 1}) from {impl}: {wrong[14:]}")
     for row in wl.rows:
         c = res.cell(row, impl)
@@ -1135,8 +1140,8 @@ def check_round(
     wl: Workload, rnd: int, impls: Sequence[str], snaps: dict[str, Snap], res: Results
 ) -> None:
     ref_impl = next((i for i in impls if i in snaps), None)
-    if ref_impl is None:
-        return
+    if ref_impl is None or len(snaps) < 2:
+        return  # nothing to compare (the others failed, and say so in their cells)
     status = res.checked.get(wl.name, "ok")
     if status == "WRONG":
         status = "ok"  # re-derived below; WRONG is restored after the comparison
@@ -1355,7 +1360,10 @@ def render(
                     + "  ".join(f"{i}={r[i] / 1024:.0f}" for i in impls if i in r)
                 )
     if res.mismatches:
-        lines += ["", f"!!! {len(res.mismatches)} TREE MISMATCH(ES): see above / the JSON"]
+        lines += [
+            "",
+            f"!!! {len(res.mismatches)} TREE MISMATCH(ES) / WRONG RESULT(S): see above / the JSON",
+        ]
     doc = {
         "machine": machine,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
