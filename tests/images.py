@@ -1,0 +1,484 @@
+"""Build test images with real tools (umoci, skopeo, buildah, GNU tar) from local files only.
+
+Every builder writes into an OCI image layout and returns an `Image` naming it. Payloads are
+small: busybox-static's /bin/busybox is the one real binary; everything else is a few bytes.
+Builders need root (device nodes, odd owners) and the tools; fixtures skip when absent.
+
+The images, and what each exercises:
+- ``base``: one layer from ``umoci repack``: busybox, applet symlinks, /etc files, a sticky
+  /tmp, an empty file, ``/etc/motd`` (identical copies appear in later layers and images).
+- ``app`` (``base`` + 3 layers): hard links, symlinks (relative, absolute, dangling, to a
+  directory, a target longer than 100 bytes), char and block devices, a fifo, ``user.*`` xattrs
+  (also on a directory, also a binary value; not an empty value: Go's archive/tar, which
+  umoci uses, drops empty PAX records), uid/gid 1234:5678 and 65534, setuid,
+  setgid and sticky bits, non-UTF-8 names, names and paths longer than 100 bytes, empty files,
+  identical files; then a layer of deletions (whiteouts of a file, a directory, one of two hard
+  links; a file replaced by a directory, a directory by a symlink, a metadata-only change);
+  then a GNU tar layer added with ``umoci raw add-layer`` holding an opaque directory whose
+  opaque marker comes before the directory entry itself.
+- ``other`` (``base`` + 1 layer): shares the base layer with ``app`` and a file's content.
+- ``symwh`` (``base`` + 2 layers): ``link -> real`` and ``real/f``; then a raw layer with only
+  ``link/.wh.f``. umoci follows the symlink and deletes ``real/f``; the kernel and layerfs do
+  not (DESIGN §2), so tests compare this one against an expected tree.
+- buildah: ``buildah from oci:...:base``, ``copy --chown 65534``, ``config --arch``, commit to a
+  layout (uncompressed layers, the base layer's DiffID unchanged), and ``buildah manifest`` for a
+  two-platform index (linux/amd64 and linux/arm64).
+- skopeo conversions of any of them: oci-archive, docker-archive (``docker save``'s legacy
+  layout with ``manifest.json``, ``<id>/layer.tar`` and ``repositories``), zstd layers, and
+  Docker 25's ``docker save`` layout (an OCI layout plus ``manifest.json`` naming
+  ``blobs/sha256/...``, layers uncompressed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+BUSYBOX = Path("/bin/busybox")
+APPLETS = ("sh", "ls", "cat", "echo", "mkdir", "rm")
+MOTD = b"layerfs test image\n"
+TOOLS = ("umoci", "skopeo", "buildah", "tar")
+
+# A symlink target longer than 100 bytes needs a PAX/GNU long link header.
+LONG_TARGET = b"/" + b"/".join([b"long-target-component"] * 6) + b"/end"
+LONG_NAME = b"n" * 150  # one component longer than a ustar name field
+LONG_DIR = b"/".join([b"d" * 40] * 3)  # a path longer than 100 bytes made of short parts
+NON_UTF8 = (b"caf\xe9", b"\xff\xfe-latin1-\xe0")
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image inside an OCI layout: `layout` directory, `ref` its tag there."""
+
+    name: str
+    layout: Path
+    ref: str
+
+    @property
+    def source(self) -> str:
+        """The image in skopeo transport syntax (``oci:DIR:REF``)."""
+        return f"oci:{self.layout}:{self.ref}"
+
+
+class ToolError(RuntimeError):
+    """A builder tool failed; the message quotes its command and stderr."""
+
+
+def run(cmd: Sequence[str | os.PathLike[str]], cwd: Path | None = None) -> str:
+    """Run a tool, return its stdout; raise ToolError with its stderr when it fails."""
+    argv = [os.fspath(c) for c in cmd]
+    proc = subprocess.run(argv, cwd=cwd, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise ToolError(
+            f"{' '.join(argv)} exited {proc.returncode}: "
+            f"{proc.stderr.decode(errors='replace').strip()}"
+        )
+    return proc.stdout.decode(errors="replace")
+
+
+def missing_tools(tools: Sequence[str] = TOOLS) -> list[str]:
+    """The tools of `tools` that are not on PATH (plus busybox-static's binary)."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if not BUSYBOX.is_file():
+        missing.append(f"{BUSYBOX} (busybox-static)")
+    return missing
+
+
+# --- umoci ---------------------------------------------------------------------------------
+
+
+def init_layout(layout: Path) -> Path:
+    """Create an empty OCI image layout at `layout`."""
+    run(["umoci", "init", "--layout", layout])
+    return layout
+
+
+def umoci_unpack(layout: Path, ref: str, bundle: Path) -> Path:
+    """``umoci unpack`` (as root, not rootless) into `bundle`; return its rootfs."""
+    run(["umoci", "unpack", "--image", f"{layout}:{ref}", bundle])
+    return bundle / "rootfs"
+
+
+def _repack(layout: Path, ref: str, bundle: Path, comment: str) -> None:
+    run(
+        [
+            "umoci",
+            "repack",
+            "--history.created_by",
+            f"layerfs tests: {comment}",
+            "--image",
+            f"{layout}:{ref}",
+            bundle,
+        ]
+    )
+    shutil.rmtree(bundle)
+
+
+def _bytes_path(root: Path, rel: bytes) -> bytes:
+    return os.path.join(os.fsencode(root), rel)
+
+
+def _write(root: Path, rel: bytes | str, data: bytes, mode: int = 0o644) -> bytes:
+    path = _bytes_path(root, os.fsencode(rel))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+    return path
+
+
+def _mkdir(root: Path, rel: bytes | str, mode: int = 0o755) -> bytes:
+    path = _bytes_path(root, os.fsencode(rel))
+    os.makedirs(path, exist_ok=True)
+    os.chmod(path, mode)  # chmod: makedirs' mode is filtered by the umask
+    return path
+
+
+def _symlink(root: Path, rel: bytes | str, target: bytes | str) -> None:
+    os.symlink(os.fsencode(target), _bytes_path(root, os.fsencode(rel)))
+
+
+def build_base(layout: Path, ref: str = "base") -> Image:
+    """The base image: one umoci layer with busybox, applet links and a few /etc files."""
+    run(["umoci", "new", "--image", f"{layout}:{ref}"])
+    bundle = layout.parent / f"bundle-{ref}"
+    rootfs = umoci_unpack(layout, ref, bundle)
+    _mkdir(rootfs, "bin")
+    shutil.copy2(BUSYBOX, rootfs / "bin" / "busybox")
+    os.chmod(rootfs / "bin" / "busybox", 0o755)
+    for applet in APPLETS:
+        _symlink(rootfs, f"bin/{applet}", "busybox")
+    _write(
+        rootfs, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n"
+    )
+    _write(rootfs, "etc/group", b"root:x:0:\nnobody:x:65534:\n")
+    _write(rootfs, "etc/motd", MOTD)
+    _write(rootfs, "etc/empty", b"")
+    _mkdir(rootfs, "tmp", 0o1777)
+    _mkdir(rootfs, "root", 0o700)
+    _repack(layout, ref, bundle, "busybox base")
+    run(
+        [
+            "umoci",
+            "config",
+            "--config.cmd",
+            "/bin/sh",
+            "--config.env",
+            "PATH=/bin",
+            "--author",
+            "layerfs tests",
+            "--image",
+            f"{layout}:{ref}",
+        ]
+    )
+    return Image("base", layout, ref)
+
+
+def _features_layer(rootfs: Path) -> None:
+    """Everything a layer tar can hold that we support, written into an unpacked rootfs."""
+    _mkdir(rootfs, "data")
+    hello = _write(rootfs, "data/hello", b"hello, world\n", 0o640)
+    os.chown(hello, 1234, 5678)
+    os.setxattr(hello, b"user.comment", b"greeting")
+    os.setxattr(hello, b"user.binary", b"\x00\xff\x01")
+    os.link(hello, _bytes_path(rootfs, b"data/hello.link"))  # a hard link pair kept
+    hl1 = _write(rootfs, "data/hl1", b"hard link pair, one deleted later\n")
+    os.link(hl1, _bytes_path(rootfs, b"data/hl2"))
+    nobody = _write(rootfs, "data/nobody", b"owned by nobody\n", 0o600)
+    os.chown(nobody, 65534, 65534)
+    _write(rootfs, "data/sub/deep/file", b"deep v1\n")
+    xdir = _mkdir(rootfs, "data/xattr-dir", 0o750)
+    os.setxattr(xdir, b"user.dir", b"on a directory")
+    _symlink(rootfs, "data/dirlink", "sub")
+    _symlink(rootfs, "data/dangling", "/does/not/exist")
+    _symlink(rootfs, "data/abs", "/bin/busybox")
+    _symlink(rootfs, "data/longlink", LONG_TARGET)
+    symown = _bytes_path(rootfs, b"data/dangling")
+    os.chown(symown, 1234, 5678, follow_symlinks=False)
+    _mkdir(rootfs, "dev")
+    os.mknod(_bytes_path(rootfs, b"dev/null"), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(_bytes_path(rootfs, b"dev/loop0"), 0o660 | stat.S_IFBLK, os.makedev(7, 0))
+    os.chown(_bytes_path(rootfs, b"dev/loop0"), 0, 6)
+    os.mkfifo(_bytes_path(rootfs, b"dev/fifo"), 0o620)
+    _write(rootfs, "usr/bin/suid", b"#!/bin/sh\necho suid\n", 0o4755)
+    _write(rootfs, "usr/bin/sgid", b"#!/bin/sh\necho sgid\n", 0o2711)
+    _mkdir(rootfs, "srv/shared", 0o2775)
+    _mkdir(rootfs, "srv/sticky", 0o1733)
+    for name in NON_UTF8:
+        _write(rootfs, b"data/" + name, b"not utf-8: " + name + b"\n")
+    _write(rootfs, b"data/" + LONG_NAME, b"long name\n")
+    _write(rootfs, b"data/" + LONG_DIR + b"/leaf-in-a-long-path", b"long path\n")
+    _write(rootfs, "data/empty1", b"")
+    _write(rootfs, "data/empty2", b"", 0o600)
+    _write(rootfs, "data/motd-copy", MOTD)  # identical to the base layer's /etc/motd
+    _write(rootfs, "data/same-a", b"identical content\n")
+    _write(rootfs, "data/same-b", b"identical content\n", 0o755)
+    # Targets of the deletion layer.
+    _write(rootfs, "data/gone.txt", b"deleted in the next layer\n")
+    _write(rootfs, "data/gonedir/a", b"a\n")
+    _write(rootfs, "data/gonedir/b/c", b"c\n")
+    _write(rootfs, "data/replaced", b"a file that becomes a directory\n")
+    _write(rootfs, "data/wasdir/child", b"a directory that becomes a symlink\n")
+    _write(rootfs, "data/chmodded", b"mode changes later\n", 0o644)
+    # Targets of the opaque layer.
+    _write(rootfs, "data/opq/old1", b"hidden by an opaque dir\n")
+    _write(rootfs, "data/opq/oldsub/x", b"hidden too\n")
+
+
+def _deletions_layer(rootfs: Path) -> None:
+    os.unlink(rootfs / "data" / "gone.txt")
+    shutil.rmtree(rootfs / "data" / "gonedir")
+    os.unlink(rootfs / "data" / "hl2")
+    os.unlink(rootfs / "data" / "replaced")
+    _write(rootfs, "data/replaced/now-a-dir", b"child\n")
+    shutil.rmtree(rootfs / "data" / "wasdir")
+    _symlink(rootfs, "data/wasdir", "sub")
+    os.chmod(rootfs / "data" / "chmodded", 0o600)
+    _write(rootfs, "data/sub/deep/file", b"deep v2, changed in layer 3\n")
+    _write(rootfs, "etc/motd-again", MOTD)  # the same content in a third layer
+
+
+def _tar_layer(staging: Path, members: Sequence[str], out: Path) -> Path:
+    """A layer tar by GNU tar (POSIX format, xattrs), members in the order given."""
+    run(
+        [
+            "tar",
+            "--format=posix",
+            "--xattrs",
+            "--xattrs-include=user.*",
+            "--numeric-owner",
+            "--owner=0",
+            "--group=0",
+            "-C",
+            staging,
+            "--no-recursion",
+            "-cf",
+            out,
+            *members,
+        ]
+    )
+    return out
+
+
+def _add_raw_layer(layout: Path, ref: str, tar: Path, comment: str) -> None:
+    run(
+        [
+            "umoci",
+            "raw",
+            "add-layer",
+            "--history.created_by",
+            f"layerfs tests: {comment}",
+            "--image",
+            f"{layout}:{ref}",
+            tar,
+        ]
+    )
+
+
+def build_app(layout: Path, base: Image, ref: str = "app") -> Image:
+    """``base`` + features layer + deletions layer + opaque layer (see the module docstring)."""
+    run(["umoci", "tag", "--image", f"{layout}:{base.ref}", ref])
+    bundle = layout.parent / f"bundle-{ref}"
+    _features_layer(umoci_unpack(layout, ref, bundle))
+    _repack(layout, ref, bundle, "features")
+    _deletions_layer(umoci_unpack(layout, ref, bundle))
+    _repack(layout, ref, bundle, "deletions")
+    staging = layout.parent / f"staging-{ref}"
+    (staging / "data" / "opq").mkdir(parents=True)
+    (staging / "data" / "opq" / ".wh..wh..opq").touch()
+    new = staging / "data" / "opq" / "new"
+    new.write_bytes(b"the only child of the opaque dir\n")
+    os.setxattr(new, b"user.from", b"gnu tar")
+    os.chmod(staging / "data" / "opq", 0o751)
+    # The opaque marker precedes its directory's own entry, as some producers write it.
+    tar = _tar_layer(
+        staging,
+        ["data/opq/.wh..wh..opq", "data", "data/opq", "data/opq/new"],
+        layout.parent / f"{ref}-opaque.tar",
+    )
+    _add_raw_layer(layout, ref, tar, "opaque dir")
+    shutil.rmtree(staging)
+    tar.unlink()
+    return Image("app", layout, ref)
+
+
+def build_other(layout: Path, base: Image, ref: str = "other") -> Image:
+    """``base`` + one small layer: shares the base layer (and a file's content) with ``app``."""
+    run(["umoci", "tag", "--image", f"{layout}:{base.ref}", ref])
+    bundle = layout.parent / f"bundle-{ref}"
+    rootfs = umoci_unpack(layout, ref, bundle)
+    _write(rootfs, "srv/motd-copy", MOTD)
+    _write(rootfs, "srv/other", b"only in other\n")
+    os.unlink(rootfs / "etc" / "empty")
+    _repack(layout, ref, bundle, "other")
+    return Image("other", layout, ref)
+
+
+SYMWH_REAL_F = b"behind a symlink\n"
+
+
+def build_symlink_whiteout(layout: Path, base: Image, ref: str = "symwh") -> Image:
+    """``base`` + ``link -> real``, ``real/{f,g}`` + a raw layer holding only ``link/.wh.f``."""
+    run(["umoci", "tag", "--image", f"{layout}:{base.ref}", ref])
+    bundle = layout.parent / f"bundle-{ref}"
+    rootfs = umoci_unpack(layout, ref, bundle)
+    _write(rootfs, "real/f", SYMWH_REAL_F)
+    _write(rootfs, "real/g", b"untouched\n")
+    _symlink(rootfs, "link", "real")
+    _repack(layout, ref, bundle, "symlink to a dir")
+    staging = layout.parent / f"staging-{ref}"
+    (staging / "link").mkdir(parents=True)
+    (staging / "link" / ".wh.f").touch()
+    # Only the whiteout: no entry for `link` itself, so the layer does not replace the symlink.
+    tar = _tar_layer(staging, ["link/.wh.f"], layout.parent / f"{ref}.tar")
+    _add_raw_layer(layout, ref, tar, "whiteout under a symlink")
+    shutil.rmtree(staging)
+    tar.unlink()
+    return Image("symwh", layout, ref)
+
+
+# --- buildah -------------------------------------------------------------------------------
+
+
+class Buildah:
+    """buildah with its own vfs storage under `root` (no daemon, no network, no runtime)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __call__(self, *args: str | os.PathLike[str]) -> str:
+        return run(
+            [
+                "buildah",
+                "--storage-driver",
+                "vfs",
+                "--root",
+                self.root / "storage",
+                "--runroot",
+                self.root / "run",
+                *args,
+            ]
+        ).strip()
+
+
+def build_buildah_images(work: Path, layout: Path, base: Image) -> tuple[Image, Image, Image]:
+    """Two single-platform images built on ``base`` and their two-platform index.
+
+    Returns (linux/amd64 image, linux/arm64 image, index); all in `layout`. The index is made
+    by ``buildah manifest create/add/push --all``.
+    """
+    bh = Buildah(work / "buildah")
+    payload = work / "buildah-payload"
+    payload.mkdir()
+    (payload / "hello").write_bytes(b"copied by buildah\n")
+    (payload / "motd").write_bytes(MOTD)
+    (payload / "tree" / "inner").mkdir(parents=True)
+    (payload / "tree" / "inner" / "leaf").write_bytes(b"leaf\n")
+    images = []
+    for arch, ref in (("amd64", "buildah-amd64"), ("arm64", "buildah-arm64")):
+        ctr = bh("from", "--pull-never", "--name", f"ctr-{arch}", base.source)
+        bh("copy", "--chown", "65534:65534", "--chmod", "0640", ctr, payload / "hello", "/srv/")
+        bh("copy", ctr, payload / "motd", f"/srv/motd-{arch}")
+        bh("copy", ctr, payload / "tree", "/srv/tree")
+        bh("config", "--arch", arch, "--os", "linux", "--label", f"arch={arch}", ctr)
+        bh("commit", "-q", ctr, f"oci:{layout}:{ref}")
+        images.append(Image(ref, layout, ref))
+    bh("manifest", "create", "layerfs-test-list")
+    for img in images:
+        bh("manifest", "add", "layerfs-test-list", img.source)
+    bh("manifest", "push", "--all", "layerfs-test-list", f"oci:{layout}:buildah-index")
+    shutil.rmtree(work / "buildah")
+    shutil.rmtree(payload)
+    return images[0], images[1], Image("buildah-index", layout, "buildah-index")
+
+
+# --- skopeo conversions --------------------------------------------------------------------
+
+
+def skopeo_copy(src: str, dest: str, *opts: str) -> None:
+    """``skopeo copy`` between local transports (no signatures, no network)."""
+    run(["skopeo", "copy", "-q", *opts, src, dest])
+
+
+def to_oci_archive(img: Image, out: Path) -> str:
+    """An OCI archive of `img` (same blobs); returns the transport string to import."""
+    skopeo_copy(img.source, f"oci-archive:{out}:{img.ref}")
+    return f"oci-archive:{out}"
+
+
+def to_docker_archive(img: Image, out: Path) -> str:
+    """``docker save``'s legacy layout: manifest.json, <id>/layer.tar, repositories."""
+    skopeo_copy(img.source, f"docker-archive:{out}:layerfs-test/{img.name}:latest")
+    return f"docker-archive:{out}"
+
+
+def to_zstd_layout(img: Image, layout: Path) -> str:
+    """An OCI layout whose layers skopeo recompressed with zstd."""
+    skopeo_copy(
+        img.source, f"oci:{layout}:{img.ref}", "--dest-compress", "--dest-compress-format", "zstd"
+    )
+    return f"oci:{layout}:{img.ref}"
+
+
+def to_docker_blobs_archive(img: Image, work: Path, out: Path) -> str:
+    """Docker 25's ``docker save`` layout: an OCI layout of uncompressed layers, plus
+    ``manifest.json`` whose Config and Layers name ``blobs/sha256/<hex>`` (and a
+    ``repositories`` file), in one tar.
+
+    skopeo writes the OCI part (``--dest-decompress``); the two Docker files are written here
+    the way Docker 25 writes them, since no Debian tool produces this layout.
+    """
+    layout = work / f"docker-blobs-{img.name}"
+    skopeo_copy(img.source, f"oci:{layout}:{img.ref}", "--dest-decompress")
+    index = json.loads((layout / "index.json").read_text())
+    desc = index["manifests"][0]
+    manifest = json.loads(
+        (layout / "blobs" / "sha256" / desc["digest"].removeprefix("sha256:")).read_text()
+    )
+    repo_tag = f"layerfs-test/{img.name}:latest"
+    desc.setdefault("annotations", {})["io.containerd.image.name"] = f"docker.io/{repo_tag}"
+    (layout / "index.json").write_text(json.dumps(index))
+    docker_manifest = [
+        {
+            "Config": "blobs/sha256/" + manifest["config"]["digest"].removeprefix("sha256:"),
+            "RepoTags": [repo_tag],
+            "Layers": [
+                "blobs/sha256/" + layer["digest"].removeprefix("sha256:")
+                for layer in manifest["layers"]
+            ],
+        }
+    ]
+    (layout / "manifest.json").write_text(json.dumps(docker_manifest))
+    (layout / "repositories").write_text(
+        json.dumps(
+            {
+                f"layerfs-test/{img.name}": {
+                    "latest": manifest["layers"][-1]["digest"].removeprefix("sha256:")
+                }
+            }
+        )
+    )
+    with tarfile.open(out, "w") as tar:
+        for child in sorted(layout.iterdir()):
+            tar.add(child, arcname=child.name)
+    shutil.rmtree(layout)
+    return f"docker-archive:{out}"
+
+
+def config_diff_ids(source: str) -> list[str]:
+    """The DiffIDs ``skopeo inspect --config`` reports for an image."""
+    config = json.loads(run(["skopeo", "inspect", "--config", source]))
+    return list(config["rootfs"]["diff_ids"])
+
+
+def manifest_layers(source: str) -> list[str]:
+    """The layer (compressed blob) digests of an image's manifest, via ``skopeo inspect``."""
+    manifest = json.loads(run(["skopeo", "inspect", "--raw", source]))
+    return [layer["digest"] for layer in manifest["layers"]]
