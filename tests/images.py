@@ -324,8 +324,11 @@ def build_other(layout: Path, base: Image, ref: str = "other") -> Image:
 SYMWH_REAL_F = b"behind a symlink\n"
 
 
-def build_symlink_whiteout(layout: Path, base: Image, ref: str = "symwh") -> Image:
-    """``base`` + ``link -> real``, ``real/{f,g}`` + a raw layer holding only ``link/.wh.f``."""
+def build_symlink_whiteout(layout: Path, base: Image, ref: str = "symwh") -> tuple[Image, Image]:
+    """``base`` + ``link -> real``, ``real/{f,g}`` + a raw layer holding only ``link/.wh.f``.
+
+    Returns (the image, the same image without its last layer).
+    """
     run(["umoci", "tag", "--image", f"{layout}:{base.ref}", ref])
     bundle = layout.parent / f"bundle-{ref}"
     rootfs = umoci_unpack(layout, ref, bundle)
@@ -333,6 +336,9 @@ def build_symlink_whiteout(layout: Path, base: Image, ref: str = "symwh") -> Ima
     _write(rootfs, "real/g", b"untouched\n")
     _symlink(rootfs, "link", "real")
     _repack(layout, ref, bundle, "symlink to a dir")
+    # The image without its last layer: what layerfs must show for the whole image, since a
+    # whiteout behind a symlink hides nothing.
+    run(["umoci", "tag", "--image", f"{layout}:{ref}", f"{ref}-pre"])
     staging = layout.parent / f"staging-{ref}"
     (staging / "link").mkdir(parents=True)
     (staging / "link" / ".wh.f").touch()
@@ -341,7 +347,7 @@ def build_symlink_whiteout(layout: Path, base: Image, ref: str = "symwh") -> Ima
     _add_raw_layer(layout, ref, tar, "whiteout under a symlink")
     shutil.rmtree(staging)
     tar.unlink()
-    return Image("symwh", layout, ref)
+    return Image("symwh", layout, ref), Image("symwh-pre", layout, f"{ref}-pre")
 
 
 # --- buildah -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from tests import images
 from tests.store.conftest import BuiltImages
-from tests.treecmp import snapshot
+from tests.treecmp import compare, snapshot
 
 pytestmark = pytest.mark.tools
 
@@ -90,6 +90,10 @@ def test_symlink_whiteout_image(
     # umoci followed the symlink and deleted real/f; layerfs must not (test_umoci_oracle).
     assert not (rootfs / "real" / "f").exists()
     assert (rootfs / "real" / "g").read_bytes() == b"untouched\n"
+    # Without that last layer the tree differs from umoci's only by real/f (and the time of
+    # the directory umoci deleted it from).
+    before = snapshot(umoci_rootfs(built_images.symwh_pre))
+    assert compare(before, snapshot(rootfs)) == ["only in first: real/f (file)"]
 
 
 def test_images_share_the_base_layer(built_images: BuiltImages) -> None:

@@ -1,0 +1,129 @@
+"""`layerfs import` + `layerfs unpack` of real images equals `umoci unpack`, entry by entry."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from tests import images
+from tests.store.conftest import BuiltImages, layerfs_ok
+from tests.treecmp import Node, compare, snapshot
+
+pytestmark = pytest.mark.tools
+
+Tree = Mapping[bytes, Node]
+
+
+def oracle_diff(expected: Tree, ours: Tree) -> list[str]:
+    """Differences between umoci's rootfs and ours that matter.
+
+    Compared: kind, mode (with setuid/setgid/sticky), uid, gid, size, content hash, symlink
+    target, hard link count, xattrs (but security.* and overlay-private ones, see treecmp),
+    device numbers, for every path including the root.
+
+    Ignored, and why:
+    - the mtime of directories: applying a later layer that adds, replaces or whites out a
+      child changes its parent's mtime on disk, and umoci restores a directory's time only
+      when that layer carries an entry for it; so a directory's mtime in umoci's rootfs
+      depends on extraction order, not on the image. Non-directories' mtimes are compared.
+    """
+    diffs = compare(expected, ours, ignore=("mtime_ns",))
+    for path in sorted(set(expected) & set(ours)):
+        a, b = expected[path], ours[path]
+        if a.kind != "dir" and a.kind == b.kind and a.mtime_ns != b.mtime_ns:
+            shown = path.decode(errors="backslashreplace")
+            diffs.append(f"{shown}: mtime_ns {a.mtime_ns} != {b.mtime_ns}")
+    return diffs
+
+
+def import_and_unpack(store: Path, source: str, dest: Path, *import_opts: str) -> Tree:
+    """`layerfs import SOURCE --tag T` into `store`, `layerfs unpack T DEST`; DEST's tree."""
+    tag = "layerfs-test/oracle:latest"
+    layerfs_ok(store, "import", source, "--tag", tag, *import_opts)
+    layerfs_ok(store, "unpack", tag, str(dest))
+    return snapshot(dest)
+
+
+# Every format for the richest image; a cheaper cross-section for the others.
+CASES = [
+    *(("app", fmt) for fmt in ("oci", "oci-archive", "docker-archive", "oci-zstd", "docker-blobs")),
+    ("base", "oci"),
+    ("base", "docker-archive"),
+    ("other", "oci"),
+    ("other", "oci-archive"),
+    ("buildah-amd64", "oci"),  # uncompressed layers, written by buildah
+    ("buildah-arm64", "docker-archive"),
+]
+
+
+@pytest.mark.parametrize(("name", "fmt"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
+def test_unpack_equals_umoci(
+    built_images: BuiltImages,
+    umoci_rootfs: Callable[[images.Image], Path],
+    image_source: Callable[[images.Image, str], str],
+    tmp_path: Path,
+    name: str,
+    fmt: str,
+) -> None:
+    img = built_images.by_name(name)
+    expected = snapshot(umoci_rootfs(img))
+    ours = import_and_unpack(tmp_path / "store", image_source(img, fmt), tmp_path / "rootfs")
+    assert oracle_diff(expected, ours) == []
+
+
+@pytest.mark.parametrize("fmt", ["oci", "oci-zstd"])
+def test_whiteout_behind_a_symlink_hides_nothing(
+    built_images: BuiltImages,
+    umoci_rootfs: Callable[[images.Image], Path],
+    image_source: Callable[[images.Image, str], str],
+    tmp_path: Path,
+    fmt: str,
+) -> None:
+    # The top layer holds only `link/.wh.f`, and `link` is a symlink to `real` below it.
+    # umoci follows the symlink and deletes real/f; the kernel's overlayfs never follows a
+    # symlink while resolving a layer path, and neither do we (DESIGN §2). So the expected tree
+    # is umoci's unpack of the image without that layer: the whiteout changes nothing, and
+    # `link` stays the symlink it was (the layer has no entry for `link` itself).
+    # test_tools_images.test_symlink_whiteout_image shows the two trees differ by real/f.
+    expected = snapshot(umoci_rootfs(built_images.symwh_pre))
+    source = image_source(built_images.symwh, fmt)
+    ours = import_and_unpack(tmp_path / "store", source, tmp_path / "rootfs")
+    assert ours[b"real/f"].sha256 is not None
+    assert ours[b"link"].target == b"real"
+    assert oracle_diff(expected, ours) == []
+
+
+def _this_platform_arch() -> str | None:
+    return {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(
+        platform.machine().lower()
+    )
+
+
+def test_index_default_platform_is_this_machine(
+    built_images: BuiltImages, umoci_rootfs: Callable[[images.Image], Path], tmp_path: Path
+) -> None:
+    arch = _this_platform_arch()
+    if arch is None:
+        pytest.skip(f"the test index has linux/amd64 and linux/arm64, not {platform.machine()}")
+    chosen = built_images.by_name(f"buildah-{arch}")
+    ours = import_and_unpack(tmp_path / "store", built_images.buildah_index.source, tmp_path / "r")
+    assert oracle_diff(snapshot(umoci_rootfs(chosen)), ours) == []
+
+
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_index_platform_option_chooses_the_image(
+    built_images: BuiltImages,
+    umoci_rootfs: Callable[[images.Image], Path],
+    tmp_path: Path,
+    arch: str,
+) -> None:
+    chosen = built_images.by_name(f"buildah-{arch}")
+    source = built_images.buildah_index.source
+    ours = import_and_unpack(
+        tmp_path / "store", source, tmp_path / "rootfs", "--platform", f"linux/{arch}"
+    )
+    assert oracle_diff(snapshot(umoci_rootfs(chosen)), ours) == []
+    assert f"srv/motd-{arch}".encode() in ours
