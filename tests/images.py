@@ -31,6 +31,7 @@ The images, and what each exercises:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -71,8 +72,8 @@ class ToolError(RuntimeError):
     """A builder tool failed; the message quotes its command and stderr."""
 
 
-def run(cmd: Sequence[str | os.PathLike[str]], cwd: Path | None = None) -> str:
-    """Run a tool, return its stdout; raise ToolError with its stderr when it fails."""
+def run_bytes(cmd: Sequence[str | os.PathLike[str]], cwd: Path | None = None) -> bytes:
+    """Run a tool, return its stdout bytes; raise ToolError with its stderr when it fails."""
     argv = [os.fspath(c) for c in cmd]
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, check=False)
     if proc.returncode != 0:
@@ -80,7 +81,17 @@ def run(cmd: Sequence[str | os.PathLike[str]], cwd: Path | None = None) -> str:
             f"{' '.join(argv)} exited {proc.returncode}: "
             f"{proc.stderr.decode(errors='replace').strip()}"
         )
-    return proc.stdout.decode(errors="replace")
+    return proc.stdout
+
+
+def run(cmd: Sequence[str | os.PathLike[str]], cwd: Path | None = None) -> str:
+    """Run a tool, return its stdout as text; raise ToolError when it fails."""
+    return run_bytes(cmd, cwd).decode(errors="replace")
+
+
+def sha256_digest(data: bytes) -> str:
+    """``sha256:<hex>`` of `data`, as OCI descriptors spell digests."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def missing_tools(tools: Sequence[str] = TOOLS) -> list[str]:

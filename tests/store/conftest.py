@@ -117,10 +117,10 @@ def layerfs(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def layerfs_ok(store: Path, *args: str) -> str:
-    """Run a `layerfs` verb that must succeed; return its stdout (stderr quoted on failure)."""
+def layerfs_ok(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run a `layerfs` verb that must succeed (its output is quoted when it does not)."""
     proc = layerfs(store, *args)
     assert proc.returncode == 0, (
         f"layerfs {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}{proc.stdout}"
     )
-    return proc.stdout
+    return proc

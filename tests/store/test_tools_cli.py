@@ -1,0 +1,160 @@
+"""The store's docker-style verbs on real images: layer dedup, inspect, images --json."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import images
+from tests.store.conftest import BuiltImages, layerfs_ok
+
+pytestmark = pytest.mark.tools
+
+APP_TAG = "layerfs-test/app:latest"
+OTHER_TAG = "layerfs-test/other:latest"
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def _already_exists_lines(output: str) -> list[str]:
+    return [line for line in output.splitlines() if "Already exists" in line]
+
+
+def _mentions_layer(line: str, diff_id: str, blob: str) -> bool:
+    """Docker names a layer by its short compressed digest; the DiffID is as good a name."""
+    return _short(diff_id) in line or _short(blob) in line
+
+
+def test_importing_twice_says_already_exists_for_each_layer(
+    built_images: BuiltImages, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    src = built_images.app.source
+    layers = list(zip(images.config_diff_ids(src), images.manifest_layers(src), strict=True))
+    first = layerfs_ok(store, "import", src, "--tag", APP_TAG)
+    assert _already_exists_lines(first.stdout + first.stderr) == []
+    second = layerfs_ok(store, "import", src, "--tag", APP_TAG)
+    lines = _already_exists_lines(second.stdout + second.stderr)
+    assert len(lines) == len(layers), second.stdout + second.stderr
+    for diff_id, blob in layers:
+        assert any(_mentions_layer(line, diff_id, blob) for line in lines), (diff_id, lines)
+
+
+def _files_with_content(root: Path, content: bytes) -> list[Path]:
+    found = []
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            path = Path(dirpath, name)
+            if (
+                not path.is_symlink()
+                and path.stat().st_size == len(content)
+                and path.read_bytes() == content
+            ):
+                found.append(path)
+    return found
+
+
+def test_images_sharing_a_base_layer_store_it_once(
+    built_images: BuiltImages, tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    app, other = built_images.app.source, built_images.other.source
+    base_diff_id = images.config_diff_ids(built_images.base.source)[0]
+    base_blob = images.manifest_layers(built_images.base.source)[0]
+    layerfs_ok(store, "import", app, "--tag", APP_TAG)
+    second = layerfs_ok(store, "import", other, "--tag", OTHER_TAG)
+    lines = _already_exists_lines(second.stdout + second.stderr)
+    assert len(lines) == 1 and _mentions_layer(lines[0], base_diff_id, base_blob), lines
+
+    # `layers` lists the shared layer once, and each image's listing includes it.
+    listing = layerfs_ok(store, "layers").stdout
+    rows = [line for line in listing.splitlines() if _short(base_diff_id) in line]
+    assert len(rows) == 1, listing
+    for tag in (APP_TAG, OTHER_TAG):
+        assert _short(base_diff_id) in layerfs_ok(store, "layers", tag).stdout
+    all_ids = set(images.config_diff_ids(app)) | set(images.config_diff_ids(other))
+    for diff_id in all_ids:
+        assert _short(diff_id) in listing
+
+    # busybox is one file of the shared layer: its bytes are in the store exactly once.
+    assert len(_files_with_content(store, images.BUSYBOX.read_bytes())) == 1
+
+    # `df` accounts the shared layer as saved space: logical bytes exceed stored bytes.
+    df = layerfs_ok(store, "df")
+    assert df.stdout.strip(), "df printed nothing"
+
+
+def _inspect(store: Path, ref: str) -> dict[str, Any]:
+    out = json.loads(layerfs_ok(store, "inspect", ref).stdout)
+    if isinstance(out, list):  # docker inspect prints a list of one object per argument
+        assert len(out) == 1
+        out = out[0]
+    assert isinstance(out, dict)
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["oci", "docker-archive", "oci-zstd"])
+def test_inspect_reports_the_diff_ids_skopeo_reports(
+    built_images: BuiltImages,
+    image_source: Callable[[images.Image, str], str],
+    tmp_path: Path,
+    fmt: str,
+) -> None:
+    store = tmp_path / "store"
+    src = image_source(built_images.app, fmt)
+    layerfs_ok(store, "import", src, "--tag", APP_TAG)
+    info = _inspect(store, APP_TAG)
+    assert info["RootFS"]["Layers"] == images.config_diff_ids(src)
+    # The image ID is the config's digest, whatever container the image came in.
+    raw_config = images.run_bytes(["skopeo", "inspect", "--raw", "--config", src])
+    assert info["Id"] == images.sha256_digest(raw_config)
+    assert APP_TAG in info["RepoTags"] or f"docker.io/{APP_TAG}" in info["RepoTags"]
+    assert info["Config"]["Cmd"] == ["/bin/sh"]
+    assert info["Size"] > images.BUSYBOX.stat().st_size
+
+
+def test_inspect_by_digest(built_images: BuiltImages, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    src = built_images.other.source
+    layerfs_ok(store, "import", src, "--tag", OTHER_TAG)
+    manifest_digest = images.sha256_digest(images.run_bytes(["skopeo", "inspect", "--raw", src]))
+    by_tag = _inspect(store, OTHER_TAG)
+    by_digest = _inspect(store, f"layerfs-test/other@{manifest_digest}")
+    assert by_digest["Id"] == by_tag["Id"]
+    assert any(d.endswith("@" + manifest_digest) for d in by_tag["RepoDigests"])
+
+
+def _json_records(text: str) -> list[dict[str, Any]]:
+    """`images --json` output: a JSON array, or one JSON object per line (docker --format)."""
+    text = text.strip()
+    parsed = (
+        json.loads(text) if text.startswith("[") else [json.loads(x) for x in text.splitlines()]
+    )
+    assert all(isinstance(r, dict) for r in parsed)
+    return parsed
+
+
+def test_images_json_lists_every_tag(built_images: BuiltImages, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    layerfs_ok(store, "import", built_images.app.source, "--tag", APP_TAG)
+    layerfs_ok(store, "import", built_images.other.source, "--tag", OTHER_TAG)
+    records = _json_records(layerfs_ok(store, "images", "--json").stdout)
+    assert len(records) == 2, records
+    app_id = _inspect(store, APP_TAG)["Id"]
+    other_id = _inspect(store, OTHER_TAG)["Id"]
+    seen = {}
+    for record in records:
+        text = json.dumps(record)
+        for tag, image_id in ((APP_TAG, app_id), (OTHER_TAG, other_id)):
+            repo, _, version = tag.partition(":")
+            if repo in text and version in text:
+                seen[tag] = record
+                assert _short(image_id) in text, record
+    assert set(seen) == {APP_TAG, OTHER_TAG}
