@@ -1,0 +1,541 @@
+"""Import images: stream and verify each layer into a staging area, then commit all at once.
+
+Protocol (crash-safe at every step, see store.py for the layout):
+1. Take the store's shared lock for the whole run (gc, fsck and recovery wait for it) and make
+   a staging dir STORE/tmp/imp-<pid>-<rand>/ holding `stage.db` (entries of the new layers,
+   same tables as the index) and `c/` (contents not yet in the store).
+2. For each layer whose DiffID the store lacks: stream blob -> SHA-256 (blob digest) ->
+   gzip/zstd -> SHA-256 (DiffID) -> tar reader -> entries. Each file's bytes go to a temp file
+   while hashed with xxh3-128; on a key hit (staged or stored) the bytes are compared and the
+   temp file dropped. Nothing is written to the index.
+3. When every layer is verified: take the commit lock, hard-link staged contents into
+   content/ (os.link never overwrites: a key hit is compared again, a collision gets `.<n>`),
+   then insert layers, entries, xattrs, contents refcounts and images in ONE transaction.
+4. Remove the staging dir. A crash before the transaction leaves files the index does not
+   know plus the staging dir; the next open removes both (store.Store.recover).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import sqlite3
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import IO
+
+import xxhash
+
+from .blobs import DecompressingReader, HashingReader, PeekReader, Readable, sniff
+from .errors import LayerError, StoreError
+from .index import INSERT_ENTRY, connect, entry_from_row, entry_row, schema_sql
+from .model import Entry, EntryKind
+from .paths import ancestors, join, show
+from .progress import Progress
+from .sources import SourceImage
+from .store import Store, crashpoint, same_bytes, with_tag
+
+COPY = 1 << 20
+
+
+@dataclass
+class StagedLayer:
+    sid: int  # layer number inside stage.db
+    diff_id: str
+    blob_digest: str
+    media_type: str
+    blob_size: int
+    tar_size: int
+    files: int = 0
+    logical_bytes: int = 0
+    new_bytes: int = 0
+    keys: set[str] = field(default_factory=set)
+
+
+@dataclass
+class ImportResult:
+    images: list[tuple[str, list[str]]]  # (image id, names)
+    new_layers: int
+    reused_layers: int
+
+
+class Importer:
+    """One import run into a Store (see the module docstring for the protocol)."""
+
+    def __init__(self, store: Store, progress: Progress | None = None) -> None:
+        self.store = store
+        self.progress = progress or Progress(enabled=False)
+        self.warnings: list[str] = []
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+        self.progress.warn(msg)
+
+    def run(self, images: list[SourceImage], extra_tags: list[str]) -> ImportResult:
+        with self.store.shared():
+            stage = self.store.tmp_dir / f"imp-{os.getpid()}-{secrets.token_hex(4)}"
+            stage.mkdir()
+            try:
+                return self._run(stage, images, extra_tags)
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
+
+    def _run(self, stage: Path, images: list[SourceImage], extra_tags: list[str]) -> ImportResult:
+        self.stage = stage
+        (stage / "c").mkdir()
+        self.sdb = connect(stage / "stage.db")
+        self.sdb.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;\n" + schema_sql())
+        self.staged_keys: dict[str, int] = {}  # key -> size, contents in stage/c
+        self.reused_keys: set[str] = set()  # keys found already in the store
+        self._tmpn = 0
+        staged: dict[str, StagedLayer] = {}
+        reused = 0
+        for img in images:
+            n = len(img.layers)
+            for i, lref in enumerate(img.layers):
+                label = f"{lref.diff_id} ({i + 1}/{n})"
+                short = lref.diff_id.removeprefix("sha256:")[:12]
+                if lref.diff_id in staged or self.store.layer_by_diff_id(lref.diff_id):
+                    self.progress.line(f"{short}: Already exists")
+                    reused += 1
+                    continue
+                sl = StagedLayer(
+                    len(staged) + 1, lref.diff_id, lref.digest or "", lref.media_type,
+                    0, 0,
+                )  # fmt: skip
+                with self.progress.bar(short, lref.size) as tick:
+                    self._ingest_layer(sl, lref.opener, lref.digest, lref.size, label, tick)
+                staged[lref.diff_id] = sl
+                self.progress.line(f"{short}: Pull complete")
+                crashpoint("layer-staged")
+        self.sdb.commit()
+        crashpoint("before-commit")
+        with self.store.commit_lock():
+            ids = self._commit(staged, images, extra_tags)
+        crashpoint("after-commit")
+        self.sdb.close()
+        return ImportResult(ids, len(staged), reused)
+
+    # ---- one layer -------------------------------------------------------------------------
+
+    def _ingest_layer(
+        self,
+        sl: StagedLayer,
+        opener: Callable[[], IO[bytes]],
+        digest: str | None,
+        size: int | None,
+        label: str,
+        tick: Callable[[int], None],
+    ) -> None:
+        try:
+            raw = opener()
+        except StoreError:
+            raise
+        except OSError as exc:
+            raise LayerError(f"layer {label}: cannot read: {exc}") from None
+        with raw:
+            counted = _Ticking(raw, tick)
+            blob = HashingReader(counted)
+            peek = PeekReader(blob)
+            kind = sniff(peek.peek(4))
+            plain: Readable = peek if kind == "none" else DecompressingReader(peek, kind, label)
+            tar = HashingReader(plain)
+            try:
+                self._entries(sl, tar, label)
+                tar.drain()  # padding after the end-of-archive marker belongs to the DiffID
+                blob.drain()
+            except LayerError as exc:
+                msg = str(exc)
+                raise LayerError(
+                    msg if msg.startswith("layer ") else f"layer {label}: {msg}"
+                ) from None
+            except (tarfile.TarError, EOFError) as exc:
+                raise LayerError(f"layer {label}: truncated or corrupt tar: {exc}") from None
+            except OSError as exc:
+                raise LayerError(f"layer {label}: read error: {exc}") from None
+        if digest is not None and blob.digest() != digest:
+            raise LayerError(
+                f"layer {label}: blob digest mismatch (got {blob.digest()}, expected {digest})"
+            )
+        if size is not None and blob.count != size:
+            raise LayerError(f"layer {label}: blob is {blob.count} bytes, descriptor says {size}")
+        if tar.digest() != sl.diff_id:
+            raise LayerError(f"layer {label}: DiffID mismatch (uncompressed tar is {tar.digest()})")
+        sl.blob_digest = digest or blob.digest()
+        sl.blob_size = blob.count
+        sl.tar_size = tar.count
+        self._finish_layer(sl)
+
+    def _entries(self, sl: StagedLayer, tar: Readable, label: str) -> None:
+        from .tarstream import read_layer
+
+        db = self.sdb
+        lid = sl.sid
+        dirs: set[bytes] = {b"/"}
+        db.execute(INSERT_ENTRY, entry_row(lid, _implicit_dir(b"", b"")))
+        nfile = 0
+        for e, fobj in read_layer(tar, self.warn):
+            path = e.path
+            for anc in ancestors(path) if path != b"/" else []:
+                if anc not in dirs:
+                    self._ensure_dir(lid, anc, dirs)
+            if e.kind == EntryKind.DIR:
+                self._put_dir(lid, e, dirs)
+            elif e.kind == EntryKind.WHITEOUT:
+                old = self._get(lid, e.parent, e.name)
+                if old is None:
+                    self._put(lid, e, dirs)
+                elif old.kind == EntryKind.DIR:
+                    db.execute(
+                        "UPDATE entries SET opaque = 1 WHERE layer = ? AND parent = ? AND name = ?",
+                        (lid, e.parent, e.name),
+                    )
+                # an entry of the same layer always wins over its whiteout
+            elif e.kind == EntryKind.HARDLINK:
+                assert e.link is not None
+                target = self._get(lid, *_split(e.link))
+                if target is not None and target.kind == EntryKind.HARDLINK:
+                    assert target.link is not None
+                    target = self._get(lid, *_split(target.link))
+                if target is None or target.kind in (EntryKind.DIR, EntryKind.WHITEOUT):
+                    raise LayerError(
+                        f"entry {show(path)}: hard link to {show(e.link)} which is not a file "
+                        "earlier in this layer (links may not leave the layer)"
+                    )
+                if target.kind == EntryKind.FILE:
+                    linked = replace(
+                        target, parent=e.parent, name=e.name, kind=EntryKind.HARDLINK,
+                        link=target.path, nlink=1, implicit=False,
+                    )  # fmt: skip
+                else:  # a hard link to a symlink/device/fifo: stored as a copy of it
+                    linked = replace(target, parent=e.parent, name=e.name)
+                self._put(lid, linked, dirs)
+            elif e.kind == EntryKind.FILE:
+                assert fobj is not None
+                key = self._stage_content(fobj, e.size, path, sl)
+                self._put(lid, replace(e, content=key), dirs)
+                nfile += 1
+                if nfile % 64 == 0:
+                    crashpoint(f"file-{nfile}")
+            else:
+                self._put(lid, e, dirs)
+
+    def _get(self, lid: int, parent: bytes, name: bytes) -> Entry | None:
+        from .index import ENTRY_COLS
+
+        row = self.sdb.execute(
+            f"SELECT {ENTRY_COLS} FROM entries WHERE layer = ? AND parent = ? AND name = ?",
+            (lid, parent, name),
+        ).fetchone()
+        if row is None:
+            return None
+        xs = self.sdb.execute(
+            "SELECT key, value FROM xattrs WHERE layer = ? AND parent = ? AND name = ? "
+            "ORDER BY key",
+            (lid, parent, name),
+        ).fetchall()
+        return entry_from_row(row, tuple((bytes(k), bytes(v)) for k, v in xs))
+
+    def _ensure_dir(self, lid: int, path: bytes, dirs: set[bytes]) -> None:
+        parent, name = _split(path)
+        old = self._get(lid, parent, name)
+        if old is not None and old.kind == EntryKind.DIR:
+            dirs.add(path)
+            return
+        if old is not None and old.kind != EntryKind.WHITEOUT:
+            raise LayerError(
+                f"entry under {show(path)}: its parent is a {old.kind.name.lower()} in this layer"
+            )
+        d = replace(_implicit_dir(parent, name), opaque=old is not None)
+        self._put(lid, d, dirs)
+
+    def _put_dir(self, lid: int, e: Entry, dirs: set[bytes]) -> None:
+        old = self._get(lid, e.parent, e.name)
+        if e.implicit:  # an opaque marker: only the flag is meaningful
+            if old is not None and old.kind == EntryKind.DIR:
+                self.sdb.execute(
+                    "UPDATE entries SET opaque = 1 WHERE layer = ? AND parent = ? AND name = ?",
+                    (lid, e.parent, e.name),
+                )
+                return
+            if old is not None and old.kind != EntryKind.WHITEOUT:
+                raise LayerError(f"opaque marker in {show(e.path)}, which is not a directory")
+            self._put(lid, replace(_implicit_dir(e.parent, e.name), opaque=True), dirs)
+            return
+        opaque = old is not None and (
+            old.kind == EntryKind.WHITEOUT or (old.kind == EntryKind.DIR and old.opaque)
+        )
+        self._put(lid, replace(e, opaque=opaque), dirs)
+
+    def _put(self, lid: int, e: Entry, dirs: set[bytes]) -> None:
+        db = self.sdb
+        path = e.path
+        if path in dirs and e.kind != EntryKind.DIR:
+            # A non-directory replaces a directory of this layer: drop its subtree.
+            lo, hi = path + b"/", path + b"0"
+            db.execute(
+                "DELETE FROM entries WHERE layer = ? "
+                "AND (parent = ? OR (parent >= ? AND parent < ?))",
+                (lid, path, lo, hi),
+            )
+            db.execute(
+                "DELETE FROM xattrs WHERE layer = ? "
+                "AND (parent = ? OR (parent >= ? AND parent < ?))",
+                (lid, path, lo, hi),
+            )
+            for d in [d for d in dirs if d == path or d.startswith(lo)]:
+                dirs.discard(d)
+        db.execute(INSERT_ENTRY, entry_row(lid, e))
+        db.execute(
+            "DELETE FROM xattrs WHERE layer = ? AND parent = ? AND name = ?",
+            (lid, e.parent, e.name),
+        )
+        if e.xattrs:
+            db.executemany(
+                "INSERT OR REPLACE INTO xattrs (layer, parent, name, key, value) "
+                "VALUES (?,?,?,?,?)",
+                [(lid, e.parent, e.name, k, v) for k, v in e.xattrs],
+            )
+        if e.kind == EntryKind.DIR:
+            dirs.add(path)
+
+    def _finish_layer(self, sl: StagedLayer) -> None:
+        db = self.sdb
+        lid = sl.sid
+        groups = db.execute(
+            "SELECT link, COUNT(*) FROM entries WHERE layer = ? AND kind = ? GROUP BY link",
+            (lid, int(EntryKind.HARDLINK)),
+        ).fetchall()
+        for link, n in groups:
+            parent, name = _split(bytes(link))
+            db.execute(
+                "UPDATE entries SET nlink = ? WHERE layer = ? AND ((parent = ? AND name = ?) "
+                "OR (kind = ? AND link = ?))",
+                (n + 1, lid, parent, name, int(EntryKind.HARDLINK), link),
+            )
+        sl.files = int(
+            db.execute("SELECT COUNT(*) FROM entries WHERE layer = ?", (lid,)).fetchone()[0]
+        )
+        sl.logical_bytes = int(
+            db.execute(
+                "SELECT COALESCE(SUM(size), 0) FROM entries WHERE layer = ? AND kind = ?",
+                (lid, int(EntryKind.FILE)),
+            ).fetchone()[0]
+        )
+        sl.keys = {
+            str(r[0])
+            for r in db.execute(
+                "SELECT DISTINCT content FROM entries WHERE layer = ? AND content IS NOT NULL",
+                (lid,),
+            )
+        }
+        db.commit()
+
+    # ---- contents --------------------------------------------------------------------------
+
+    def _stage_content(self, fobj: IO[bytes], size: int, path: bytes, sl: StagedLayer) -> str:
+        self._tmpn += 1
+        tmp = self.stage / "c" / f".tmp-{self._tmpn}"
+        h = xxhash.xxh3_128()
+        got = 0
+        with open(tmp, "xb") as out:
+            while True:
+                try:
+                    chunk = fobj.read(COPY)
+                except tarfile.TarError as exc:
+                    raise LayerError(f"entry {show(path)}: truncated data: {exc}") from None
+                if not chunk:
+                    break
+                h.update(chunk)
+                out.write(chunk)
+                got += len(chunk)
+        if got != size:
+            raise LayerError(f"entry {show(path)}: truncated data ({got} of {size} bytes)")
+        base = f"{h.hexdigest()}-{size}"
+        n = 0
+        while True:
+            key = base if n == 0 else f"{base}.{n}"
+            if key in self.staged_keys:
+                if same_bytes(tmp, self.stage / "c" / key):
+                    tmp.unlink()
+                    return key
+            elif key in self.reused_keys or self.store.content_path(key).exists():
+                if same_bytes(tmp, self.store.content_path(key)):
+                    tmp.unlink()
+                    self.reused_keys.add(key)
+                    return key
+            else:
+                os.chmod(tmp, 0o444)
+                tmp.rename(self.stage / "c" / key)
+                self.staged_keys[key] = size
+                sl.new_bytes += size
+                return key
+            n += 1
+
+    # ---- commit ----------------------------------------------------------------------------
+
+    def _place(self, key: str, layers: list[StagedLayer]) -> None:
+        """Link a staged content into content/; on a collision re-key it in stage.db."""
+        src = self.stage / "c" / key
+        base = key.split(".")[0]
+        n = 0
+        while True:
+            cand = base if n == 0 else f"{base}.{n}"
+            dst = self.store.content_path(cand)
+            dst.parent.mkdir(exist_ok=True)
+            try:
+                os.link(src, dst)
+                break
+            except FileExistsError:
+                if same_bytes(src, dst):
+                    break
+            n += 1
+        if cand != key:
+            self.sdb.execute("UPDATE entries SET content = ? WHERE content = ?", (cand, key))
+            for sl in layers:
+                if key in sl.keys:
+                    sl.keys.discard(key)
+                    sl.keys.add(cand)
+
+    def _commit(
+        self, staged: dict[str, StagedLayer], images: list[SourceImage], extra_tags: list[str]
+    ) -> list[tuple[str, list[str]]]:
+        st = self.store
+        c = st.conn
+        new = [sl for sl in staged.values() if st.layer_by_diff_id(sl.diff_id) is None]
+        keys = sorted({k for sl in new for k in sl.keys})
+        for i, key in enumerate(keys):
+            if key in self.staged_keys:
+                self._place(key, new)
+            elif not st.content_path(key).exists():
+                raise StoreError(f"content {key} vanished from the store during the import")
+            if i % 64 == 63:
+                crashpoint(f"placed-{i + 1}")
+        self.sdb.commit()
+        crashpoint("placed")
+        c.execute("ATTACH DATABASE ? AS stage", (str(self.stage / "stage.db"),))
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                out = self._commit_rows(new, images, extra_tags)
+                crashpoint("in-transaction")
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        finally:
+            c.execute("DETACH DATABASE stage")
+        return out
+
+    def _commit_rows(
+        self, new: list[StagedLayer], images: list[SourceImage], extra_tags: list[str]
+    ) -> list[tuple[str, list[str]]]:
+        c = self.store.conn
+        now = time.time()
+        for sl in new:
+            cur = c.execute(
+                "INSERT INTO layers (diff_id, blob_digest, media_type, blob_size, tar_size, files, "
+                "logical_bytes, new_bytes, imported) VALUES (?,?,?,?,?,?,?,?,?)",
+                (sl.diff_id, sl.blob_digest, sl.media_type, sl.blob_size, sl.tar_size, sl.files,
+                 sl.logical_bytes, sl.new_bytes, now),
+            )  # fmt: skip
+            real = cur.lastrowid
+            c.execute(
+                "INSERT INTO main.entries SELECT ?, parent, name, kind, mode, uid, gid, size, "
+                "mtime_ns, rdev_major, rdev_minor, link, content, opaque, nlink, implicit, nxattrs "
+                "FROM stage.entries WHERE layer = ?",
+                (real, sl.sid),
+            )
+            c.execute(
+                "INSERT INTO main.xattrs SELECT ?, parent, name, key, value FROM stage.xattrs "
+                "WHERE layer = ?",
+                (real, sl.sid),
+            )
+            c.execute(
+                "INSERT INTO main.contents (key, size, refs) SELECT content, MAX(size), COUNT(*) "
+                "FROM stage.entries WHERE layer = ? AND content IS NOT NULL GROUP BY content "
+                "ON CONFLICT(key) DO UPDATE SET refs = refs + excluded.refs",
+                (sl.sid,),
+            )
+        out: list[tuple[str, list[str]]] = []
+        for img in images:
+            cfg = img.config_json
+            image = img.config_digest
+            exists = c.execute("SELECT 1 FROM images WHERE id = ?", (image,)).fetchone()
+            if not exists:
+                plat = "/".join(
+                    str(x)
+                    for x in (cfg.get("os"), cfg.get("architecture"), cfg.get("variant"))
+                    if x
+                )
+                size = 0
+                rows = []
+                for pos, lref in enumerate(img.layers):
+                    lid, tar_size = c.execute(
+                        "SELECT id, tar_size FROM layers WHERE diff_id = ?", (lref.diff_id,)
+                    ).fetchone()
+                    size += tar_size
+                    rows.append((image, pos, lid))
+                c.execute(
+                    "INSERT INTO images (id, config, manifest_digest, manifest, media_type, "
+                    "platform, created, size, imported) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (image, img.config, img.manifest_digest, img.manifest, img.media_type, plat,
+                     str(cfg.get("created") or ""), size, now),
+                )  # fmt: skip
+                c.executemany(
+                    "INSERT INTO image_layers (image, position, layer) VALUES (?,?,?)", rows
+                )
+            names = [with_tag(n) for n in img.names + extra_tags]
+            for n in names:
+                c.execute("INSERT OR REPLACE INTO tags (name, image) VALUES (?, ?)", (n, image))
+            for d in img.repo_digests:
+                c.execute(
+                    "INSERT OR REPLACE INTO repo_digests (name, image) VALUES (?, ?)", (d, image)
+                )
+            out.append((image, names))
+        return out
+
+
+class _Ticking:
+    def __init__(self, src: IO[bytes], tick: Callable[[int], None]) -> None:
+        self._src = src
+        self._tick = tick
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._src.read(n)
+        self._tick(len(data))
+        return data
+
+
+def _split(path: bytes) -> tuple[bytes, bytes]:
+    from .paths import split
+
+    return split(path)
+
+
+def _implicit_dir(parent: bytes, name: bytes) -> Entry:
+    return Entry(parent, name, EntryKind.DIR, 0o755, 0, 0, 0, 0, implicit=True)
+
+
+def import_source(
+    store: Store,
+    images: list[SourceImage],
+    tags: list[str],
+    progress: Progress | None = None,
+) -> ImportResult:
+    if tags and len(images) != 1:
+        raise StoreError(
+            f"--tag needs exactly one image, the source has {len(images)}: name one with :REF"
+        )
+    try:
+        return Importer(store, progress).run(images, tags)
+    except sqlite3.Error as exc:
+        raise StoreError(f"index error during import: {exc}") from None
+
+
+__all__ = ["Importer", "ImportResult", "import_source", "join", "json"]

@@ -1,0 +1,575 @@
+"""The Store: on-disk layout, locks, recovery on open, read API for the mount, images, gc, fsck."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import xxhash
+
+from .errors import ImageNotFound, StoreError
+from .index import ENTRY_COLS, SCHEMA_VERSION, connect, entry_from_row, schema_sql, user_version
+from .model import Entry, ImageInfo, LayerInfo
+
+# On-disk layout of a store directory:
+#   index.db           the SQLite index (schema.sql)
+#   content/ab/<key>   one plain file per distinct content, key = '<xxh3-128 hex>-<size>[.<n>]'
+#   tmp/               one directory per running import (staging) or gc; a leftover here means
+#                      a process died: the next open that can take the lock exclusively removes
+#                      it and any content file the index does not know (orphans)
+#   lock               flock: shared by importers for their whole run, exclusive for gc/fsck/
+#                      recovery (so recovery never races a live import)
+#   commit.lock        flock: exclusive while one importer places contents and commits
+
+
+def default_store_dir() -> Path:
+    env = os.environ.get("LAYERFS_STORE")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/layerfs")
+    xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    return Path(xdg) / "layerfs"
+
+
+def crashpoint(name: str) -> None:
+    """Test hook: die by SIGKILL here when LAYERFS_TEST_CRASH names this point."""
+    want = os.environ.get("LAYERFS_TEST_CRASH")
+    if want and want == name:
+        os.kill(os.getpid(), 9)
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """True if two files have identical contents (compared in chunks, never all in memory)."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        if os.fstat(fa.fileno()).st_size != os.fstat(fb.fileno()).st_size:
+            return False
+        while True:
+            x = fa.read(1 << 20)
+            y = fb.read(1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def has_tag(name: str) -> bool:
+    return ":" in name.rsplit("/", 1)[-1]
+
+
+def with_tag(name: str) -> str:
+    """`name` -> `name:latest` when it has no tag (docker's default)."""
+    return name if has_tag(name) or "@" in name else name + ":latest"
+
+
+@dataclass
+class GcReport:
+    layers: list[str]  # DiffIDs removed (or to be removed)
+    contents: int
+    bytes: int
+    orphans: int
+    stale_tmp: int
+
+
+class Store:
+    """A layer store directory. One instance per process and thread (SQLite connection)."""
+
+    def __init__(self, root: Path | str, readonly: bool = False) -> None:
+        self.root = Path(root)
+        self.readonly = readonly
+        self.content_dir = self.root / "content"
+        self.tmp_dir = self.root / "tmp"
+        self.db_path = self.root / "index.db"
+        if readonly:
+            if not self.db_path.exists():
+                raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
+        else:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self.content_dir.mkdir(exist_ok=True)
+                self.tmp_dir.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create store {self.root}: {exc.strerror}") from None
+        self._lockf: IO[bytes] | None = None
+        self._locked = 0
+        try:
+            self.conn = connect(self.db_path, readonly)
+            if not readonly and user_version(self.conn) == 0:
+                with self.commit_lock():
+                    if user_version(self.conn) == 0:
+                        self.conn.executescript("BEGIN IMMEDIATE;\n" + schema_sql() + "\nCOMMIT;")
+            v = user_version(self.conn)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.db_path}: cannot open the index: {exc}") from None
+        if v != SCHEMA_VERSION:
+            raise StoreError(f"{self.db_path}: index version {v}, expected {SCHEMA_VERSION}")
+        if not readonly:
+            self.recover()
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._lockf is not None:
+            self._lockf.close()
+            self._lockf = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- locks -----------------------------------------------------------------------------
+
+    def _lockfile(self) -> IO[bytes]:
+        if self._lockf is None:
+            self._lockf = open(self.root / "lock", "a+b")  # noqa: SIM115 - kept for the lifetime
+        return self._lockf
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        """Held by an importer for its whole run: gc, fsck and recovery wait for it."""
+        fcntl.flock(self._lockfile(), fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lockfile(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        fcntl.flock(self._lockfile(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lockfile(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def commit_lock(self) -> Iterator[None]:
+        with open(self.root / "commit.lock", "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    # ---- recovery --------------------------------------------------------------------------
+
+    def recover(self) -> bool:
+        """Remove what a killed process left, if no importer is running. True if it did work."""
+        f = self._lockfile()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            return self._recover_locked()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _recover_locked(self) -> bool:
+        stale = list(self.tmp_dir.iterdir()) if self.tmp_dir.exists() else []
+        if not stale:
+            return False
+        # Orphans first, then the markers: a crash here leaves the markers for the next open.
+        self._remove_orphans(dry_run=False)
+        for p in stale:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return True
+
+    def _content_files(self) -> Iterator[tuple[str, Path]]:
+        if not self.content_dir.exists():
+            return
+        for sub in sorted(self.content_dir.iterdir()):
+            if not sub.is_dir():
+                yield sub.name, sub
+                continue
+            for f in sorted(sub.iterdir()):
+                yield f.name, f
+
+    def _remove_orphans(self, dry_run: bool) -> int:
+        known = {r[0] for r in self.conn.execute("SELECT key FROM contents")}
+        n = 0
+        for key, path in self._content_files():
+            if key not in known or path.parent.name != key[:2]:
+                n += 1
+                if not dry_run:
+                    path.unlink(missing_ok=True)
+        return n
+
+    # ---- content ---------------------------------------------------------------------------
+
+    def content_path(self, key: str) -> Path:
+        """Path of the plain file holding the content `key` (read it with pread)."""
+        return self.content_dir / key[:2] / key
+
+    # ---- read API for the mount ------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        """Image ID (config digest) for `name[:tag]`, `name@sha256:…`, an ID or an ID prefix."""
+        c = self.conn
+        if "@" in ref:
+            row = c.execute("SELECT image FROM repo_digests WHERE name = ?", (ref,)).fetchone()
+            if row:
+                return str(row[0])
+            name, _, dig = ref.partition("@")
+            rows = c.execute(
+                "SELECT id FROM images WHERE manifest_digest = ? OR id = ?", (dig, dig)
+            ).fetchall()
+            if len(rows) == 1:
+                return str(rows[0][0])
+            raise ImageNotFound(f"no such image: {ref}")
+        row = c.execute("SELECT image FROM tags WHERE name = ?", (with_tag(ref),)).fetchone()
+        if row:
+            return str(row[0])
+        hexpart = ref.removeprefix("sha256:")
+        if len(hexpart) >= 4 and all(ch in "0123456789abcdef" for ch in hexpart):
+            rows = c.execute(
+                "SELECT id FROM images WHERE substr(id, 8, ?) = ?", (len(hexpart), hexpart)
+            ).fetchall()
+            if len(rows) == 1:
+                return str(rows[0][0])
+            if len(rows) > 1:
+                raise ImageNotFound(f"ambiguous image ID prefix: {ref}")
+        raise ImageNotFound(f"no such image: {ref}")
+
+    def image_layers(self, ref: str) -> list[LayerInfo]:
+        """The layers of an image, BOTTOM FIRST (index 0 is the base layer; reverse for
+        overlay's top-first lowerdir order)."""
+        image = self.resolve(ref)
+        rows = self.conn.execute(
+            "SELECT l.id, l.diff_id, l.blob_digest, l.media_type, l.blob_size, l.tar_size, "
+            "l.files, l.logical_bytes, l.new_bytes FROM image_layers il "
+            "JOIN layers l ON l.id = il.layer WHERE il.image = ? ORDER BY il.position",
+            (image,),
+        ).fetchall()
+        return [LayerInfo(*r) for r in rows]
+
+    def _xattrs(self, layer: int, parent: bytes, name: bytes) -> tuple[tuple[bytes, bytes], ...]:
+        rows = self.conn.execute(
+            "SELECT key, value FROM xattrs WHERE layer = ? AND parent = ? AND name = ? "
+            "ORDER BY key",
+            (layer, parent, name),
+        ).fetchall()
+        return tuple((bytes(k), bytes(v)) for k, v in rows)
+
+    def _entry(self, layer: int, row: tuple[Any, ...]) -> Entry:
+        xattrs = self._xattrs(layer, bytes(row[0]), bytes(row[1])) if row[-1] else ()
+        return entry_from_row(row, xattrs)
+
+    def layer_lookup(self, layer: int, parent: bytes, name: bytes) -> Entry | None:
+        """The entry `name` in directory `parent` (absolute, b"/" for the top level) of one
+        layer, or None. The layer root is layer_lookup(layer, b"", b""). One index probe."""
+        row = self.conn.execute(
+            f"SELECT {ENTRY_COLS} FROM entries WHERE layer = ? AND parent = ? AND name = ?",
+            (layer, parent, name),
+        ).fetchone()
+        return None if row is None else self._entry(layer, row)
+
+    def layer_listdir(self, layer: int, parent: bytes) -> list[Entry]:
+        """Every entry of one layer directly in `parent`, whiteouts included, sorted by name
+        (bytewise). One index range scan."""
+        rows = self.conn.execute(
+            f"SELECT {ENTRY_COLS} FROM entries WHERE layer = ? AND parent = ? ORDER BY name",
+            (layer, parent),
+        ).fetchall()
+        return [self._entry(layer, r) for r in rows]
+
+    def layer_entries(self, layer: int) -> Iterator[Entry]:
+        """Every entry of a layer, each directory before its children (ordered by parent, name)."""
+        cur = self.conn.execute(
+            f"SELECT {ENTRY_COLS} FROM entries WHERE layer = ? ORDER BY parent, name", (layer,)
+        )
+        rows = cur.fetchmany(1000)
+        while rows:
+            for r in rows:
+                yield self._entry(layer, r)
+            rows = cur.fetchmany(1000)
+
+    def layer_by_diff_id(self, diff_id: str) -> int | None:
+        row = self.conn.execute("SELECT id FROM layers WHERE diff_id = ?", (diff_id,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def all_layers(self) -> list[LayerInfo]:
+        rows = self.conn.execute(
+            "SELECT id, diff_id, blob_digest, media_type, blob_size, tar_size, files, "
+            "logical_bytes, new_bytes FROM layers ORDER BY id"
+        ).fetchall()
+        return [LayerInfo(*r) for r in rows]
+
+    def layer_users(self, layer: int) -> list[str]:
+        rows = self.conn.execute(
+            "SELECT DISTINCT image FROM image_layers WHERE layer = ? ORDER BY image", (layer,)
+        )
+        return [str(r[0]) for r in rows]
+
+    # ---- images ----------------------------------------------------------------------------
+
+    def image_ids(self) -> list[str]:
+        rows = self.conn.execute("SELECT id FROM images ORDER BY imported DESC, id")
+        return [str(r[0]) for r in rows]
+
+    def image_info(self, image: str) -> ImageInfo:
+        row = self.conn.execute(
+            "SELECT id, manifest_digest, created, size, imported, platform FROM images "
+            "WHERE id = ?",
+            (image,),
+        ).fetchone()
+        if row is None:
+            raise ImageNotFound(f"no such image: {image}")
+        tags = tuple(
+            str(r[0])
+            for r in self.conn.execute(
+                "SELECT name FROM tags WHERE image = ? ORDER BY name", (image,)
+            )
+        )
+        digests = tuple(
+            str(r[0])
+            for r in self.conn.execute(
+                "SELECT name FROM repo_digests WHERE image = ? ORDER BY name", (image,)
+            )
+        )
+        return ImageInfo(row[0], row[1], tags, digests, row[2], row[3], row[4], row[5])
+
+    def image_config(self, image: str) -> dict[str, Any]:
+        row = self.conn.execute("SELECT config FROM images WHERE id = ?", (image,)).fetchone()
+        if row is None:
+            raise ImageNotFound(f"no such image: {image}")
+        cfg: dict[str, Any] = json.loads(bytes(row[0]))
+        return cfg
+
+    def tag(self, ref: str, name: str) -> str:
+        image = self.resolve(ref)
+        name = with_tag(name)
+        if "@" in name:
+            raise StoreError(f"invalid tag {name!r}: digests are immutable")
+        with self.commit_lock():
+            self.conn.execute(
+                "INSERT OR REPLACE INTO tags (name, image) VALUES (?, ?)", (name, image)
+            )
+        return image
+
+    def rmi(self, ref: str, force: bool = False) -> list[str]:
+        """Untag `ref`, deleting the image when it was its last name (or when given by ID).
+        Returns docker-style lines ("Untagged: …", "Deleted: …"). Layers stay until gc."""
+        image = self.resolve(ref)
+        out: list[str] = []
+        c = self.conn
+        with self.commit_lock():
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                tags = [
+                    str(r[0]) for r in c.execute("SELECT name FROM tags WHERE image = ?", (image,))
+                ]
+                by_name = not image.removeprefix("sha256:").startswith(ref.removeprefix("sha256:"))
+                if by_name and "@" not in ref and len(tags) > 1:
+                    c.execute("DELETE FROM tags WHERE name = ?", (with_tag(ref),))
+                    c.execute("COMMIT")
+                    return [f"Untagged: {with_tag(ref)}"]
+                if not by_name and len(tags) > 1 and not force:
+                    raise StoreError(
+                        f"image {image[7:19]} has several tags ({', '.join(tags)}): "
+                        "remove them by name or use --force"
+                    )
+                out += [f"Untagged: {t}" for t in tags]
+                out += [
+                    f"Untagged: {r[0]}"
+                    for r in c.execute("SELECT name FROM repo_digests WHERE image = ?", (image,))
+                ]
+                for table in ("tags", "repo_digests", "image_layers"):
+                    c.execute(f"DELETE FROM {table} WHERE image = ?", (image,))
+                c.execute("DELETE FROM images WHERE id = ?", (image,))
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+        out.append(f"Deleted: {image}")
+        return out
+
+    # ---- gc --------------------------------------------------------------------------------
+
+    def gc(self, dry_run: bool = False) -> GcReport:
+        """Remove layers no image uses, contents no layer uses, orphan files, stale temp dirs."""
+        with self.exclusive():
+            c = self.conn
+            stale = len(list(self.tmp_dir.iterdir()))
+            unused = c.execute(
+                "SELECT id, diff_id FROM layers WHERE id NOT IN (SELECT layer FROM image_layers) "
+                "ORDER BY id"
+            ).fetchall()
+            ids = [int(r[0]) for r in unused]
+            if dry_run:
+                dead = self._dead_contents(ids)
+                orphans = self._remove_orphans(dry_run=True)
+                return GcReport(
+                    [str(r[1]) for r in unused], len(dead), sum(s for _, s in dead), orphans, stale
+                )
+            marker = self.tmp_dir / f"gc-{os.getpid()}"
+            marker.mkdir(exist_ok=True)
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                dead = self._dead_contents(ids)
+                for lid in ids:
+                    c.execute(
+                        "UPDATE contents SET refs = refs - (SELECT COUNT(*) FROM entries e "
+                        "WHERE e.layer = ? AND e.content = contents.key) "
+                        "WHERE key IN (SELECT content FROM entries WHERE layer = ? "
+                        "AND content IS NOT NULL)",
+                        (lid, lid),
+                    )
+                    c.execute("DELETE FROM entries WHERE layer = ?", (lid,))
+                    c.execute("DELETE FROM xattrs WHERE layer = ?", (lid,))
+                    c.execute("DELETE FROM layers WHERE id = ?", (lid,))
+                c.execute("DELETE FROM contents WHERE refs <= 0")
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            crashpoint("gc-committed")
+            for key, _ in dead:
+                self.content_path(key).unlink(missing_ok=True)
+            orphans = self._remove_orphans(dry_run=False)
+            for p in self.tmp_dir.iterdir():
+                if p != marker:
+                    shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(marker, ignore_errors=True)
+            return GcReport(
+                [str(r[1]) for r in unused], len(dead), sum(s for _, s in dead), orphans, stale
+            )
+
+    def _dead_contents(self, layer_ids: list[int]) -> list[tuple[str, int]]:
+        """Contents whose every reference is in the given layers."""
+        if not layer_ids:
+            return []
+        marks = ",".join("?" * len(layer_ids))
+        rows = self.conn.execute(
+            f"SELECT c.key, c.size FROM contents c WHERE c.refs <= (SELECT COUNT(*) FROM entries e "
+            f"WHERE e.content = c.key AND e.layer IN ({marks})) AND c.key IN "
+            f"(SELECT content FROM entries WHERE layer IN ({marks}) AND content IS NOT NULL)",
+            (*layer_ids, *layer_ids),
+        ).fetchall()
+        return [(str(k), int(s)) for k, s in rows]
+
+    # ---- fsck ------------------------------------------------------------------------------
+
+    def fsck(self, full: bool = False) -> list[str]:
+        """Check the store; return one line per problem ([] when healthy)."""
+        with self.exclusive():
+            self._recover_locked()
+            return self._fsck_locked(full)
+
+    def _fsck_locked(self, full: bool) -> list[str]:
+        c = self.conn
+        problems: list[str] = []
+        for (res,) in c.execute("PRAGMA quick_check"):
+            if res != "ok":
+                problems.append(f"index: {res}")
+        for key, refs, n in c.execute(
+            "SELECT c.key, c.refs, (SELECT COUNT(*) FROM entries e WHERE e.content = c.key) "
+            "FROM contents c"
+        ):
+            if refs != n:
+                problems.append(f"content {key}: refcount {refs} but {n} entries use it")
+        for (key,) in c.execute(
+            "SELECT DISTINCT content FROM entries WHERE content IS NOT NULL "
+            "AND content NOT IN (SELECT key FROM contents)"
+        ):
+            problems.append(f"content {key}: used by entries but not recorded")
+        for key, size in c.execute("SELECT key, size FROM contents"):
+            p = self.content_path(key)
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                problems.append(f"content {key}: missing file")
+                continue
+            if st.st_size != size:
+                problems.append(f"content {key}: size {st.st_size}, expected {size}")
+            elif full and not self._hash_ok(key, p):
+                problems.append(f"content {key}: data does not match its hash")
+        known = {r[0] for r in c.execute("SELECT key FROM contents")}
+        for key, path in self._content_files():
+            if key not in known or path.parent.name != key[:2]:
+                problems.append(f"orphan content file {path.relative_to(self.root)}")
+        for lid, files, n in c.execute(
+            "SELECT l.id, l.files, (SELECT COUNT(*) FROM entries e WHERE e.layer = l.id) "
+            "FROM layers l"
+        ):
+            if files != n:
+                problems.append(f"layer {lid}: {n} entries, expected {files}")
+        for image, lid in c.execute(
+            "SELECT image, layer FROM image_layers WHERE layer NOT IN (SELECT id FROM layers) "
+            "OR image NOT IN (SELECT id FROM images)"
+        ):
+            problems.append(f"image {image}: dangling layer reference {lid}")
+        for name, image in c.execute(
+            "SELECT name, image FROM tags WHERE image NOT IN (SELECT id FROM images) UNION ALL "
+            "SELECT name, image FROM repo_digests WHERE image NOT IN (SELECT id FROM images)"
+        ):
+            problems.append(f"name {name}: points to missing image {image}")
+        for (image,) in c.execute("SELECT id FROM images").fetchall():
+            cfg = self.image_config(image)
+            want = list((cfg.get("rootfs") or {}).get("diff_ids") or [])
+            have = [
+                str(r[0])
+                for r in c.execute(
+                    "SELECT l.diff_id FROM image_layers il JOIN layers l ON l.id = il.layer "
+                    "WHERE il.image = ? ORDER BY il.position",
+                    (image,),
+                )
+            ]
+            if want != have:
+                problems.append(f"image {image}: layers do not match the config's DiffIDs")
+        return problems
+
+    @staticmethod
+    def _hash_ok(key: str, path: Path) -> bool:
+        h = xxhash.xxh3_128()
+        size = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+                size += len(chunk)
+        return key.split(".")[0] == f"{h.hexdigest()}-{size}"
+
+    # ---- df --------------------------------------------------------------------------------
+
+    def df(self) -> dict[str, int]:
+        c = self.conn
+
+        def one(sql: str) -> int:
+            return int(c.execute(sql).fetchone()[0] or 0)
+
+        images_logical = one(
+            "SELECT SUM(l.logical_bytes) FROM image_layers il JOIN layers l ON l.id = il.layer"
+        )
+        layers_logical = one("SELECT SUM(logical_bytes) FROM layers")
+        stored = one("SELECT SUM(size) FROM contents")
+        return {
+            "images": one("SELECT COUNT(*) FROM images"),
+            "layers": one("SELECT COUNT(*) FROM layers"),
+            "contents": one("SELECT COUNT(*) FROM contents"),
+            "entries": one("SELECT COUNT(*) FROM entries"),
+            "logical_bytes": images_logical,
+            "layers_bytes": layers_logical,
+            "stored_bytes": stored,
+            "saved_by_layer_dedup": images_logical - layers_logical,
+            "saved_by_file_dedup": layers_logical - stored,
+            "index_bytes": self.db_path.stat().st_size,
+            "unused_layers": one(
+                "SELECT COUNT(*) FROM layers WHERE id NOT IN (SELECT layer FROM image_layers)"
+            ),
+        }
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,159 @@
+"""Read a layer tar as a stream and turn each member into an Entry, whiteouts converted here."""
+
+from __future__ import annotations
+
+import base64
+import tarfile
+import urllib.parse
+from collections.abc import Callable, Iterator
+from decimal import Decimal, InvalidOperation
+from typing import IO
+
+from .blobs import Readable
+from .errors import LayerError
+from .model import Entry, EntryKind
+from .paths import normalize, show, split
+
+WH_PREFIX = b".wh."
+WH_OPAQUE = b".wh..wh..opq"
+WH_META = b".wh..wh."
+
+_TYPES = {
+    tarfile.REGTYPE: EntryKind.FILE,
+    tarfile.AREGTYPE: EntryKind.FILE,
+    tarfile.CONTTYPE: EntryKind.FILE,
+    tarfile.GNUTYPE_SPARSE: EntryKind.FILE,
+    tarfile.DIRTYPE: EntryKind.DIR,
+    tarfile.SYMTYPE: EntryKind.SYMLINK,
+    tarfile.LNKTYPE: EntryKind.HARDLINK,
+    tarfile.CHRTYPE: EntryKind.CHAR,
+    tarfile.BLKTYPE: EntryKind.BLOCK,
+    tarfile.FIFOTYPE: EntryKind.FIFO,
+}
+
+
+def _b(s: str) -> bytes:
+    # tarfile decoded with utf-8 + surrogateescape: this gives the original bytes back.
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _mtime_ns(ti: tarfile.TarInfo) -> int:
+    raw = ti.pax_headers.get("mtime")
+    if raw is not None:
+        try:
+            return int(Decimal(raw) * 1_000_000_000)
+        except (InvalidOperation, ValueError):
+            pass
+    return int(ti.mtime) * 1_000_000_000
+
+
+def _xattrs(ti: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
+    out: dict[bytes, bytes] = {}
+    for key, value in ti.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out[_b(key[len("SCHILY.xattr.") :])] = _b(value)
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
+            try:
+                out[name] = base64.b64decode(value + "=" * (-len(value) % 4))
+            except ValueError:
+                continue
+    return tuple(sorted(out.items()))
+
+
+Item = tuple[Entry, IO[bytes] | None]
+
+
+def read_layer(stream: Readable, warn: Callable[[str], None] = lambda _m: None) -> Iterator[Item]:
+    """Yield (entry, content) for each member of a tar stream, in archive order.
+
+    Entries carry canonical paths (see paths.normalize). `content` is a reader for FILE entries
+    (read it fully before advancing). Whiteouts come out as kind WHITEOUT; an opaque marker
+    comes out as a DIR entry of its directory with `opaque=True, implicit=True` (metadata is
+    not the directory's own: the caller merges it). HARDLINK entries carry the canonical
+    target path in `link`; their own header metadata is meaningless and left at defaults.
+    A missing end-of-archive marker is accepted; truncation inside a member is a LayerError.
+    """
+    try:
+        tf = tarfile.open(  # noqa: SIM115 - closed by the `with` below
+            fileobj=stream,  # type: ignore[call-overload]
+            mode="r|",
+            encoding="utf-8",
+            errors="surrogateescape",
+        )
+    except tarfile.ReadError as exc:
+        if str(exc) == "empty file":
+            return
+        raise LayerError(f"not a tar archive: {exc}") from None
+    with tf:
+        while True:
+            try:
+                ti = tf.next()
+            except tarfile.TarError as exc:
+                raise LayerError(f"corrupt tar: {exc}") from None
+            if ti is None:
+                break
+            tf.members.clear()  # stream mode: never keep all headers in memory
+            yield from _convert(tf, ti, warn)
+
+
+def _convert(
+    tf: tarfile.TarFile, ti: tarfile.TarInfo, warn: Callable[[str], None]
+) -> Iterator[Item]:
+    raw = _b(ti.name)
+    path = normalize(raw)
+    parent, name = split(path)
+    kind = _TYPES.get(ti.type)
+    if kind is None:
+        warn(f"entry {show(raw)}: unsupported tar type {ti.type!r}, skipped")
+        return
+    mtime = _mtime_ns(ti)
+    if name.startswith(WH_PREFIX):
+        if name == WH_OPAQUE:
+            yield (
+                Entry(*split(parent), EntryKind.DIR, 0o755, 0, 0, 0, 0, opaque=True, implicit=True),
+                None,
+            )
+            return
+        if name.startswith(WH_META):
+            warn(f"entry {show(raw)}: AUFS internal whiteout name, skipped")
+            return
+        hidden = name[len(WH_PREFIX) :]
+        if hidden in (b"", b".", b"..") or b"/" in hidden:
+            raise LayerError(f"entry {show(raw)}: invalid whiteout name")
+        yield Entry(parent, hidden, EntryKind.WHITEOUT, 0, 0, 0, 0, mtime), None
+        return
+    if path == b"/" and kind != EntryKind.DIR:
+        raise LayerError(f"entry {show(raw)}: the layer root must be a directory")
+    mode = ti.mode & 0o7777
+    xattrs = _xattrs(ti)
+    if kind == EntryKind.HARDLINK:
+        target = normalize(_b(ti.linkname), f"hard link {show(raw)} ->")
+        if target == path:
+            raise LayerError(f"entry {show(raw)}: hard link to itself")
+        yield Entry(parent, name, kind, mode, ti.uid, ti.gid, 0, mtime, link=target), None
+        return
+    if kind == EntryKind.FILE:
+        fobj = tf.extractfile(ti)
+        yield Entry(parent, name, kind, mode, ti.uid, ti.gid, ti.size, mtime, xattrs=xattrs), fobj
+        return
+    if kind == EntryKind.SYMLINK:
+        target = _b(ti.linkname)
+        yield (
+            Entry(
+                parent,
+                name,
+                kind,
+                mode,
+                ti.uid,
+                ti.gid,
+                len(target),
+                mtime,
+                link=target,
+                xattrs=xattrs,
+            ),
+            None,
+        )
+        return
+    rdev = (ti.devmajor, ti.devminor) if kind in (EntryKind.CHAR, EntryKind.BLOCK) else None
+    yield Entry(parent, name, kind, mode, ti.uid, ti.gid, 0, mtime, rdev=rdev, xattrs=xattrs), None
