@@ -499,3 +499,17 @@ def manifest_layers(source: str) -> list[str]:
     """The layer (compressed blob) digests of an image's manifest, via ``skopeo inspect``."""
     manifest = json.loads(run(["skopeo", "inspect", "--raw", source]))
     return [layer["digest"] for layer in manifest["layers"]]
+
+
+def layer_members(img: Image) -> list[list[tarfile.TarInfo]]:
+    """The tar members of each layer of `img` (bottom first), read from its layout's blobs."""
+    out = []
+    for digest in manifest_layers(img.source):
+        with tarfile.open(img.layout / "blobs" / "sha256" / digest.removeprefix("sha256:")) as t:
+            out.append(t.getmembers())
+    return out
+
+
+def has_root_entry(img: Image) -> bool:
+    """Whether some layer of `img` carries an entry for the root directory itself."""
+    return any(m.name.strip("/") in ("", ".") for members in layer_members(img) for m in members)
