@@ -13,10 +13,12 @@ The images, and what each exercises:
   umoci uses, drops empty PAX records), uid/gid 1234:5678 and 65534, setuid,
   setgid and sticky bits, non-UTF-8 names, names and paths longer than 100 bytes, empty files,
   identical files; then a layer of deletions (whiteouts of a file, a directory, one of two hard
-  links; a file replaced by a directory, a directory by a symlink, a metadata-only change);
+  links) and changes (content, a mode only);
   then a GNU tar layer added with ``umoci raw add-layer`` holding an opaque directory whose
   opaque marker comes before the directory entry itself.
 - ``other`` (``base`` + 1 layer): shares the base layer with ``app`` and a file's content.
+- ``retype`` (``base`` + 2 layers): a file becomes a directory, a directory a symlink (umoci
+  then writes a whiteout under that new symlink), a symlink a file.
 - ``symwh`` (``base`` + 2 layers): ``link -> real`` and ``real/f``; then a raw layer with only
   ``link/.wh.f``. umoci follows the symlink and deletes ``real/f``; the kernel and layerfs do
   not (DESIGN §2), so tests compare this one against an expected tree.
@@ -235,8 +237,6 @@ def _features_layer(rootfs: Path) -> None:
     _write(rootfs, "data/gone.txt", b"deleted in the next layer\n")
     _write(rootfs, "data/gonedir/a", b"a\n")
     _write(rootfs, "data/gonedir/b/c", b"c\n")
-    _write(rootfs, "data/replaced", b"a file that becomes a directory\n")
-    _write(rootfs, "data/wasdir/child", b"a directory that becomes a symlink\n")
     _write(rootfs, "data/chmodded", b"mode changes later\n", 0o644)
     # Targets of the opaque layer.
     _write(rootfs, "data/opq/old1", b"hidden by an opaque dir\n")
@@ -247,10 +247,6 @@ def _deletions_layer(rootfs: Path) -> None:
     os.unlink(rootfs / "data" / "gone.txt")
     shutil.rmtree(rootfs / "data" / "gonedir")
     os.unlink(rootfs / "data" / "hl2")
-    os.unlink(rootfs / "data" / "replaced")
-    _write(rootfs, "data/replaced/now-a-dir", b"child\n")
-    shutil.rmtree(rootfs / "data" / "wasdir")
-    _symlink(rootfs, "data/wasdir", "sub")
     os.chmod(rootfs / "data" / "chmodded", 0o600)
     _write(rootfs, "data/sub/deep/file", b"deep v2, changed in layer 3\n")
     _write(rootfs, "etc/motd-again", MOTD)  # the same content in a third layer
@@ -330,6 +326,32 @@ def build_other(layout: Path, base: Image, ref: str = "other") -> Image:
     os.unlink(rootfs / "etc" / "empty")
     _repack(layout, ref, bundle, "other")
     return Image("other", layout, ref)
+
+
+def build_retype(layout: Path, base: Image, ref: str = "retype") -> Image:
+    """``base`` + a layer of a file, a directory and a symlink + a layer changing each one's
+    type: the file becomes a directory, the directory a symlink, the symlink a file.
+
+    For the directory, umoci writes the new symlink *and* a whiteout under it
+    (``wasdir -> sub``, ``wasdir/.wh.child``): a whiteout below a symlink of the same layer.
+    """
+    run(["umoci", "tag", "--image", f"{layout}:{base.ref}", ref])
+    bundle = layout.parent / f"bundle-{ref}"
+    rootfs = umoci_unpack(layout, ref, bundle)
+    _write(rootfs, "data/replaced", b"a file that becomes a directory\n")
+    _write(rootfs, "data/wasdir/child", b"a directory that becomes a symlink\n")
+    _write(rootfs, "data/sub/kept", b"the symlink's target\n")
+    _symlink(rootfs, "data/waslink", "sub")
+    _repack(layout, ref, bundle, "three types")
+    rootfs = umoci_unpack(layout, ref, bundle)
+    os.unlink(rootfs / "data" / "replaced")
+    _write(rootfs, "data/replaced/now-a-dir", b"child\n")
+    shutil.rmtree(rootfs / "data" / "wasdir")
+    _symlink(rootfs, "data/wasdir", "sub")
+    os.unlink(rootfs / "data" / "waslink")
+    _write(rootfs, "data/waslink", b"was a symlink\n")
+    _repack(layout, ref, bundle, "types changed")
+    return Image("retype", layout, ref)
 
 
 SYMWH_REAL_F = b"behind a symlink\n"

@@ -26,6 +26,7 @@ class BuiltImages:
     base: images.Image
     app: images.Image
     other: images.Image
+    retype: images.Image
     symwh: images.Image
     symwh_pre: images.Image
     buildah_amd64: images.Image
@@ -55,9 +56,12 @@ def built_images(tmp_path_factory: pytest.TempPathFactory) -> BuiltImages:
     base = images.build_base(layout)
     app = images.build_app(layout, base)
     other = images.build_other(layout, base)
+    retype = images.build_retype(layout, base)
     symwh, symwh_pre = images.build_symlink_whiteout(layout, base)
     amd64, arm64, index = images.build_buildah_images(work, layout, base)
-    return BuiltImages(work, layout, base, app, other, symwh, symwh_pre, amd64, arm64, index)
+    return BuiltImages(
+        work, layout, base, app, other, retype, symwh, symwh_pre, amd64, arm64, index
+    )
 
 
 @pytest.fixture(scope="session")

@@ -60,9 +60,19 @@ def test_app_image_whiteouts_and_opaque_dir_applied_by_umoci(
     assert [p for p in tree if p.startswith(b"data/opq/")] == [b"data/opq/new"]
     assert tree[b"data/opq"].mode == 0o751
     assert tree[b"data/hl1"].nlink == 1  # its hard link partner was whited out
+    assert tree[b"data/chmodded"].mode == 0o600
+
+
+def test_retype_image(
+    built_images: BuiltImages, umoci_rootfs: Callable[[images.Image], Path]
+) -> None:
+    tree = snapshot(umoci_rootfs(built_images.retype))
     assert tree[b"data/replaced"].kind == "dir" and b"data/replaced/now-a-dir" in tree
     assert tree[b"data/wasdir"].kind == "symlink" and b"data/wasdir/child" not in tree
-    assert tree[b"data/chmodded"].mode == 0o600
+    assert tree[b"data/waslink"].kind == "file"
+    assert tree[b"data/sub/kept"].kind == "file"
+    top = [m.name for m in images.layer_members(built_images.retype)[2]]
+    assert top.index("data/wasdir") < top.index("data/wasdir/.wh.child")
 
 
 def test_app_layers_spell_whiteouts_as_oci_does(built_images: BuiltImages) -> None:
