@@ -1,0 +1,282 @@
+"""Import of hand-built images into the store: index contents, dedup, unpack, CLI verbs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from layerstore.ingest import import_source
+from layerstore.model import EntryKind
+from layerstore.ocibuild import (
+    Img,
+    M,
+    Layout,
+    d,
+    f,
+    hard,
+    layer_tar,
+    sym,
+    tar_dir,
+    wh,
+    write_docker_archive,
+    write_oci,
+)
+from layerstore.sources import source_images
+from layerstore.store import Store
+
+LAYERFS = [sys.executable, "-m", "unionfs"]
+
+
+def cli(store: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run `layerfs VERB --store STORE ARGS` as a subprocess."""
+    verb, *rest = args
+    p = subprocess.run(
+        [*LAYERFS, verb, "--store", str(store), *rest],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def fingerprint(root: Path) -> dict[str, str]:
+    """Every path under `root` with its type and content hash (byte-for-byte comparison)."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, root)
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as fh:
+                    out[rel] = "file " + hashlib.sha256(fh.read()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                out[rel] = "link " + os.readlink(p)
+            else:
+                out[rel] = f"mode {stat.S_IFMT(st.st_mode):o}"
+    return out
+
+
+def do_import(store: Store, spec: str, tags: list[str] | None = None) -> list[str]:
+    res = import_source(store, source_images(spec), tags or [])
+    return [i for i, _ in res.images]
+
+
+BASE = layer_tar(
+    [
+        d("."),
+        d("bin"),
+        f("bin/busybox", b"\x7fELF" + b"b" * 5000, mode=0o755),
+        hard("bin/sh", "bin/busybox"),
+        hard("bin/ls", "bin/busybox"),
+        sym("bin/vi", "busybox"),
+        d("etc"),
+        f("etc/passwd", b"root:x:0:0\n"),
+        f("etc/shadow", b"secret\n", mode=0o640, gid=42),
+        f("etc/same1", b"same content"),
+        d("etc/conf.d"),
+        f("etc/conf.d/a", b"a"),
+        f("etc/conf.d/b", b"b"),
+        d("usr/share", mode=0o700),  # /usr is a missing parent
+        f("usr/share/su", b"s", mode=0o4755),
+        M("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
+        M("run/fifo", tarfile.FIFOTYPE, mode=0o600),
+        f("x", b"xx", pax={"SCHILY.xattr.user.note": "n1"}),
+        f(b"caf\xe9", b"latin-1 name"),
+    ]
+)
+TOP = layer_tar(
+    [
+        wh("etc/passwd"),
+        f("etc/conf.d/.wh..wh..opq"),  # opaque marker before its directory
+        d("etc/conf.d", mode=0o750),
+        f("etc/conf.d/c", b"c"),
+        f("etc/same2", b"same content"),  # identical to a file of the base layer
+        f("new/deep/file", b"deep"),  # no parent entries at all
+        wh("run"),
+    ]
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "store")
+    yield s  # type: ignore[misc]
+    s.close()
+
+
+def test_index_read_api(store: Store, tmp_path: Path) -> None:
+    write_oci(tmp_path / "img", Img([BASE, TOP], ref="v1"))
+    (image,) = do_import(store, f"oci:{tmp_path / 'img'}:v1")
+    layers = store.image_layers("img:v1")
+    assert [la.diff_id for la in layers] == json.loads(
+        bytes(store.conn.execute("SELECT config FROM images").fetchone()[0])
+    )["rootfs"]["diff_ids"]
+    base, top = layers[0].id, layers[1].id  # bottom first
+    assert store.image_layers(image) == layers
+    bb = store.layer_lookup(base, b"/bin", b"busybox")
+    sh = store.layer_lookup(base, b"/bin", b"sh")
+    assert bb is not None and sh is not None
+    assert bb.kind == EntryKind.FILE and bb.nlink == 3 and bb.mode == 0o755
+    assert sh.kind == EntryKind.HARDLINK and sh.link == b"/bin/busybox" and sh.nlink == 3
+    assert sh.content == bb.content and sh.size == bb.size
+    assert store.content_path(bb.content or "").read_bytes() == b"\x7fELF" + b"b" * 5000
+    names = [e.name for e in store.layer_listdir(base, b"/bin")]
+    assert names == [b"busybox", b"ls", b"sh", b"vi"]
+    usr = store.layer_lookup(base, b"/", b"usr")
+    assert usr is not None and usr.implicit and usr.kind == EntryKind.DIR and usr.mode == 0o755
+    share = store.layer_lookup(base, b"/usr", b"share")
+    assert share is not None and not share.implicit and share.mode == 0o700
+    assert store.layer_lookup(base, b"/dev", b"null").rdev == (1, 3)  # type: ignore[union-attr]
+    x = store.layer_lookup(base, b"/", b"x")
+    assert x is not None and x.xattrs == ((b"user.note", b"n1"),)
+    assert store.layer_lookup(base, b"/", b"caf\xe9") is not None
+    root = store.layer_lookup(base, b"", b"")
+    assert root is not None and root.kind == EntryKind.DIR
+    # top layer: whiteouts, opaque dir (marker came before the dir), implicit parents
+    pw = store.layer_lookup(top, b"/etc", b"passwd")
+    assert pw is not None and pw.kind == EntryKind.WHITEOUT
+    conf = store.layer_lookup(top, b"/etc", b"conf.d")
+    assert conf is not None and conf.opaque and conf.mode == 0o750 and not conf.implicit
+    etc = store.layer_lookup(top, b"/", b"etc")
+    assert etc is not None and etc.implicit and not etc.opaque
+    assert store.layer_lookup(top, b"/new/deep", b"file") is not None
+    assert store.layer_lookup(top, b"/etc", b"nothere") is None
+    # identical contents in different layers are stored once
+    s1 = store.layer_lookup(base, b"/etc", b"same1")
+    s2 = store.layer_lookup(top, b"/etc", b"same2")
+    assert s1 is not None and s2 is not None and s1.content == s2.content
+    assert store.fsck(full=True) == []
+
+
+def test_unpack_applies_whiteouts_and_opaque_dirs(store: Store, tmp_path: Path) -> None:
+    write_oci(tmp_path / "img", Img([BASE, TOP], ref="v1"))
+    do_import(store, f"oci:{tmp_path / 'img'}")
+    out = tmp_path / "rootfs"
+    cli(store.root, "unpack", "img:v1", str(out))
+    assert not (out / "etc/passwd").exists()
+    assert sorted(os.listdir(out / "etc/conf.d")) == ["c"]
+    assert not (out / "run").exists()
+    assert (out / "new/deep/file").read_bytes() == b"deep"
+    assert os.readlink(out / "bin/vi") == "busybox"
+    st = os.lstat(out / "bin/sh")
+    assert st.st_ino == os.lstat(out / "bin/busybox").st_ino and st.st_nlink == 3
+    assert stat.S_IMODE(os.lstat(out / "usr/share/su").st_mode) == 0o4755
+    assert stat.S_IMODE(os.lstat(out / "etc/conf.d").st_mode) == 0o750
+    assert (out / os.fsdecode(b"caf\xe9")).read_bytes() == b"latin-1 name"
+    if os.geteuid() == 0:
+        assert os.lstat(out / "etc/shadow").st_gid == 42
+        assert stat.S_ISCHR(os.lstat(out / "dev/null").st_mode)
+        assert os.getxattr(out / "x", "user.note") == b"n1"
+
+
+def test_whiteout_never_follows_a_symlink(store: Store, tmp_path: Path) -> None:
+    lower = layer_tar([d("real"), f("real/keep", b"k"), sym("link", "real")])
+    upper = layer_tar([wh("link/keep")])
+    write_oci(tmp_path / "img", Img([lower, upper], ref="s"))
+    do_import(store, f"oci:{tmp_path / 'img'}")
+    out = tmp_path / "rootfs"
+    cli(store.root, "unpack", "img:s", str(out))
+    assert (out / "real/keep").read_bytes() == b"k"
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip", "zstd"])
+def test_compressions(store: Store, tmp_path: Path, compression: str) -> None:
+    write_oci(tmp_path / "img", Img([BASE], compression=compression, ref="c"))
+    (image,) = do_import(store, f"oci:{tmp_path / 'img'}")
+    (layer,) = store.image_layers(image)
+    assert layer.files == 22  # 19 members + implicit /usr /dev /run
+    assert store.layer_lookup(layer.id, b"/etc", b"passwd") is not None
+
+
+def test_layer_dedup_across_images_and_sources(store: Store, tmp_path: Path) -> None:
+    a = Img([BASE], ref="a")
+    b = Img([BASE, TOP], compression="zstd", ref="b")  # same DiffID, other blob
+    write_oci(tmp_path / "img", a, b)
+    cli(store.root, "import", f"oci:{tmp_path / 'img'}:a")
+    p = cli(store.root, "import", f"oci:{tmp_path / 'img'}:b")
+    assert "Already exists" in p.stdout
+    assert "Pull complete" in p.stdout
+    store2 = Store(store.root)
+    assert store2.conn.execute("SELECT COUNT(*) FROM layers").fetchone()[0] == 2
+    df = json.loads(cli(store.root, "df", "--json").stdout)
+    assert df["saved_by_layer_dedup"] > 0 and df["saved_by_file_dedup"] > 0
+    layers = json.loads(cli(store.root, "layers", "--json").stdout)
+    assert sorted(len(la["Images"]) for la in layers) == [1, 2]
+    store2.close()
+
+
+def test_all_images_of_a_layout_and_multiarch(store: Store, tmp_path: Path) -> None:
+    lay = Layout(tmp_path / "img")
+    lay.add(Img([BASE], ref="one"))
+    arm = layer_tar([f("arch", b"arm64")])
+    amd = layer_tar([f("arch", b"amd64")])
+    lay.add_multiarch([Img([amd], arch="amd64"), Img([arm], arch="arm64")], "multi")
+    cli(store.root, "import", f"oci:{tmp_path / 'img'}")
+    cli(store.root, "import", f"oci:{tmp_path / 'img'}:multi", "--platform", "linux/arm64",
+        "--tag", "multi:arm")  # fmt: skip
+    out = tmp_path / "arm"
+    cli(store.root, "unpack", "multi:arm", str(out))
+    assert (out / "arch").read_bytes() == b"arm64"
+    images = json.loads(cli(store.root, "images", "--json").stdout)
+    tags = sorted(t for i in images for t in i["RepoTags"])
+    assert tags == ["img:multi", "img:one", "multi:arm"]
+    p = cli(store.root, "import", f"oci:{tmp_path / 'img'}:multi", "--platform", "linux/s390x",
+            check=False)  # fmt: skip
+    assert p.returncode != 0 and "no image for platform linux/s390x" in p.stderr
+
+
+@pytest.mark.parametrize("new_style", [False, True])
+def test_docker_archive(store: Store, tmp_path: Path, new_style: bool) -> None:
+    arch = tmp_path / "save.tar"
+    write_docker_archive(
+        arch, [(Img([BASE, TOP]), ["demo:1", "demo:latest"]), (Img([BASE]), ["base:1"])],
+        new_style,
+    )  # fmt: skip
+    cli(store.root, "import", f"docker-archive:{arch}:demo:1", "--tag", "extra:x")
+    cli(store.root, "import", str(arch))  # auto-detected, every image
+    images = json.loads(cli(store.root, "images", "--json").stdout)
+    assert sorted(t for i in images for t in i["RepoTags"]) == [
+        "base:1", "demo:1", "demo:latest", "extra:x",
+    ]  # fmt: skip
+
+
+def test_oci_archive_and_inspect_history_tag_rmi(store: Store, tmp_path: Path) -> None:
+    write_oci(tmp_path / "img", Img([BASE, TOP], ref="v2"))
+    tar_dir(tmp_path / "img", tmp_path / "img.tar")
+    cli(store.root, "import", f"oci-archive:{tmp_path / 'img.tar'}:v2", "--tag", "app:2")
+    (info,) = json.loads(cli(store.root, "inspect", "app:2").stdout)
+    assert info["Id"].startswith("sha256:") and len(info["RootFS"]["Layers"]) == 2
+    assert info["RepoTags"] == ["app:2", "img:v2"]
+    assert info["Config"]["Cmd"] == ["/bin/sh"]
+    (digest_ref,) = info["RepoDigests"]
+    assert digest_ref.startswith("img@sha256:")
+    (by_digest,) = json.loads(cli(store.root, "inspect", digest_ref).stdout)
+    assert by_digest["Id"] == info["Id"]
+    (by_id,) = json.loads(cli(store.root, "inspect", info["Id"][7:19]).stdout)
+    assert by_id["Id"] == info["Id"]
+    hist = cli(store.root, "history", "app:2").stdout
+    assert "step 1" in hist and "step 0" in hist
+    cli(store.root, "tag", "app:2", "app")
+    assert "app:latest" in json.loads(cli(store.root, "inspect", "app").stdout)[0]["RepoTags"]
+    assert cli(store.root, "rmi", "app:2").stdout.strip() == "Untagged: app:2"
+    p = cli(store.root, "rmi", info["Id"], check=False)
+    assert p.returncode == 1 and p.stderr.startswith("layerfs: ") and "several tags" in p.stderr
+    out = cli(store.root, "rmi", "-f", info["Id"]).stdout
+    assert f"Deleted: {info['Id']}" in out
+    p = cli(store.root, "inspect", "app", check=False)
+    assert p.returncode == 1 and p.stderr == "layerfs: no such image: app\n"
+    assert "Would remove 2 layers" in cli(store.root, "gc", "--dry-run").stdout
+    cli(store.root, "gc")
+    assert list((store.root / "content").rglob("*-*")) == []
+    assert cli(store.root, "fsck", "--full").returncode == 0

@@ -1,0 +1,152 @@
+"""Unit tests of the layer tar reader and path canonicalisation (no store, no subprocess)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import pytest
+
+from layerstore.errors import LayerError
+from layerstore.model import EntryKind
+from layerstore.ocibuild import M, d, f, hard, layer_tar, sym, wh
+from layerstore.paths import ancestors, normalize, split
+from layerstore.tarstream import read_layer
+
+
+def entries(tar: bytes) -> list[tuple[bytes, EntryKind, bytes | None]]:
+    out = []
+    for e, fobj in read_layer(io.BytesIO(tar)):
+        data = fobj.read() if fobj is not None else None
+        out.append((e.path, e.kind, data))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        (b".", b"/"),
+        (b"./", b"/"),
+        (b"a", b"/a"),
+        (b"./a/b/", b"/a/b"),
+        (b"a//b/./c", b"/a/b/c"),
+        (b"a/../b", b"/b"),
+        (b"\xff\xfe/x", b"/\xff\xfe/x"),
+    ],
+)
+def test_normalize_accepts(raw: bytes, want: bytes) -> None:
+    assert normalize(raw) == want
+
+
+@pytest.mark.parametrize("raw", [b"/etc/passwd", b"..", b"../x", b"a/../../x", b"./../x"])
+def test_normalize_refuses_escapes(raw: bytes) -> None:
+    with pytest.raises(LayerError, match="entry"):
+        normalize(raw)
+
+
+def test_split_and_ancestors() -> None:
+    assert split(b"/") == (b"", b"")
+    assert split(b"/a") == (b"/", b"a")
+    assert split(b"/a/b/c") == (b"/a/b", b"c")
+    assert ancestors(b"/a/b/c") == [b"/a", b"/a/b"]
+    assert ancestors(b"/a") == []
+
+
+def test_kinds_modes_ids_and_devices() -> None:
+    tar = layer_tar(
+        [
+            d("bin", mode=0o755),
+            f("bin/su", b"suid", mode=0o4755, uid=0, gid=0),
+            f("home/u/f", b"x", uid=123456, gid=654321, mode=0o2640),
+            sym("bin/sh", "/bin/busybox"),
+            hard("bin/su2", "bin/su"),
+            M("dev/null", tarfile.CHRTYPE, mode=0o666, devmajor=1, devminor=3),
+            M("dev/sda", tarfile.BLKTYPE, mode=0o660, devmajor=8, devminor=0),
+            M("run/fifo", tarfile.FIFOTYPE, mode=0o600),
+            d("tmp", mode=0o1777),
+        ]
+    )
+    got = {e.path: e for e, _ in read_layer(io.BytesIO(tar))}
+    assert got[b"/bin/su"].mode == 0o4755
+    assert got[b"/home/u/f"].uid == 123456 and got[b"/home/u/f"].gid == 654321
+    assert got[b"/home/u/f"].mode == 0o2640
+    assert got[b"/bin/sh"].kind == EntryKind.SYMLINK and got[b"/bin/sh"].link == b"/bin/busybox"
+    assert got[b"/bin/su2"].kind == EntryKind.HARDLINK and got[b"/bin/su2"].link == b"/bin/su"
+    assert got[b"/dev/null"].kind == EntryKind.CHAR and got[b"/dev/null"].rdev == (1, 3)
+    assert got[b"/dev/sda"].kind == EntryKind.BLOCK and got[b"/dev/sda"].rdev == (8, 0)
+    assert got[b"/run/fifo"].kind == EntryKind.FIFO
+    assert got[b"/tmp"].mode == 0o1777
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_long_and_non_utf8_names(fmt: int) -> None:
+    long = "d/" + "x" * 200 + "/" + "y" * 150
+    bad = b"caf\xe9/\xff\xfename"
+    tar = layer_tar([f(long, b"long"), f(bad, b"bad"), sym("l", "t" * 300)], fmt=fmt)
+    got = entries(tar)
+    assert (b"/" + long.encode(), EntryKind.FILE, b"long") in got
+    assert (b"/" + bad, EntryKind.FILE, b"bad") in got
+    links = {e.path: e.link for e, _ in read_layer(io.BytesIO(tar))}
+    assert links[b"/l"] == b"t" * 300
+
+
+def test_pax_xattrs_and_mtime_precision() -> None:
+    tar = layer_tar(
+        [
+            f(
+                "a",
+                b"x",
+                pax={
+                    "SCHILY.xattr.user.comment": "hello",
+                    "SCHILY.xattr.security.capability": "\x01\x00\x00\x02",
+                    "mtime": "1600000000.123456789",
+                },
+            )
+        ]
+    )
+    ((e, _),) = list(read_layer(io.BytesIO(tar)))
+    assert dict(e.xattrs) == {
+        b"user.comment": b"hello",
+        b"security.capability": b"\x01\x00\x00\x02",
+    }
+    assert e.mtime_ns == 1600000000_123456789
+
+
+def test_whiteouts_converted_at_the_boundary() -> None:
+    tar = layer_tar([wh("etc/gone"), f("etc/.wh..wh..opq"), f("x/.wh..wh.plnk"), d("etc")])
+    got = [(e.path, e.kind, e.opaque) for e, _ in read_layer(io.BytesIO(tar))]
+    assert got == [
+        (b"/etc/gone", EntryKind.WHITEOUT, False),
+        (b"/etc", EntryKind.DIR, True),
+        (b"/etc", EntryKind.DIR, False),
+    ]
+
+
+def test_no_end_of_archive_marker_is_accepted() -> None:
+    tar = layer_tar([d("a"), f("a/b", b"data" * 300)], eof_marker=False)
+    assert entries(tar) == [(b"/a", EntryKind.DIR, None), (b"/a/b", EntryKind.FILE, b"data" * 300)]
+
+
+def test_empty_stream_is_an_empty_layer() -> None:
+    assert entries(b"") == []
+
+
+@pytest.mark.parametrize(
+    ("member", "needle"),
+    [
+        (f("../evil", b"x"), "escapes"),
+        (f("a/../../evil", b"x"), "escapes"),
+        (f("/etc/passwd", b"x"), "absolute"),
+        (hard("x", "../outside"), "escapes"),
+        (wh("a/.."), "whiteout"),
+    ],
+)
+def test_hostile_names_are_refused_with_the_entry_named(member: M, needle: str) -> None:
+    with pytest.raises(LayerError, match=needle):
+        entries(layer_tar([member]))
+
+
+def test_truncated_member_data_is_refused() -> None:
+    tar = layer_tar([f("big", b"z" * 5000)])
+    with pytest.raises((LayerError, tarfile.TarError)):
+        entries(tar[:2048])
