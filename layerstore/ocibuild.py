@@ -109,6 +109,7 @@ class Img:
     ref: str | None = "latest"
     arch: str = "amd64"
     diff_ids: list[str] | None = None  # override (to test a wrong DiffID)
+    blobs: list[bytes] | None = None  # raw layer blobs instead of compress(layers) (hostile tests)
     history: list[dict[str, Any]] | None = None
 
     def config(self) -> bytes:
@@ -150,8 +151,8 @@ class Layout:
         """Write the image's blobs and manifest; return the manifest's descriptor."""
         cfg = img.config()
         layers = []
-        for t in img.layers:
-            blob = compress(t, img.compression)
+        for i, t in enumerate(img.layers):
+            blob = img.blobs[i] if img.blobs else compress(t, img.compression)
             layers.append(
                 {
                     "mediaType": LAYER_MT[img.compression],

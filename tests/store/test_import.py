@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,8 @@ from layerstore.ingest import import_source
 from layerstore.model import EntryKind
 from layerstore.ocibuild import (
     Img,
-    M,
     Layout,
+    M,
     d,
     f,
     hard,
@@ -109,9 +110,9 @@ TOP = layer_tar(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(tmp_path: Path) -> Iterator[Store]:
     s = Store(tmp_path / "store")
-    yield s  # type: ignore[misc]
+    yield s
     s.close()
 
 
