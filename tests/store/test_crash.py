@@ -92,15 +92,15 @@ def test_concurrent_imports_share_layers(layout: Path, tmp_path: Path) -> None:
     cli(store, "images")  # create the store first, so both importers race only on content
     procs = [_import(store, f"oci:{layout}:one"), _import(store, f"oci:{layout}:two")]
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
     assert cli(store, "fsck", "--full").returncode == 0
     layers = cli(store, "layers").stdout.splitlines()
     assert len(layers) == 1 + 5  # header + shared base + 2 x (mid, top)
     for tag in ("one", "two"):
-        out = tmp_path / tag
-        cli(store, "unpack", f"img:{tag}", str(out))
-        assert (out / tag / "top").read_bytes() == tag.encode()
+        rootfs = tmp_path / tag
+        cli(store, "unpack", f"img:{tag}", str(rootfs))
+        assert (rootfs / tag / "top").read_bytes() == tag.encode()
 
 
 def test_same_image_imported_twice_at_once(layout: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from tests.store.test_import import cli, fingerprint
 GOOD = layer_tar([d("etc"), f("etc/os-release", b"ID=test\n"), f("etc/big", b"q" * 70000)])
 
 
-def _bad_layer(members: list[M]) -> Callable[[Path], None]:
+def _bad_layer(members: list[M]) -> Callable[[Path], object]:
     def build(root: Path) -> None:
         write_oci(root, Img([GOOD, layer_tar(members)], ref="bad"))
 
@@ -78,7 +78,7 @@ def _manifest_not_json(root: Path) -> None:
     lay.save()
 
 
-CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+CASES: dict[str, tuple[Callable[[Path], object], str]] = {
     "dotdot": (_bad_layer([f("../evil", b"x")]), "entry ../evil: path escapes the layer root"),
     "nested-dotdot": (_bad_layer([d("a"), f("a/../../evil", b"x")]), "escapes the layer root"),
     "absolute": (_bad_layer([f("/etc/evil", b"x")]), "entry /etc/evil: absolute path refused"),
