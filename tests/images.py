@@ -28,7 +28,8 @@ The images, and what each exercises:
 - skopeo conversions of any of them: oci-archive, docker-archive (``docker save``'s legacy
   layout with ``manifest.json``, ``<id>/layer.tar`` and ``repositories``), zstd layers, and
   Docker 25's ``docker save`` layout (an OCI layout plus ``manifest.json`` naming
-  ``blobs/sha256/...``, layers uncompressed).
+  ``blobs/sha256/...``, layers uncompressed), and an OCI layout holding a Docker v2 schema 2
+  manifest.
 """
 
 from __future__ import annotations
@@ -463,6 +464,13 @@ def to_zstd_layout(img: Image, layout: Path) -> str:
     skopeo_copy(
         img.source, f"oci:{layout}:{img.ref}", "--dest-compress", "--dest-compress-format", "zstd"
     )
+    return f"oci:{layout}:{img.ref}"
+
+
+def to_v2s2_layout(img: Image, layout: Path) -> str:
+    """An OCI layout holding a Docker v2 schema 2 manifest (docker media types throughout),
+    as ``skopeo copy --format v2s2`` writes it (skopeo itself cannot read it back)."""
+    skopeo_copy(img.source, f"oci:{layout}:{img.ref}", "--format", "v2s2")
     return f"oci:{layout}:{img.ref}"
 
 

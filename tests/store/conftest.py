@@ -14,7 +14,7 @@ from tests.conftest import require_root
 from tests.mounting import LAYERFS
 
 # Container formats every oracle test can import an image from; see `image_source`.
-FORMATS = ("oci", "oci-archive", "docker-archive", "oci-zstd", "docker-blobs")
+FORMATS = ("oci", "oci-archive", "docker-archive", "oci-zstd", "docker-blobs", "oci-v2s2")
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,8 @@ def image_source(built_images: BuiltImages) -> Callable[[images.Image, str], str
                 cache[key] = images.to_docker_archive(img, out / f"{img.ref}.docker.tar")
             elif fmt == "oci-zstd":
                 cache[key] = images.to_zstd_layout(img, out / f"{img.ref}-zstd")
+            elif fmt == "oci-v2s2":
+                cache[key] = images.to_v2s2_layout(img, out / f"{img.ref}-v2s2")
             elif fmt == "docker-blobs":
                 cache[key] = images.to_docker_blobs_archive(
                     img, out, out / f"{img.ref}.docker25.tar"

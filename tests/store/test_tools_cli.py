@@ -13,6 +13,7 @@ import pytest
 
 from tests import images
 from tests.store.conftest import BuiltImages, layerfs_ok
+from tests.treecmp import compare, snapshot
 
 pytestmark = pytest.mark.tools
 
@@ -161,3 +162,51 @@ def test_images_json_lists_every_image_with_its_tags(
         assert tag in record["RepoTags"]
         assert record["RepoTags"] == info["RepoTags"]
         assert record["Size"] == info["Size"]
+
+
+def _config_digest(source: str) -> str:
+    return images.sha256_digest(
+        images.run_bytes(["skopeo", "inspect", "--raw", "--config", source])
+    )
+
+
+def test_a_layout_with_several_images_imports_them_all(
+    built_images: BuiltImages,
+    umoci_rootfs: Callable[[images.Image], Path],
+    tmp_path: Path,
+) -> None:
+    # A layout skopeo wrote with three tags, two of them the same image; given as a plain
+    # path (auto-detected) with no reference, every image in it is imported.
+    layout = tmp_path / "several"
+    wanted = (built_images.base, built_images.other, built_images.app)
+    for img in wanted:
+        images.skopeo_copy(img.source, f"oci:{layout}:{img.ref}")
+    images.skopeo_copy(built_images.other.source, f"oci:{layout}:other-again")
+    store = tmp_path / "store"
+    out = layerfs_ok(store, "import", str(layout))
+    # Each layer is extracted once, in whatever order the images come: of the 9 layer
+    # references (base 1, other 2, app 4, other-again 2), 5 are distinct layers.
+    assert len(_already_exists_lines(out.stdout + out.stderr)) == 9 - 5, out.stdout
+    records = json.loads(layerfs_ok(store, "images", "--json").stdout)
+    by_id = {r["Id"]: r for r in records}
+    assert set(by_id) == {_config_digest(img.source) for img in wanted}
+    assert len(by_id[_config_digest(built_images.other.source)]["RepoTags"]) == 2
+    for img in wanted:
+        name = by_id[_config_digest(img.source)]["RepoTags"][0]
+        dest = tmp_path / f"rootfs-{img.ref}"
+        layerfs_ok(store, "unpack", name, str(dest))
+        assert compare(snapshot(umoci_rootfs(img)), snapshot(dest), ignore=()) == []
+
+
+@pytest.mark.parametrize("fmt", ["oci-archive", "docker-archive", "docker-blobs"])
+def test_a_plain_archive_path_is_detected(
+    built_images: BuiltImages,
+    image_source: Callable[[images.Image, str], str],
+    tmp_path: Path,
+    fmt: str,
+) -> None:
+    source = image_source(built_images.other, fmt)
+    path = source.split(":", 1)[1]
+    store = tmp_path / "store"
+    layerfs_ok(store, "import", path, "--tag", OTHER_TAG)
+    assert _inspect(store, OTHER_TAG)["Id"] == _config_digest(built_images.other.source)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import images
-from tests.store.conftest import BuiltImages, layerfs_ok
+from tests.store.conftest import FORMATS, BuiltImages, layerfs_ok
 from tests.treecmp import Node, compare, snapshot
 
 pytestmark = pytest.mark.tools
@@ -48,7 +48,7 @@ def import_and_unpack(store: Path, source: str, dest: Path, *import_opts: str) -
 
 # Every format for the richest image; a cheaper cross-section for the others.
 CASES = [
-    *(("app", fmt) for fmt in ("oci", "oci-archive", "docker-archive", "oci-zstd", "docker-blobs")),
+    *(("app", fmt) for fmt in FORMATS),
     ("base", "oci"),
     ("base", "docker-archive"),
     ("retype", "oci"),
