@@ -181,9 +181,20 @@ class Importer:
         nfile = 0
         for e, fobj in read_layer(tar, self.warn):
             path = e.path
-            for anc in ancestors(path) if path != b"/" else []:
-                if anc not in dirs:
-                    self._ensure_dir(lid, anc, dirs)
+            try:
+                for anc in ancestors(path) if path != b"/" else []:
+                    if anc not in dirs:
+                        self._ensure_dir(lid, anc, dirs)
+            except LayerError:
+                if e.kind == EntryKind.WHITEOUT or (e.kind == EntryKind.DIR and e.implicit):
+                    # umoci writes `dir -> target` plus `dir/.wh.child` in one layer when a
+                    # directory becomes a symlink: below a non-directory of the same layer a
+                    # whiteout hides nothing (the non-directory already ends every lookup).
+                    self.warn(
+                        f"layer {label}: whiteout {show(path)} below a non-directory, ignored"
+                    )
+                    continue
+                raise
             if e.kind == EntryKind.DIR:
                 self._put_dir(lid, e, dirs)
             elif e.kind == EntryKind.WHITEOUT:
