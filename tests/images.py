@@ -8,7 +8,8 @@ The images, and what each exercises:
 - ``base``: one layer from ``umoci repack``: busybox, applet symlinks, /etc files, a sticky
   /tmp, an empty file, ``/etc/motd`` (identical copies appear in later layers and images).
 - ``app`` (``base`` + 3 layers): hard links, symlinks (relative, absolute, dangling, to a
-  directory, a target longer than 100 bytes), char and block devices, a fifo, ``user.*`` xattrs
+  directory, a target longer than 100 bytes), char and block devices, a fifo, file
+  capabilities (``security.capability``), a ``trusted.*`` xattr, ``user.*`` xattrs
   (also on a directory, also a binary value; not an empty value: Go's archive/tar, which
   umoci uses, drops empty PAX records), uid/gid 1234:5678 and 65534, setuid,
   setgid and sticky bits, non-UTF-8 names, names and paths longer than 100 bytes, empty files,
@@ -39,6 +40,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import tarfile
 from collections.abc import Sequence
@@ -54,6 +56,9 @@ TOOLS = ("umoci", "skopeo", "buildah", "tar")
 LONG_TARGET = b"/" + b"/".join([b"long-target-component"] * 6) + b"/end"
 LONG_NAME = b"n" * 150  # one component longer than a ustar name field
 LONG_DIR = b"/".join([b"d" * 40] * 3)  # a path longer than 100 bytes made of short parts
+# security.capability granting cap_net_raw (effective, permitted), as `setcap` writes it
+# (VFS_CAP_REVISION_2): images carry file capabilities, e.g. on ping.
+CAP_NET_RAW = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)
 NON_UTF8 = (b"caf\xe9", b"\xff\xfe-latin1-\xe0")
 
 
@@ -223,6 +228,9 @@ def _features_layer(rootfs: Path) -> None:
     os.mkfifo(_bytes_path(rootfs, b"dev/fifo"), 0o620)
     _write(rootfs, "usr/bin/suid", b"#!/bin/sh\necho suid\n", 0o4755)
     _write(rootfs, "usr/bin/sgid", b"#!/bin/sh\necho sgid\n", 0o2711)
+    ping = _write(rootfs, "usr/bin/ping", b"#!/bin/sh\necho ping\n", 0o755)
+    os.setxattr(ping, b"security.capability", CAP_NET_RAW)
+    os.setxattr(ping, b"trusted.layerfs-test", b"a trusted.* xattr")
     _mkdir(rootfs, "srv/shared", 0o2775)
     _mkdir(rootfs, "srv/sticky", 0o1733)
     for name in NON_UTF8:

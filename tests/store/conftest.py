@@ -12,9 +12,28 @@ import pytest
 from tests import images
 from tests.conftest import require_root
 from tests.mounting import LAYERFS
+from tests.treecmp import Node, snapshot
 
 # Container formats every oracle test can import an image from; see `image_source`.
 FORMATS = ("oci", "oci-archive", "docker-archive", "oci-zstd", "docker-blobs", "oci-v2s2")
+
+# Left out of tree comparisons: overlay-private xattrs, and the security.* labels the host
+# sets (SELinux, SMACK, IMA/EVM, AppArmor), which no image carries. Unlike treecmp's default,
+# security.capability is compared: images carry file capabilities.
+HOST_XATTRS = (
+    b"trusted.overlay.",
+    b"user.overlay.",
+    b"security.selinux",
+    b"security.SMACK64",
+    b"security.ima",
+    b"security.evm",
+    b"security.apparmor",
+)
+
+
+def image_snapshot(root: Path) -> dict[bytes, Node]:
+    """treecmp.snapshot of an unpacked image, file capabilities included."""
+    return snapshot(root, HOST_XATTRS)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from tests import images
-from tests.store.conftest import BuiltImages, layerfs_ok
-from tests.treecmp import compare, snapshot
+from tests.store.conftest import BuiltImages, image_snapshot, layerfs_ok
+from tests.treecmp import compare
 
 pytestmark = pytest.mark.tools
 
@@ -195,7 +195,7 @@ def test_a_layout_with_several_images_imports_them_all(
         name = by_id[_config_digest(img.source)]["RepoTags"][0]
         dest = tmp_path / f"rootfs-{img.ref}"
         layerfs_ok(store, "unpack", name, str(dest))
-        assert compare(snapshot(umoci_rootfs(img)), snapshot(dest), ignore=()) == []
+        assert compare(image_snapshot(umoci_rootfs(img)), image_snapshot(dest), ignore=()) == []
 
 
 @pytest.mark.parametrize("fmt", ["oci-archive", "docker-archive", "docker-blobs"])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests import images
-from tests.store.conftest import BuiltImages
-from tests.treecmp import compare, snapshot
+from tests.store.conftest import BuiltImages, image_snapshot
+from tests.treecmp import compare
 
 pytestmark = pytest.mark.tools
 
@@ -21,11 +21,15 @@ pytestmark = pytest.mark.tools
 def test_app_image_has_every_feature(
     built_images: BuiltImages, umoci_rootfs: Callable[[images.Image], Path]
 ) -> None:
-    tree = snapshot(umoci_rootfs(built_images.app))
+    tree = image_snapshot(umoci_rootfs(built_images.app))
     hello = tree[b"data/hello"]
     assert (hello.uid, hello.gid, hello.mode) == (1234, 5678, 0o640)
     assert hello.nlink == 2 and tree[b"data/hello.link"].sha256 == hello.sha256
     assert dict(hello.xattrs) == {b"user.binary": b"\x00\xff\x01", b"user.comment": b"greeting"}
+    assert dict(tree[b"usr/bin/ping"].xattrs) == {
+        b"security.capability": images.CAP_NET_RAW,
+        b"trusted.layerfs-test": b"a trusted.* xattr",
+    }
     assert dict(tree[b"data/xattr-dir"].xattrs) == {b"user.dir": b"on a directory"}
     assert dict(tree[b"data/opq/new"].xattrs) == {b"user.from": b"gnu tar"}
     assert (tree[b"data/nobody"].uid, tree[b"data/nobody"].gid) == (65534, 65534)
@@ -54,7 +58,7 @@ def test_app_image_has_every_feature(
 def test_app_image_whiteouts_and_opaque_dir_applied_by_umoci(
     built_images: BuiltImages, umoci_rootfs: Callable[[images.Image], Path]
 ) -> None:
-    tree = snapshot(umoci_rootfs(built_images.app))
+    tree = image_snapshot(umoci_rootfs(built_images.app))
     for gone in (b"data/gone.txt", b"data/gonedir", b"data/hl2", b"data/opq/old1"):
         assert gone not in tree
     assert [p for p in tree if p.startswith(b"data/opq/")] == [b"data/opq/new"]
@@ -66,7 +70,7 @@ def test_app_image_whiteouts_and_opaque_dir_applied_by_umoci(
 def test_retype_image(
     built_images: BuiltImages, umoci_rootfs: Callable[[images.Image], Path]
 ) -> None:
-    tree = snapshot(umoci_rootfs(built_images.retype))
+    tree = image_snapshot(umoci_rootfs(built_images.retype))
     assert tree[b"data/replaced"].kind == "dir" and b"data/replaced/now-a-dir" in tree
     assert tree[b"data/wasdir"].kind == "symlink" and b"data/wasdir/child" not in tree
     assert tree[b"data/waslink"].kind == "file"
@@ -96,8 +100,8 @@ def test_symlink_whiteout_image(
     assert (rootfs / "real" / "g").read_bytes() == b"untouched\n"
     # Without that last layer the tree differs from umoci's only by real/f (umoci restores
     # the time of the directory it deleted it from).
-    before = snapshot(umoci_rootfs(built_images.symwh_pre))
-    assert compare(before, snapshot(rootfs), ignore=()) == ["only in first: real/f (file)"]
+    before = image_snapshot(umoci_rootfs(built_images.symwh_pre))
+    assert compare(before, image_snapshot(rootfs), ignore=()) == ["only in first: real/f (file)"]
 
 
 def test_images_share_the_base_layer(built_images: BuiltImages) -> None:
@@ -125,7 +129,7 @@ def test_buildah_index_has_two_platforms(
     assert raw["mediaType"] == "application/vnd.oci.image.index.v1+json"
     platforms = {(m["platform"]["os"], m["platform"]["architecture"]) for m in raw["manifests"]}
     assert platforms == {("linux", "amd64"), ("linux", "arm64")}
-    tree = snapshot(umoci_rootfs(built_images.buildah_arm64))
+    tree = image_snapshot(umoci_rootfs(built_images.buildah_arm64))
     assert (tree[b"srv/hello"].uid, tree[b"srv/hello"].mode) == (65534, 0o640)
     assert b"srv/motd-arm64" in tree and b"srv/motd-amd64" not in tree
     assert tree[b"srv/tree/inner/leaf"].kind == "file"

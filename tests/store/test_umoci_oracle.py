@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests import images
-from tests.store.conftest import FORMATS, BuiltImages, layerfs_ok
-from tests.treecmp import Node, compare, snapshot
+from tests.store.conftest import FORMATS, BuiltImages, image_snapshot, layerfs_ok
+from tests.treecmp import Node, compare
 
 pytestmark = pytest.mark.tools
 
@@ -43,7 +43,7 @@ def import_and_unpack(store: Path, source: str, dest: Path, *import_opts: str) -
     tag = "layerfs-test/oracle:latest"
     layerfs_ok(store, "import", source, "--tag", tag, *import_opts)
     layerfs_ok(store, "unpack", tag, str(dest))
-    return snapshot(dest)
+    return image_snapshot(dest)
 
 
 # Every format for the richest image; a cheaper cross-section for the others.
@@ -69,7 +69,7 @@ def test_unpack_equals_umoci(
     fmt: str,
 ) -> None:
     img = built_images.by_name(name)
-    expected = snapshot(umoci_rootfs(img))
+    expected = image_snapshot(umoci_rootfs(img))
     ours = import_and_unpack(tmp_path / "store", image_source(img, fmt), tmp_path / "rootfs")
     assert oracle_diff(expected, ours, images.has_root_entry(img)) == []
 
@@ -91,7 +91,7 @@ def test_whiteout_behind_a_symlink_hides_nothing(
     # driver shows the same (it creates the missing parent as a 0755 root directory in the
     # layer's own directory, and the kernel then merges nothing below a non-directory):
     # `link` is an empty directory. Its mtime is not in the image, so it is not compared.
-    expected = dict(snapshot(umoci_rootfs(built_images.symwh_pre)))
+    expected = dict(image_snapshot(umoci_rootfs(built_images.symwh_pre)))
     source = image_source(built_images.symwh, fmt)
     ours = import_and_unpack(tmp_path / "store", source, tmp_path / "rootfs")
     assert ours[b"real/f"].sha256 == hashlib.sha256(images.SYMWH_REAL_F).hexdigest()
@@ -114,7 +114,9 @@ def test_index_default_platform_is_this_machine(
         pytest.skip(f"the test index has linux/amd64 and linux/arm64, not {platform.machine()}")
     chosen = built_images.by_name(f"buildah-{arch}")
     ours = import_and_unpack(tmp_path / "store", built_images.buildah_index.source, tmp_path / "r")
-    assert oracle_diff(snapshot(umoci_rootfs(chosen)), ours, images.has_root_entry(chosen)) == []
+    assert (
+        oracle_diff(image_snapshot(umoci_rootfs(chosen)), ours, images.has_root_entry(chosen)) == []
+    )
 
 
 @pytest.mark.parametrize("arch", ["amd64", "arm64"])
@@ -129,5 +131,7 @@ def test_index_platform_option_chooses_the_image(
     ours = import_and_unpack(
         tmp_path / "store", source, tmp_path / "rootfs", "--platform", f"linux/{arch}"
     )
-    assert oracle_diff(snapshot(umoci_rootfs(chosen)), ours, images.has_root_entry(chosen)) == []
+    assert (
+        oracle_diff(image_snapshot(umoci_rootfs(chosen)), ours, images.has_root_entry(chosen)) == []
+    )
     assert f"srv/motd-{arch}".encode() in ours
