@@ -57,7 +57,8 @@ class BuiltImages:
         return found
 
 
-def _require_builders() -> None:
+def require_builders() -> None:
+    """Skip unless root with umoci, skopeo, buildah, GNU tar and busybox-static."""
     # Device nodes and odd owners in the images need root, like `umoci unpack` without
     # --rootless does.
     require_root()
@@ -69,7 +70,7 @@ def _require_builders() -> None:
 @pytest.fixture(scope="session")
 def built_images(tmp_path_factory: pytest.TempPathFactory) -> BuiltImages:
     """Build every test image (a few seconds); skip when not root or a tool is absent."""
-    _require_builders()
+    require_builders()
     work = tmp_path_factory.mktemp("images")
     layout = images.init_layout(work / "layout")
     base = images.build_base(layout)

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests import images
-from tests.store.conftest import FORMATS, BuiltImages, image_snapshot, layerfs_ok
+from tests.store.conftest import (
+    FORMATS,
+    BuiltImages,
+    image_snapshot,
+    layerfs_ok,
+    require_builders,
+)
 from tests.treecmp import Node, compare
 
 pytestmark = pytest.mark.tools
@@ -135,3 +141,18 @@ def test_index_platform_option_chooses_the_image(
         oracle_diff(image_snapshot(umoci_rootfs(chosen)), ours, images.has_root_entry(chosen)) == []
     )
     assert f"srv/motd-{arch}".encode() in ours
+
+
+SAMPLE_SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make-sample-image.sh"
+
+
+def test_sample_image_of_make_demo_equals_umoci(tmp_path: Path) -> None:
+    # scripts/make-sample-image.sh builds the image `make demo` shows; it must import exactly.
+    require_builders()
+    layout = tmp_path / "sample"
+    images.run(["bash", SAMPLE_SCRIPT, layout, "demo"])
+    expected = image_snapshot(images.umoci_unpack(layout, "demo", tmp_path / "bundle"))
+    assert expected[b"bin/busybox"].size == images.BUSYBOX.stat().st_size
+    assert expected[b"www"].target == b"/srv/www"
+    ours = import_and_unpack(tmp_path / "store", f"oci:{layout}:demo", tmp_path / "rootfs")
+    assert oracle_diff(expected, ours) == []
