@@ -475,6 +475,20 @@ def to_zstd_layout(img: Image, layout: Path) -> str:
     return f"oci:{layout}:{img.ref}"
 
 
+def to_gzip_layout(img: Image, layout: Path) -> str:
+    """An OCI layout whose layers skopeo (re)compressed with gzip."""
+    skopeo_copy(
+        img.source, f"oci:{layout}:{img.ref}", "--dest-compress", "--dest-compress-format", "gzip"
+    )
+    return f"oci:{layout}:{img.ref}"
+
+
+def index_to_oci_archive(index: Image, out: Path) -> str:
+    """An OCI archive holding a whole image index and every platform's image (``--all``)."""
+    skopeo_copy(index.source, f"oci-archive:{out}:{index.ref}", "--all")
+    return f"oci-archive:{out}"
+
+
 def to_v2s2_layout(img: Image, layout: Path) -> str:
     """An OCI layout holding a Docker v2 schema 2 manifest (docker media types throughout),
     as ``skopeo copy --format v2s2`` writes it (skopeo itself cannot read it back)."""

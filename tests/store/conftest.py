@@ -15,7 +15,15 @@ from tests.mounting import LAYERFS
 from tests.treecmp import Node, snapshot
 
 # Container formats every oracle test can import an image from; see `image_source`.
-FORMATS = ("oci", "oci-archive", "docker-archive", "oci-zstd", "docker-blobs", "oci-v2s2")
+FORMATS = (
+    "oci",
+    "oci-archive",
+    "docker-archive",
+    "oci-zstd",
+    "oci-gzip",
+    "docker-blobs",
+    "oci-v2s2",
+)
 
 # Left out of tree comparisons: overlay-private xattrs, and the security.* labels the host
 # sets (SELinux, SMACK, IMA/EVM, AppArmor), which no image carries. Unlike treecmp's default,
@@ -118,6 +126,8 @@ def image_source(built_images: BuiltImages) -> Callable[[images.Image, str], str
                 cache[key] = images.to_docker_archive(img, out / f"{img.ref}.docker.tar")
             elif fmt == "oci-zstd":
                 cache[key] = images.to_zstd_layout(img, out / f"{img.ref}-zstd")
+            elif fmt == "oci-gzip":
+                cache[key] = images.to_gzip_layout(img, out / f"{img.ref}-gzip")
             elif fmt == "oci-v2s2":
                 cache[key] = images.to_v2s2_layout(img, out / f"{img.ref}-v2s2")
             elif fmt == "docker-blobs":

@@ -61,6 +61,7 @@ CASES = [
     ("other", "oci"),
     ("other", "oci-archive"),
     ("buildah-amd64", "oci"),  # uncompressed layers, written by buildah
+    ("buildah-amd64", "oci-gzip"),  # the same, gzipped by skopeo
     ("buildah-arm64", "docker-archive"),
 ]
 
@@ -156,3 +157,15 @@ def test_sample_image_of_make_demo_equals_umoci(tmp_path: Path) -> None:
     assert expected[b"www"].target == b"/srv/www"
     ours = import_and_unpack(tmp_path / "store", f"oci:{layout}:demo", tmp_path / "rootfs")
     assert oracle_diff(expected, ours) == []
+
+
+def test_index_in_an_oci_archive(
+    built_images: BuiltImages, umoci_rootfs: Callable[[images.Image], Path], tmp_path: Path
+) -> None:
+    source = images.index_to_oci_archive(built_images.buildah_index, tmp_path / "index.tar")
+    chosen = built_images.buildah_arm64
+    ours = import_and_unpack(
+        tmp_path / "store", source, tmp_path / "rootfs", "--platform", "linux/arm64"
+    )
+    expected = image_snapshot(umoci_rootfs(chosen))
+    assert oracle_diff(expected, ours, images.has_root_entry(chosen)) == []
