@@ -1,0 +1,153 @@
+"""Hypothesis strategies: operation sequences whose paths hit lower, upper and merged objects.
+
+Paths come from a pool: names visible in the fixture's merged view (lower-only, upper-only and
+merged directories, hard links, devices, symlinks), names hidden by whiteouts and opaque dirs,
+paths through a symlinked directory, and new names. Simple, common paths come first in each
+list, so shrinking moves towards them. Explicit times are all before 2010 (see
+fixtures.NOW_THRESHOLD_NS).
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import strategies as st
+
+from tests.difftest.fixtures import MAIN_HIDDEN, MAIN_VISIBLE
+from tests.difftest.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op
+
+NEW_NAMES: tuple[bytes, ...] = (
+    b"new1",
+    b"new2",
+    b"newdir",
+    b"newdir/n",
+    b"data/new",
+    b"data/sub/new",
+    b"opq/new2",
+    b"moved/new",
+    b"l2only/x",
+    b"dirlink/top",
+    b"dirlink/new",
+    b"newdir/sub",
+    b"newdir/sub/f",
+)
+
+# Most interesting first: merged dirs and lower files before odd corners.
+_FIRST = (
+    b"data",
+    b"data/a",
+    b"upfile",
+    b"data/sub",
+    b"data/hl1",
+    b"data/hl2",
+    b"etc/hl3",
+    b"etc/hosts",
+    b"moved",
+    b"opq",
+    b"big",
+)
+PATHS: tuple[bytes, ...] = tuple(
+    dict.fromkeys(
+        _FIRST + NEW_NAMES + tuple(sorted(MAIN_VISIBLE - {b"."})) + tuple(sorted(MAIN_HIDDEN))
+    )
+)
+DIR_PATHS: tuple[bytes, ...] = (
+    b"newdir",
+    b"data/sub",
+    b"data",
+    b"moved",
+    b"opq",
+    b"l2only",
+    b"data/sub/deep",
+    b"kindswap",
+    b"mid",
+    b"sgid",
+    b"gonedir",
+    b"newdir/sub",
+    b"opqu",
+    b"etc",
+)
+
+T1 = 1_100_000_000 * 10**9 + 123_456_789
+T2 = 1_200_000_000 * 10**9
+FILE_MODES = (0o644, 0o600, 0o755, 0o4755, 0o2755, 0o000, 0o1777, 0o7777)
+DIR_MODES = (0o755, 0o700, 0o2775, 0o1777, 0o500)
+XATTR_NAMES = (
+    b"user.color",
+    b"user.new",
+    b"trusted.mine",
+    b"trusted.new",
+    b"user.dir",
+)
+XATTR_VALUES = (b"v", b"", b"x" * 300)
+SYMLINK_TARGETS = (b"data/a", b"nowhere", b"etc", b"upfile", b"moved/k")
+
+paths = st.sampled_from(PATHS)
+dir_paths = st.sampled_from(DIR_PATHS)
+any_path = st.one_of(paths, dir_paths)
+follow = st.booleans()
+times = st.sampled_from((T1, "now", "omit", T2))
+
+
+def _op(name: str, *args: st.SearchStrategy[object]) -> st.SearchStrategy[Op]:
+    return st.tuples(*args).map(lambda t: Op(name, tuple(t)))
+
+
+def ops() -> st.SearchStrategy[Op]:
+    """One operation (mutations weighted above queries)."""
+    j = st.just
+    return st.one_of(
+        _op(
+            "write",
+            paths,
+            st.sampled_from((0, 3, 4096, 65530, 200_000)),
+            st.sampled_from((10, 1, 0, 5000, 70_000)),
+            st.integers(0, 3),
+            st.booleans(),
+        ),
+        _op("create", paths, st.sampled_from(FILE_MODES), st.booleans(), st.booleans()),
+        _op("rename", any_path, any_path, st.sampled_from((0, RENAME_NOREPLACE, RENAME_EXCHANGE))),
+        _op("truncate", paths, st.sampled_from((0, 1, 7, 100_000, 300_000))),
+        _op("chmod", any_path, st.sampled_from(FILE_MODES + DIR_MODES)),
+        _op(
+            "chown",
+            any_path,
+            st.sampled_from((1000, -1, 0, 1234, 65534)),
+            st.sampled_from((100, -1, 0, 5678)),
+            follow,
+        ),
+        _op("utimens", any_path, times, times, follow),
+        _op("unlink", paths),
+        _op("rmdir", any_path),
+        _op("mkdir", any_path, st.sampled_from(DIR_MODES)),
+        _op("symlink", st.sampled_from(SYMLINK_TARGETS), paths),
+        _op("link", paths, paths),
+        _op(
+            "mknod",
+            paths,
+            st.sampled_from(("fifo", "char", "sock")),
+            st.sampled_from((0o644, 0o600)),
+            st.sampled_from(((1, 3), (1, 5))),
+        ),
+        _op(
+            "setxattr",
+            any_path,
+            st.sampled_from(XATTR_NAMES),
+            st.sampled_from(XATTR_VALUES),
+            st.sampled_from((0, os.XATTR_CREATE, os.XATTR_REPLACE)),
+            follow,
+        ),
+        _op("removexattr", any_path, st.sampled_from(XATTR_NAMES), follow),
+        _op("append", paths, st.sampled_from((5, 70_000)), st.integers(0, 3)),
+        _op("read", paths, st.sampled_from((0, 5, 65536)), st.sampled_from((1 << 20, 100))),
+        _op("listdir", dir_paths),
+        _op("lstat", any_path),
+        _op("getxattr", any_path, st.sampled_from(XATTR_NAMES)),
+        _op("listxattr", any_path),
+        _op("readlink", paths),
+        j(Op("listdir", (b".",))),
+    )
+
+
+def op_sequences(max_size: int) -> st.SearchStrategy[list[Op]]:
+    return st.lists(ops(), min_size=1, max_size=max_size)
