@@ -14,9 +14,10 @@ The images, and what each exercises:
   umoci uses, drops empty PAX records), uid/gid 1234:5678 and 65534, setuid,
   setgid and sticky bits, non-UTF-8 names, names and paths longer than 100 bytes, empty files,
   identical files; then a layer of deletions (whiteouts of a file, a directory, one of two hard
-  links) and changes (content, a mode only);
+  links), a new hard link to a lower file, and changes (content, a mode only);
   then a GNU tar layer added with ``umoci raw add-layer`` holding an opaque directory whose
-  opaque marker comes before the directory entry itself.
+  opaque marker comes before the directory entry itself, and whiteouts of two lower files
+  that the same layer re-creates (one before, one after the whiteout).
 - ``other`` (``base`` + 1 layer): shares the base layer with ``app`` and a file's content.
 - ``retype`` (``base`` + 2 layers): a file becomes a directory, a directory a symlink (umoci
   then writes a whiteout under that new symlink), a symlink a file.
@@ -210,8 +211,9 @@ def _features_layer(rootfs: Path) -> None:
     os.link(hello, _bytes_path(rootfs, b"data/hello.link"))  # a hard link pair kept
     hl1 = _write(rootfs, "data/hl1", b"hard link pair, one deleted later\n")
     os.link(hl1, _bytes_path(rootfs, b"data/hl2"))
-    nobody = _write(rootfs, "data/nobody", b"owned by nobody\n", 0o600)
-    os.chown(nobody, 65534, 65534)
+    for rel in ("data/nobody", "srv/nobody"):
+        nobody = _write(rootfs, rel, b"owned by nobody\n", 0o600)
+        os.chown(nobody, 65534, 65534)
     _write(rootfs, "data/sub/deep/file", b"deep v1\n")
     xdir = _mkdir(rootfs, "data/xattr-dir", 0o750)
     os.setxattr(xdir, b"user.dir", b"on a directory")
@@ -259,6 +261,8 @@ def _deletions_layer(rootfs: Path) -> None:
     os.chmod(rootfs / "data" / "chmodded", 0o600)
     _write(rootfs, "data/sub/deep/file", b"deep v2, changed in layer 3\n")
     _write(rootfs, "etc/motd-again", MOTD)  # the same content in a third layer
+    # A new hard link to a lower file: umoci writes the file again, then the link to it.
+    os.link(rootfs / "data" / "same-a", rootfs / "data" / "same-a.link")
 
 
 def _tar_layer(staging: Path, members: Sequence[str], out: Path) -> Path:
@@ -298,6 +302,9 @@ def _add_raw_layer(layout: Path, ref: str, tar: Path, comment: str) -> None:
     )
 
 
+SAME_LAYER_CONTENT = b"re-created in the layer that whites it out\n"
+
+
 def build_app(layout: Path, base: Image, ref: str = "app") -> Image:
     """``base`` + features layer + deletions layer + opaque layer (see the module docstring)."""
     run(["umoci", "tag", "--image", f"{layout}:{base.ref}", ref])
@@ -313,13 +320,23 @@ def build_app(layout: Path, base: Image, ref: str = "app") -> Image:
     new.write_bytes(b"the only child of the opaque dir\n")
     os.setxattr(new, b"user.from", b"gnu tar")
     os.chmod(staging / "data" / "opq", 0o751)
-    # The opaque marker precedes its directory's own entry, as some producers write it.
-    tar = _tar_layer(
-        staging,
-        ["data/opq/.wh..wh..opq", "data", "data/opq", "data/opq/new"],
-        layout.parent / f"{ref}-opaque.tar",
-    )
-    _add_raw_layer(layout, ref, tar, "opaque dir")
+    # A whiteout and an entry of the same name in one layer: the whiteout hides the lower
+    # file only, the entry stays (OCI image spec; umoci agrees), whichever comes first.
+    for name in ("empty1", "nobody"):
+        (staging / "data" / name).write_bytes(SAME_LAYER_CONTENT)
+        (staging / "data" / f".wh.{name}").touch()
+    members = [
+        "data/opq/.wh..wh..opq",  # the opaque marker before its directory's own entry
+        "data",
+        "data/opq",
+        "data/opq/new",
+        "data/.wh.empty1",
+        "data/empty1",
+        "data/nobody",
+        "data/.wh.nobody",
+    ]
+    tar = _tar_layer(staging, members, layout.parent / f"{ref}-opaque.tar")
+    _add_raw_layer(layout, ref, tar, "opaque dir, same-layer whiteouts")
     shutil.rmtree(staging)
     tar.unlink()
     return Image("app", layout, ref)

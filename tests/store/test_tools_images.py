@@ -32,7 +32,7 @@ def test_app_image_has_every_feature(
     }
     assert dict(tree[b"data/xattr-dir"].xattrs) == {b"user.dir": b"on a directory"}
     assert dict(tree[b"data/opq/new"].xattrs) == {b"user.from": b"gnu tar"}
-    assert (tree[b"data/nobody"].uid, tree[b"data/nobody"].gid) == (65534, 65534)
+    assert (tree[b"srv/nobody"].uid, tree[b"srv/nobody"].gid) == (65534, 65534)
     assert tree[b"data/dirlink"].target == b"sub" and tree[b"data/sub"].kind == "dir"
     assert tree[b"data/dangling"].target == b"/does/not/exist"
     assert tree[b"data/dangling"].uid == 1234  # lchown'd symlink
@@ -48,7 +48,7 @@ def test_app_image_has_every_feature(
         assert tree[b"data/" + name].kind == "file"
     assert tree[b"data/" + images.LONG_NAME].kind == "file"
     assert tree[b"data/" + images.LONG_DIR + b"/leaf-in-a-long-path"].kind == "file"
-    assert tree[b"data/empty1"].size == 0 and tree[b"etc/empty"].size == 0
+    assert tree[b"data/empty2"].size == 0 and tree[b"etc/empty"].size == 0
     motd = tree[b"etc/motd"].sha256
     assert tree[b"data/motd-copy"].sha256 == motd == tree[b"etc/motd-again"].sha256
     assert tree[b"bin/busybox"].size == images.BUSYBOX.stat().st_size
@@ -65,6 +65,10 @@ def test_app_image_whiteouts_and_opaque_dir_applied_by_umoci(
     assert tree[b"data/opq"].mode == 0o751
     assert tree[b"data/hl1"].nlink == 1  # its hard link partner was whited out
     assert tree[b"data/chmodded"].mode == 0o600
+    assert tree[b"data/same-a"].nlink == 2 == tree[b"data/same-a.link"].nlink
+    for name in (b"data/empty1", b"data/nobody"):  # same-layer whiteouts hide the lower file
+        assert tree[name].size == len(images.SAME_LAYER_CONTENT)
+        assert (tree[name].uid, tree[name].mode) == (0, 0o644)
 
 
 def test_retype_image(
