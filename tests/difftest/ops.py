@@ -139,7 +139,7 @@ def _open(p: bytes, flags: int, mode: int = 0o644) -> int:
     return os.open(p, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode)
 
 
-def _do(op: Op, root: bytes) -> Outcome:
+def _do(op: Op, root: bytes, fds: dict[int, int]) -> Outcome:
     a: tuple[Any, ...] = op.args
 
     def P(rel: bytes) -> bytes:
@@ -273,14 +273,67 @@ def _do(op: Op, root: bytes) -> Outcome:
         return Outcome(None, stat_summary(os.lstat(P(a[0]))))
     if name == "readlink":
         return Outcome(None, os.readlink(P(a[0])))
+    return _fd_op(op, root, fds)
+
+
+OPEN_MODES = {
+    "r": os.O_RDONLY,
+    "w": os.O_WRONLY,
+    "rw": os.O_RDWR,
+    "trunc": os.O_RDWR | os.O_TRUNC,
+}
+
+
+def _fd_op(op: Op, root: bytes, fds: dict[int, int]) -> Outcome:
+    """Ops on descriptors held across ops (slot numbers name them): an fd opened before a
+    copy-up, a rename or an unlink must keep working as on the kernel."""
+    a: tuple[Any, ...] = op.args
+    name = op.name
+    if name == "open":  # (path, slot, mode)
+        path, slot, mode = a
+        if slot in fds:
+            os.close(fds.pop(slot))
+        p = os.path.join(root, path)
+        if _special(p):
+            return Outcome(None, "special")
+        fds[slot] = _open(p, OPEN_MODES[mode])
+        return Outcome(None)
+    slot = a[0]
+    if slot not in fds:
+        return Outcome("EBADF")
+    fd = fds[slot]
+    if name == "fdread":  # (slot, offset, length)
+        return Outcome(None, os.pread(fd, a[2], a[1]))
+    if name == "fdwrite":  # (slot, offset, length, seed)
+        return Outcome(None, os.pwrite(fd, pattern(a[3], a[2]), a[1]))
+    if name == "fdstat":
+        return Outcome(None, stat_summary(os.fstat(fd)))
+    if name == "fdtruncate":  # (slot, size)
+        os.ftruncate(fd, a[1])
+        return Outcome(None)
+    if name == "fdsync":
+        os.fsync(fd)
+        return Outcome(None)
+    if name == "close":
+        os.close(fds.pop(slot))
+        return Outcome(None)
     raise ValueError(f"unknown op {name}")
 
 
-def apply(op: Op, root: bytes) -> Outcome:
-    """Apply `op` below `root` with the process umask fixed at 022; failures become errno names."""
+def close_all(fds: dict[int, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+def apply(op: Op, root: bytes, fds: dict[int, int] | None = None) -> Outcome:
+    """Apply `op` below `root` with the process umask fixed at 022; failures become errno names.
+
+    `fds` holds the descriptors of open/fd* ops between calls (the caller closes them).
+    """
     old = os.umask(0o022)
     try:
-        return _do(op, root)
+        return _do(op, root, {} if fds is None else fds)
     except OSError as exc:
         return Outcome(errno.errorcode.get(exc.errno or 0, str(exc.errno)))
     finally:

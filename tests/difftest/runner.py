@@ -48,7 +48,7 @@ from tests.difftest.fixtures import (
     build_stack,
     layer_fingerprint,
 )
-from tests.difftest.ops import Op, Outcome, apply
+from tests.difftest.ops import Op, Outcome, apply, close_all
 from tests.mounting import _mount_points, overlay_mount
 from tests.treecmp import Node, compare, snapshot
 
@@ -162,6 +162,31 @@ def _remount_check(impl: str, kstate: TreeState, ks: Stack, os_: Stack, base: Pa
     ]
 
 
+def _run_ops(
+    impl: str,
+    ops: Sequence[Op],
+    kmnt: Path,
+    omnt: Path,
+    kfds: dict[int, int],
+    ofds: dict[int, int],
+    snapshot_each: bool,
+    problems: list[str],
+) -> None:
+    kroot, oroot = os.fsencode(kmnt), os.fsencode(omnt)
+    for i, op in enumerate(ops):
+        ko: Outcome = apply(op, kroot, kfds)
+        oo: Outcome = apply(op, oroot, ofds)
+        if ko != oo:
+            problems.append(f"op {i} {op!r}:\n    kernel: {ko}\n    {impl}: {oo}")
+            return
+        if snapshot_each:
+            diffs = compare_states(tree_state(kmnt), tree_state(omnt), impl)
+            if diffs:
+                problems.append(f"trees differ after op {i} {op!r}:")
+                problems.extend("    " + d for d in diffs)
+                return
+
+
 def run_sequence(
     impl: str,
     ops: Sequence[Op],
@@ -187,19 +212,13 @@ def run_sequence(
             overlay_mount(impl, os_.lowers, omnt, os_.upper, os_.work, impl_opts),
         ):
             check_kernel_index(kmnt)
-            kroot, oroot = os.fsencode(kmnt), os.fsencode(omnt)
-            for i, op in enumerate(ops):
-                ko: Outcome = apply(op, kroot)
-                oo: Outcome = apply(op, oroot)
-                if ko != oo:
-                    problems.append(f"op {i} {op!r}:\n    kernel: {ko}\n    {impl}: {oo}")
-                    break
-                if snapshot_each:
-                    diffs = compare_states(tree_state(kmnt), tree_state(omnt), impl)
-                    if diffs:
-                        problems.append(f"trees differ after op {i} {op!r}:")
-                        problems.extend("    " + d for d in diffs)
-                        break
+            kfds: dict[int, int] = {}
+            ofds: dict[int, int] = {}
+            try:
+                _run_ops(impl, ops, kmnt, omnt, kfds, ofds, snapshot_each, problems)
+            finally:
+                close_all(kfds)
+                close_all(ofds)
             if not problems:
                 kstate = tree_state(kmnt)
                 diffs = compare_states(kstate, tree_state(omnt), impl)

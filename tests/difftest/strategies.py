@@ -86,6 +86,7 @@ paths = st.sampled_from(PATHS)
 dir_paths = st.sampled_from(DIR_PATHS)
 any_path = st.one_of(paths, dir_paths)
 follow = st.booleans()
+slots = st.sampled_from((0, 1))
 times = st.sampled_from((T1, "now", "omit", T2))
 
 
@@ -140,6 +141,18 @@ def ops() -> st.SearchStrategy[Op]:
         _op("removexattr", any_path, st.sampled_from(XATTR_NAMES), follow),
         _op("append", paths, st.sampled_from((5, 70_000)), st.integers(0, 3)),
         _op("read", paths, st.sampled_from((0, 5, 65536)), st.sampled_from((1 << 20, 100))),
+        _op("open", paths, slots, st.sampled_from(("r", "rw", "w", "trunc"))),
+        _op("fdread", slots, st.sampled_from((0, 5, 65536)), st.sampled_from((100, 1 << 20))),
+        _op(
+            "fdwrite",
+            slots,
+            st.sampled_from((0, 3, 70_000)),
+            st.sampled_from((10, 5000)),
+            st.integers(0, 3),
+        ),
+        _op("fdstat", slots),
+        _op("fdtruncate", slots, st.sampled_from((0, 3, 100_000))),
+        _op("close", slots),
         _op("listdir", dir_paths),
         _op("lstat", any_path),
         _op("getxattr", any_path, st.sampled_from(XATTR_NAMES)),
