@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import errno
 import fnmatch
+import gzip
 import hashlib
 import io
 import json
@@ -79,6 +80,7 @@ class Params:
     src_c_files: int
     src_proj_headers: int
     src_sys_headers: int
+    img_files: int
 
     @staticmethod
     def at(scale: float) -> Params:
@@ -105,6 +107,7 @@ class Params:
             src_c_files=n(3000, 20),
             src_proj_headers=n(600, 10),
             src_sys_headers=n(400, 10),
+            img_files=n(100_000, 200),
         )
 
 
@@ -263,6 +266,118 @@ def build_src(d: Path, p: Params) -> None:
             add(f"proj/d{idx % ndirs}/u{idx}.c", _c_source(rng, p, idx))
 
 
+def _tar_member(
+    name: str, data: bytes | None = None, kind: bytes = tarfile.REGTYPE, target: str = ""
+) -> tuple[tarfile.TarInfo, bytes | None]:
+    info = tarfile.TarInfo(name)
+    info.mtime = 1_700_000_000
+    info.type = kind
+    info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+    info.linkname = target
+    if data is not None:
+        info.size = len(data)
+    return info, data
+
+
+def image_layers(p: Params) -> list[list[tuple[tarfile.TarInfo, bytes | None]]]:
+    """Three layers: a base tree, changes with whiteouts and an opaque dir, new files."""
+    rng = random.Random(7)
+    n0 = max(100, p.img_files * 7 // 10)
+    per_dir = 50
+    base: list[tuple[tarfile.TarInfo, bytes | None]] = [
+        _tar_member("usr/", kind=tarfile.DIRTYPE),
+        _tar_member("usr/share/", kind=tarfile.DIRTYPE),
+    ]
+    for j in range(n0):
+        dname = f"usr/share/d{j // per_dir}"
+        if j % per_dir == 0:
+            base.append(_tar_member(dname + "/", kind=tarfile.DIRTYPE))
+        size = 256 * 1024 if j % 500 == 499 else rng.randint(100, 8000)
+        base.append(_tar_member(f"{dname}/f{j}", rng.randbytes(size)))
+        if j % 100 == 1:
+            base.append(_tar_member(f"{dname}/l{j}", kind=tarfile.SYMTYPE, target=f"f{j}"))
+        if j % 1000 == 0:
+            base.append(_tar_member(f"{dname}/h{j}", kind=tarfile.LNKTYPE, target=f"{dname}/f{j}"))
+    changes: list[tuple[tarfile.TarInfo, bytes | None]] = [
+        _tar_member("usr/share/d0/.wh..wh..opq", b""),
+        _tar_member("usr/share/d0/new", b"replaces the whole directory\n"),
+    ]
+    for j in range(per_dir, n0):
+        dname = f"usr/share/d{j // per_dir}"
+        if j % 10 == 3:
+            changes.append(_tar_member(f"{dname}/f{j}", rng.randbytes(rng.randint(100, 4000))))
+        elif j % 20 == 7:
+            changes.append(_tar_member(f"{dname}/.wh.f{j}", b""))
+    new: list[tuple[tarfile.TarInfo, bytes | None]] = [_tar_member("opt/", kind=tarfile.DIRTYPE)]
+    n2 = max(10, p.img_files - n0 - len(changes))
+    for j in range(n2):
+        dname = f"opt/m{j // per_dir}"
+        if j % per_dir == 0:
+            new.append(_tar_member(dname + "/", kind=tarfile.DIRTYPE))
+        new.append(_tar_member(f"{dname}/g{j}", rng.randbytes(rng.randint(100, 8000))))
+    return [base, changes, new]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_image(d: Path, p: Params) -> None:
+    """An OCI image layout (gzip layers) with about `img_files` files, tagged `bench`."""
+    layout = d / "oci"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+
+    def blob(data: bytes, media: str) -> dict[str, Any]:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return {"mediaType": media, "digest": f"sha256:{digest}", "size": len(data)}
+
+    diff_ids: list[str] = []
+    descs: list[dict[str, Any]] = []
+    for members in image_layers(p):
+        raw = d / "layer.tar"
+        with tarfile.open(raw, "w", format=tarfile.PAX_FORMAT) as tar:
+            for info, data in members:
+                tar.addfile(info, io.BytesIO(data) if data is not None else None)
+        diff_ids.append("sha256:" + _sha256_file(raw))
+        gz = d / "layer.tar.gz"
+        with open(raw, "rb") as src, gzip.GzipFile(gz, "wb", compresslevel=6, mtime=0) as dst:
+            shutil.copyfileobj(src, dst, CHUNK)
+        digest = _sha256_file(gz)
+        os.rename(gz, blobs / digest)
+        raw.unlink()
+        descs.append(
+            {
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": f"sha256:{digest}",
+                "size": (blobs / digest).stat().st_size,
+            }
+        )
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": f"bench layer {i}"} for i in range(len(descs))],
+    }
+    cdesc = blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json")
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": cdesc,
+        "layers": descs,
+    }
+    mdesc = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    mdesc["annotations"] = {"org.opencontainers.image.ref.name": "bench"}
+    (layout / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [mdesc]}))
+
+
 @dataclass(frozen=True)
 class Group:
     """A set of layers (and files) built once and reused; `deps` are the Params fields used."""
@@ -284,6 +399,7 @@ GROUPS = {
         Group("x", build_unlink, ("unlink_files",)),
         Group("p", build_par, ("par_procs", "par_bytes")),
         Group("b", build_src, ("src_c_files", "src_proj_headers", "src_sys_headers")),
+        Group("i", build_image, ("img_files",)),
     )
 }
 
@@ -1024,6 +1140,7 @@ class Results:
     checked: dict[str, str] = field(default_factory=dict)  # workload -> ok|MISMATCH
     rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)  # workload -> impl -> KiB
     mount_s: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # same keys
+    disk_bytes: dict[str, int] = field(default_factory=dict)  # import tool -> bytes written
 
     def cell(self, row: str, impl: str) -> Cell:
         return self.cells.setdefault(row, {}).setdefault(impl, Cell())
@@ -1170,6 +1287,101 @@ def check_round(
     res.checked[wl.name] = "WRONG" if wrong and status == "ok" else status
 
 
+IMPORT_ROW = "import"
+IMPORT_WHAT = "OCI layout, 3 gzip layers: umoci unpack vs layerfs import (fresh store)"
+
+
+def disk_usage(root: Path) -> int:
+    """Allocated bytes under root, each inode once (the store may hardlink)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            st = os.lstat(os.path.join(dirpath, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def measure_import(ctx: Ctx, tool: str, rnd: int, res: Results, want_snap: bool) -> Snap | None:
+    """Import the bench image with `tool` into a fresh directory, caches dropped first."""
+    cfg = ctx.cfg
+    layout = ctx.root / "i" / "oci"
+    run_dir = fresh_dir(cfg.workdir / "u")
+    dest = run_dir / ("bundle" if tool == "umoci" else "store")
+    if tool == "umoci":
+        cmd = ["umoci", "unpack", "--image", f"{layout}:bench", str(dest)]
+    else:
+        cmd = [cfg.python, "-m", "unionfs", "import", "--store", str(dest), "--quiet"]
+        cmd += ["--tag", "bench", f"oci:{layout}:bench"]
+    c = res.cell(IMPORT_ROW, tool)
+    snap: Snap | None = None
+    error: str | None = None
+    try:
+        drop_caches(cfg)
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, cwd=REPO, timeout=cfg.timeout, check=False)
+        elapsed = time.perf_counter() - t0
+        if r.returncode != 0:
+            tail = r.stderr.decode(errors="replace").strip().splitlines()
+            error = f"exit {r.returncode}: {tail[-1] if tail else ''}"
+        else:
+            c.times.append(elapsed)
+            res.disk_bytes[tool] = disk_usage(dest)
+            if want_snap:
+                rootfs = dest / "rootfs"
+                if tool != "umoci":
+                    rootfs = run_dir / "rootfs"
+                    u = subprocess.run(
+                        [cfg.python, "-m", "unionfs", "unpack", "--store", str(dest)]
+                        + ["bench", str(rootfs)],
+                        capture_output=True,
+                        cwd=REPO,
+                        timeout=cfg.timeout,
+                        check=False,
+                    )
+                    if u.returncode != 0:
+                        raise RuntimeError("layerfs unpack failed: " + u.stderr.decode()[-300:])
+                snap = snapshot(rootfs, sorted(os.listdir(rootfs)))
+    except subprocess.TimeoutExpired:
+        error = f"TIMEOUT after {cfg.timeout:g}s"
+    except Exception as exc:  # report and go on
+        error = f"ERROR {type(exc).__name__}: {exc}"
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    if error is not None:
+        c.errors.append(error)
+        log(f"import-r{rnd}-{tool}: {error}")
+    return snap
+
+
+def run_import(ctx: Ctx, tools: Sequence[str], rounds: int, check: str, res: Results) -> None:
+    wl = Workload(IMPORT_ROW, (IMPORT_ROW,), IMPORT_WHAT, "i", lambda p: [], (), True, wl_none)
+    for rnd in range(rounds):
+        k = rnd % len(tools)
+        order = list(tools[k:]) + list(tools[:k])
+        want = check == "all" or (check == "first" and rnd == 0)
+        snaps: dict[str, Snap] = {}
+        for tool in order:
+            snap = measure_import(ctx, tool, rnd, res, want)
+            if snap is not None:
+                snaps[tool] = snap
+        if want:
+            check_round(wl, rnd, tools, snaps, res)
+        done = "  ".join(
+            f"{t}={fmt_time(res.cell(IMPORT_ROW, t).times[-1])}"
+            if res.cell(IMPORT_ROW, t).times
+            else f"{t}=-"
+            for t in tools
+        )
+        log(f"import round {rnd + 1}/{rounds}: {done}")
+
+
+def wl_none(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+    """Placeholder run function of the import pseudo-workload (measured by run_import)."""
+
+
 def loud(head: str, *details: str) -> None:
     bar = "!" * 78
     body = "\n".join([f"!!! {head}", *(f"!!!   {d}" for d in details)])
@@ -1288,7 +1500,8 @@ def render(
     }
     head = f"{'workload':<14}" + "".join(f"{short[i]:>11}" for i in impls)
     head += "".join(f"{rname[r]:>8}" for r in ratios) + "  check    what"
-    lines += [head, "-" * len(head)]
+    if wls:
+        lines += [head, "-" * len(head)]
     table: dict[str, Any] = {}
     for wl in wls:
         for row in wl.rows:
@@ -1339,6 +1552,30 @@ def render(
         )
     if notes:
         lines += ["", "notes and failures (* = some rounds failed):", *notes]
+    if IMPORT_ROW in res.cells:
+        imp = res.cells[IMPORT_ROW]
+        meds = {t: statistics.median(c.times) for t, c in imp.items() if c.times}
+        lines += [
+            "",
+            f"image import: {IMPORT_WHAT}, caches dropped; "
+            f"check {res.checked.get(IMPORT_ROW, '-')}",
+        ]
+        jimp: dict[str, Any] = {}
+        for tool, c in imp.items():
+            m = meds.get(tool)
+            shown = fmt_time(m) if m is not None else short_err(c.errors) if c.errors else "-"
+            du = res.disk_bytes.get(tool)
+            lines.append(
+                f"  {tool:<8}{shown:>11}"
+                + (f"   {du / MiB:.0f} MiB on disk" if du is not None else "")
+                + (f"   ({'; '.join(sorted(set(c.errors)))})" if c.errors else "")
+            )
+            jimp[tool] = {"median_s": m, "times_s": c.times, "errors": c.errors, "disk_bytes": du}
+        if "umoci" in meds and "layerfs" in meds:
+            ratio = meds["layerfs"] / meds["umoci"]
+            lines.append(f"  layerfs/umoci {ratio:.2f}")
+            jimp["layerfs/umoci"] = ratio
+        table[IMPORT_ROW] = jimp
     if res.mount_s:
         lines += ["", "mount time (start to mount point visible, median), per workload:"]
         for wl in wls:
@@ -1453,9 +1690,9 @@ def resolve_profiler(want: str | None, python: str) -> str | None:
     )
 
 
-def layerfs_available(python: str) -> str | None:
+def layerfs_available(python: str, command: str) -> str | None:
     r = subprocess.run(
-        [python, "-m", "unionfs", "overlay", "--help"], capture_output=True, cwd=REPO, timeout=60
+        [python, "-m", "unionfs", command, "--help"], capture_output=True, cwd=REPO, timeout=60
     )
     if r.returncode == 0:
         return None
@@ -1467,11 +1704,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     params = Params.at(args.scale)
     wls = select(all_workloads(params), args.only)
+    pats = [p for p in args.only.split(",") if p]
+    do_import = "layerfs" in args.impls and (
+        not pats or any(fnmatch.fnmatch(IMPORT_ROW, pat) for pat in pats)
+    )
     if args.list:
         for w in all_workloads(params):
             print(f"{w.name:<12} rows {','.join(w.rows):<28} {w.what}")
+        print(f"{IMPORT_ROW:<12} rows {IMPORT_ROW:<28} {IMPORT_WHAT}, {params.img_files} files")
         return 0
-    if not wls:
+    if not wls and not do_import:
         log(f"--only {args.only!r} matches no workload (see --list)")
         return 2
     if os.geteuid() != 0:
@@ -1489,13 +1731,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "fuse-overlayfs" in impls and shutil.which("fuse-overlayfs") is None:
         log("fuse-overlayfs is not installed: skipped")
         impls.remove("fuse-overlayfs")
-    if "layerfs" in impls:
-        why = layerfs_available(python)
+    tools: list[str] = []
+    if do_import:
+        if shutil.which("umoci"):
+            tools.append("umoci")
+        else:
+            log("umoci is not installed: import compared without it")
+        if "layerfs" in impls:
+            why = layerfs_available(python, "import")
+            if why is None:
+                tools.append("layerfs")
+            else:
+                log(f"layerfs import command not usable ({why}): skipped")
+    if "layerfs" in impls and wls:
+        why = layerfs_available(python, "overlay")
         if why is not None:
             log(f"layerfs overlay command not usable ({why}): skipped")
             impls.remove("layerfs")
-    if not impls:
-        log("no implementation left to run")
+    if not (impls and wls) and not tools:
+        log("nothing left to run")
         return 2
 
     workdir: Path = args.workdir.resolve()
@@ -1522,14 +1776,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         unmount(mnt, fuse=True)
     shutil.rmtree(workdir / "logs", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    for gname in dict.fromkeys(w.group for w in wls):
+    for gname in dict.fromkeys([w.group for w in wls] + (["i"] if tools else [])):
         ensure_group(root, GROUPS[gname], params, args.rebuild)
 
     ctx = Ctx(cfg=cfg, params=params, root=root)
     machine = machine_info(python)
     t0 = time.perf_counter()
     try:
-        res = run_all(ctx, wls, impls, args.rounds, args.check)
+        res = run_all(ctx, wls, impls, args.rounds, args.check) if impls else Results()
+        if tools:
+            run_import(ctx, tools, args.rounds, args.check, res)
     except KeyboardInterrupt:
         log("interrupted; mounts cleaned up")
         return 130
