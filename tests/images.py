@@ -582,3 +582,17 @@ def layer_members(img: Image) -> list[list[tarfile.TarInfo]]:
 def has_root_entry(img: Image) -> bool:
     """Whether some layer of `img` carries an entry for the root directory itself."""
     return any(m.name.strip("/") in ("", ".") for members in layer_members(img) for m in members)
+
+
+def hardlink_groups(root: Path) -> set[frozenset[bytes]]:
+    """The sets of paths below `root` (relative, bytes) that share an inode: hard links."""
+    base = os.fsencode(root)
+    by_inode: dict[tuple[int, int], set[bytes]] = {}
+    for dirpath, dirs, files in os.walk(base):
+        for name in [*files, *dirs]:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+                rel = os.path.relpath(path, base)
+                by_inode.setdefault((st.st_dev, st.st_ino), set()).add(rel)
+    return {frozenset(group) for group in by_inode.values()}

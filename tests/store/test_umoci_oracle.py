@@ -79,6 +79,8 @@ def test_unpack_equals_umoci(
     expected = image_snapshot(umoci_rootfs(img))
     ours = import_and_unpack(tmp_path / "store", image_source(img, fmt), tmp_path / "rootfs")
     assert oracle_diff(expected, ours, images.has_root_entry(img)) == []
+    # Equal link counts could still pair the wrong names: the hard link groups must agree.
+    assert images.hardlink_groups(tmp_path / "rootfs") == images.hardlink_groups(umoci_rootfs(img))
 
 
 @pytest.mark.parametrize("fmt", ["oci", "oci-zstd"])
