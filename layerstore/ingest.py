@@ -41,6 +41,13 @@ from .sources import SourceImage
 from .store import Store, crashpoint, same_bytes, with_tag
 
 COPY = 1 << 20
+SMALL = 1 << 20  # files up to this size are hashed in memory before anything is written
+
+
+def _file_is(path: str, data: bytes) -> bool:
+    """True if the file at `path` holds exactly `data` (a small content)."""
+    with open(path, "rb") as fh:
+        return fh.read(len(data) + 1) == data
 
 
 @dataclass
@@ -93,6 +100,9 @@ class Importer:
         self.staged_keys: dict[str, int] = {}  # key -> size, contents in stage/c
         self.reused_keys: set[str] = set()  # keys found already in the store
         self._tmpn = 0
+        self.cdir = str(stage / "c")
+        self._subdirs: set[str] = set()
+        self._staged_dirs: set[str] = set()
         staged: dict[str, StagedLayer] = {}
         reused = 0
         for img in images:
@@ -177,7 +187,11 @@ class Importer:
         db = self.sdb
         lid = sl.sid
         dirs: set[bytes] = {b"/"}
-        db.execute(INSERT_ENTRY, entry_row(lid, _implicit_dir(b"", b"")))
+        self._links: dict[bytes, list[bytes]] = {}  # first name of an inode -> its other names
+        self._seen: set[bytes] = set()  # paths with a row in this layer
+        self._pending: list[tuple[object, ...]] = []
+        self._pending_x: list[tuple[object, ...]] = []
+        self._put(lid, _implicit_dir(b"", b""), dirs)
         nfile = 0
         for e, fobj in read_layer(tar, self.warn):
             path = e.path
@@ -219,6 +233,7 @@ class Importer:
                         "earlier in this layer (links may not leave the layer)"
                     )
                 if target.kind == EntryKind.FILE:
+                    self._links.setdefault(target.path, []).append(path)
                     linked = replace(
                         target, parent=e.parent, name=e.name, kind=EntryKind.HARDLINK,
                         link=target.path, nlink=1, implicit=False,
@@ -236,9 +251,22 @@ class Importer:
             else:
                 self._put(lid, e, dirs)
 
+    def _flush(self) -> None:
+        if self._pending:
+            self.sdb.executemany(INSERT_ENTRY, self._pending)
+            self._pending.clear()
+        if self._pending_x:
+            self.sdb.executemany(
+                "INSERT OR REPLACE INTO xattrs (layer, parent, name, key, value) "
+                "VALUES (?,?,?,?,?)",
+                self._pending_x,
+            )
+            self._pending_x.clear()
+
     def _get(self, lid: int, parent: bytes, name: bytes) -> Entry | None:
         from .index import ENTRY_COLS
 
+        self._flush()
         row = self.sdb.execute(
             f"SELECT {ENTRY_COLS} FROM entries WHERE layer = ? AND parent = ? AND name = ?",
             (lid, parent, name),
@@ -284,50 +312,51 @@ class Importer:
         self._put(lid, replace(e, opaque=opaque), dirs)
 
     def _put(self, lid: int, e: Entry, dirs: set[bytes]) -> None:
+        """Insert or replace one entry (rows are buffered; _get and _flush write them)."""
         db = self.sdb
         path = e.path
         if path in dirs and e.kind != EntryKind.DIR:
             # A non-directory replaces a directory of this layer: drop its subtree.
+            self._flush()
             lo, hi = path + b"/", path + b"0"
-            db.execute(
-                "DELETE FROM entries WHERE layer = ? "
-                "AND (parent = ? OR (parent >= ? AND parent < ?))",
-                (lid, path, lo, hi),
-            )
-            db.execute(
-                "DELETE FROM xattrs WHERE layer = ? "
-                "AND (parent = ? OR (parent >= ? AND parent < ?))",
-                (lid, path, lo, hi),
-            )
+            for table in ("entries", "xattrs"):
+                db.execute(
+                    f"DELETE FROM {table} WHERE layer = ? "
+                    "AND (parent = ? OR (parent >= ? AND parent < ?))",
+                    (lid, path, lo, hi),
+                )
             for d in [d for d in dirs if d == path or d.startswith(lo)]:
                 dirs.discard(d)
-        db.execute(INSERT_ENTRY, entry_row(lid, e))
-        db.execute(
-            "DELETE FROM xattrs WHERE layer = ? AND parent = ? AND name = ?",
-            (lid, e.parent, e.name),
-        )
-        if e.xattrs:
-            db.executemany(
-                "INSERT OR REPLACE INTO xattrs (layer, parent, name, key, value) "
-                "VALUES (?,?,?,?,?)",
-                [(lid, e.parent, e.name, k, v) for k, v in e.xattrs],
+            self._seen = {p for p in self._seen if not p.startswith(lo)}
+        if path in self._seen:
+            self._flush()
+            db.execute(
+                "DELETE FROM xattrs WHERE layer = ? AND parent = ? AND name = ?",
+                (lid, e.parent, e.name),
             )
+        self._seen.add(path)
+        self._pending.append(entry_row(lid, e))
+        self._pending_x.extend((lid, e.parent, e.name, k, v) for k, v in e.xattrs)
+        if len(self._pending) >= 2000:
+            self._flush()
         if e.kind == EntryKind.DIR:
             dirs.add(path)
 
     def _finish_layer(self, sl: StagedLayer) -> None:
+        self._flush()
         db = self.sdb
         lid = sl.sid
-        groups = db.execute(
-            "SELECT link, COUNT(*) FROM entries WHERE layer = ? AND kind = ? GROUP BY link",
-            (lid, int(EntryKind.HARDLINK)),
-        ).fetchall()
-        for link, n in groups:
-            parent, name = _split(bytes(link))
+        for target, links in self._links.items():
+            n = len(links) + 1
             db.execute(
-                "UPDATE entries SET nlink = ? WHERE layer = ? AND ((parent = ? AND name = ?) "
-                "OR (kind = ? AND link = ?))",
-                (n + 1, lid, parent, name, int(EntryKind.HARDLINK), link),
+                "UPDATE entries SET nlink = ? WHERE layer = ? AND parent = ? AND name = ? "
+                "AND kind = ?",
+                (n, lid, *_split(target), int(EntryKind.FILE)),
+            )
+            db.executemany(
+                "UPDATE entries SET nlink = ? WHERE layer = ? AND parent = ? AND name = ? "
+                "AND kind = ? AND link = ?",
+                [(n, lid, *_split(p), int(EntryKind.HARDLINK), target) for p in links],
             )
         sl.files = int(
             db.execute("SELECT COUNT(*) FROM entries WHERE layer = ?", (lid,)).fetchone()[0]
@@ -350,41 +379,81 @@ class Importer:
     # ---- contents --------------------------------------------------------------------------
 
     def _stage_content(self, fobj: IO[bytes], size: int, path: bytes, sl: StagedLayer) -> str:
+        """Store one file's bytes in the staging area (or find them already there or in the
+        store, bytes compared); return its content key."""
+        if size <= SMALL:
+            data = bytearray()
+            while len(data) < size:
+                chunk = self._read(fobj, min(COPY, size - len(data)), path)
+                if not chunk:
+                    break
+                data += chunk
+            if len(data) != size or self._read(fobj, 1, path):
+                raise LayerError(
+                    f"entry {show(path)}: truncated data ({len(data)} of {size} bytes)"
+                )
+            return self._key_for(xxhash.xxh3_128_hexdigest(data), size, bytes(data), None, sl)
         self._tmpn += 1
-        tmp = self.stage / "c" / f".tmp-{self._tmpn}"
+        tmp = os.path.join(self.cdir, f".tmp-{self._tmpn}")
         h = xxhash.xxh3_128()
         got = 0
         with open(tmp, "xb") as out:
-            while True:
-                try:
-                    chunk = fobj.read(COPY)
-                except tarfile.TarError as exc:
-                    raise LayerError(f"entry {show(path)}: truncated data: {exc}") from None
-                if not chunk:
-                    break
+            while chunk := self._read(fobj, COPY, path):
                 h.update(chunk)
                 out.write(chunk)
                 got += len(chunk)
         if got != size:
             raise LayerError(f"entry {show(path)}: truncated data ({got} of {size} bytes)")
-        base = f"{h.hexdigest()}-{size}"
+        return self._key_for(h.hexdigest(), size, None, tmp, sl)
+
+    def _staged(self, key: str) -> str:
+        """Staging path of a content (sharded like content/: big flat dirs are slow)."""
+        sub = f"{self.cdir}/{key[:2]}"
+        if sub not in self._staged_dirs:
+            os.makedirs(sub, exist_ok=True)
+            self._staged_dirs.add(sub)
+        return f"{sub}/{key}"
+
+    @staticmethod
+    def _read(fobj: IO[bytes], n: int, path: bytes) -> bytes:
+        try:
+            return fobj.read(n)
+        except tarfile.TarError as exc:
+            raise LayerError(f"entry {show(path)}: truncated data: {exc}") from None
+
+    def _key_for(
+        self, digest: str, size: int, data: bytes | None, tmp: str | None, sl: StagedLayer
+    ) -> str:
+        """Pick the key for content held in `data` or in file `tmp` (which is consumed)."""
+        base = f"{digest}-{size}"
         n = 0
         while True:
             key = base if n == 0 else f"{base}.{n}"
             if key in self.staged_keys:
-                if same_bytes(tmp, self.stage / "c" / key):
-                    tmp.unlink()
-                    return key
-            elif key in self.reused_keys or self.store.content_path(key).exists():
-                if same_bytes(tmp, self.store.content_path(key)):
-                    tmp.unlink()
-                    self.reused_keys.add(key)
-                    return key
+                other = self._staged(key)
+            elif key in self.reused_keys or os.path.exists(self.store.content_str(key)):
+                other = self.store.content_str(key)
             else:
-                os.chmod(tmp, 0o444)
-                tmp.rename(self.stage / "c" / key)
+                dst = self._staged(key)
+                if tmp is not None:
+                    os.chmod(tmp, 0o444)
+                    os.rename(tmp, dst)
+                else:
+                    assert data is not None
+                    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+                    try:
+                        os.write(fd, data)
+                    finally:
+                        os.close(fd)
                 self.staged_keys[key] = size
                 sl.new_bytes += size
+                return key
+            same = same_bytes(Path(tmp), Path(other)) if tmp else _file_is(other, data or b"")
+            if same:
+                if tmp is not None:
+                    os.unlink(tmp)
+                if other != self._staged(key):
+                    self.reused_keys.add(key)
                 return key
             n += 1
 
@@ -392,18 +461,21 @@ class Importer:
 
     def _place(self, key: str, layers: list[StagedLayer]) -> None:
         """Link a staged content into content/; on a collision re-key it in stage.db."""
-        src = self.stage / "c" / key
+        src = self._staged(key)
         base = key.split(".")[0]
         n = 0
         while True:
             cand = base if n == 0 else f"{base}.{n}"
-            dst = self.store.content_path(cand)
-            dst.parent.mkdir(exist_ok=True)
+            dst = self.store.content_str(cand)
+            sub = os.path.dirname(dst)
+            if sub not in self._subdirs:
+                os.makedirs(sub, exist_ok=True)
+                self._subdirs.add(sub)
             try:
                 os.link(src, dst)
                 break
             except FileExistsError:
-                if same_bytes(src, dst):
+                if same_bytes(Path(src), Path(dst)):
                     break
             n += 1
         if cand != key:
@@ -423,7 +495,7 @@ class Importer:
         for i, key in enumerate(keys):
             if key in self.staged_keys:
                 self._place(key, new)
-            elif not st.content_path(key).exists():
+            elif not os.path.exists(st.content_str(key)):
                 raise StoreError(f"content {key} vanished from the store during the import")
             if i % 64 == 63:
                 crashpoint(f"placed-{i + 1}")

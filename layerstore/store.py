@@ -89,6 +89,7 @@ class Store:
         self.content_dir = self.root / "content"
         self.tmp_dir = self.root / "tmp"
         self.db_path = self.root / "index.db"
+        self._content_prefix = f"{self.content_dir}/"
         if readonly:
             if not self.db_path.exists():
                 raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
@@ -212,6 +213,10 @@ class Store:
     def content_path(self, key: str) -> Path:
         """Path of the plain file holding the content `key` (read it with pread)."""
         return self.content_dir / key[:2] / key
+
+    def content_str(self, key: str) -> str:
+        """content_path() as a str, without pathlib's cost (hot loops)."""
+        return f"{self._content_prefix}{key[:2]}/{key}"
 
     # ---- read API for the mount ------------------------------------------------------------
 
