@@ -27,8 +27,10 @@ The images, and what each exercises:
 - buildah: ``buildah from oci:...:base``, ``copy --chown 65534``, ``config --arch``, commit to a
   layout (uncompressed layers, the base layer's DiffID unchanged), and ``buildah manifest`` for a
   two-platform index (linux/amd64 and linux/arm64).
-- skopeo conversions of any of them: oci-archive, docker-archive (``docker save``'s legacy
-  layout with ``manifest.json``, ``<id>/layer.tar`` and ``repositories``), zstd layers, and
+- skopeo conversions of any of them: oci-archive, docker-archive (skopeo's ``docker save``
+  layout: ``manifest.json``, ``<diffid>.tar``, ``<id>/layer.tar`` symlinks, ``repositories``),
+  the same rewritten as Docker before 25 wrote it (layers only as ``<id>/layer.tar``), zstd
+  and gzip layers, and
   Docker 25's ``docker save`` layout (an OCI layout plus ``manifest.json`` naming
   ``blobs/sha256/...``, layers uncompressed), and an OCI layout holding a Docker v2 schema 2
   manifest.
@@ -37,6 +39,7 @@ The images, and what each exercises:
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -481,6 +484,48 @@ def to_oci_archive(img: Image, out: Path) -> str:
 def to_docker_archive(img: Image, out: Path) -> str:
     """``docker save``'s legacy layout: manifest.json, <id>/layer.tar, repositories."""
     skopeo_copy(img.source, f"docker-archive:{out}:layerfs-test/{img.name}:latest")
+    return f"docker-archive:{out}"
+
+
+def to_docker_legacy_archive(img: Image, work: Path, out: Path) -> str:
+    """``docker save`` as Docker before 25 wrote it: each layer only as ``<id>/layer.tar`` (a
+    regular file), which manifest.json's Layers name, beside ``<id>/json`` and ``VERSION``.
+
+    skopeo's docker-archive stores each layer once as ``<diffid>.tar`` and makes
+    ``<id>/layer.tar`` a symlink to it; this rewrites skopeo's tar into Docker's shape.
+    """
+    skopeo_out = work / f"{img.name}.skopeo-docker.tar"
+    to_docker_archive(img, skopeo_out)
+    with tarfile.open(skopeo_out) as src:
+        members = {m.name: m for m in src.getmembers()}
+        # <diffid>.tar -> <id>/layer.tar, through skopeo's symlinks.
+        legacy = {
+            os.path.normpath(os.path.join(os.path.dirname(name), m.linkname)): name
+            for name, m in members.items()
+            if name.endswith("/layer.tar") and m.issym()
+        }
+        manifest = json.load(src.extractfile("manifest.json"))  # type: ignore[arg-type]
+        for entry in manifest:
+            entry["Layers"] = [legacy[layer] for layer in entry["Layers"]]
+        with tarfile.open(out, "w") as dst:
+            for name, m in members.items():
+                if name in legacy:
+                    continue  # the top-level <diffid>.tar: Docker writes only <id>/layer.tar
+                if name == "manifest.json":
+                    data = json.dumps(manifest).encode()
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    dst.addfile(info, io.BytesIO(data))
+                elif m.issym() and name.endswith("/layer.tar"):
+                    target = members[
+                        os.path.normpath(os.path.join(os.path.dirname(name), m.linkname))
+                    ]
+                    info = tarfile.TarInfo(name)
+                    info.size = target.size
+                    dst.addfile(info, src.extractfile(target))
+                else:
+                    dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    skopeo_out.unlink()
     return f"docker-archive:{out}"
 
 

@@ -19,6 +19,7 @@ FORMATS = (
     "oci",
     "oci-archive",
     "docker-archive",
+    "docker-legacy",
     "oci-zstd",
     "oci-gzip",
     "docker-blobs",
@@ -124,6 +125,10 @@ def image_source(built_images: BuiltImages) -> Callable[[images.Image, str], str
                 cache[key] = images.to_oci_archive(img, out / f"{img.ref}.oci.tar")
             elif fmt == "docker-archive":
                 cache[key] = images.to_docker_archive(img, out / f"{img.ref}.docker.tar")
+            elif fmt == "docker-legacy":
+                cache[key] = images.to_docker_legacy_archive(
+                    img, out, out / f"{img.ref}.docker-legacy.tar"
+                )
             elif fmt == "oci-zstd":
                 cache[key] = images.to_zstd_layout(img, out / f"{img.ref}-zstd")
             elif fmt == "oci-gzip":

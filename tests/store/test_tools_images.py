@@ -189,6 +189,17 @@ def test_docker_archive_has_the_legacy_docker_save_layout(
     assert manifest[0]["RepoTags"] == ["docker.io/layerfs-test/app:latest"]
 
 
+def test_docker_legacy_archive_has_layers_only_in_id_dirs(
+    built_images: BuiltImages, image_source: Callable[[images.Image, str], str]
+) -> None:
+    path = image_source(built_images.app, "docker-legacy").removeprefix("docker-archive:")
+    with tarfile.open(path) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        layer_members = [m for m in tar.getmembers() if m.name.endswith(".tar")]
+    assert [m.name for m in layer_members] == manifest[0]["Layers"]
+    assert all(m.isfile() and m.name.endswith("/layer.tar") for m in layer_members)
+
+
 def test_docker_blobs_archive_is_read_by_skopeo(
     built_images: BuiltImages, image_source: Callable[[images.Image, str], str]
 ) -> None:
