@@ -281,3 +281,85 @@ def test_oci_archive_and_inspect_history_tag_rmi(store: Store, tmp_path: Path) -
     cli(store.root, "gc")
     assert list((store.root / "content").rglob("*-*")) == []
     assert cli(store.root, "fsck", "--full").returncode == 0
+
+
+def test_same_layer_oddities(store: Store, tmp_path: Path) -> None:
+    lower = layer_tar([d("keep"), f("keep/old", b"o"), d("gone"), f("gone/x", b"x"), d("sub")])
+    upper = layer_tar(
+        [
+            sym("keep", "sub"),  # a directory becomes a symlink ...
+            wh("keep/old"),  # ... and umoci writes a whiteout under it: hides nothing
+            wh("gone"),
+            d("gone"),  # whiteout + directory in one layer: an opaque directory
+            f("gone/new", b"n"),
+            f("dup", b"first"),
+            f("dup", b"second"),  # the later member wins
+            d("tree"),
+            f("tree/leaf", b"l"),
+            f("tree", b"now a file"),  # replaces the directory and its subtree
+            d("attrs", pax={"SCHILY.xattr.user.dir": "yes"}),
+        ]
+    )
+    write_oci(tmp_path / "img", Img([lower, upper], ref="odd"))
+    do_import(store, f"oci:{tmp_path / 'img'}")
+    top = store.image_layers("img:odd")[1].id
+    keep = store.layer_lookup(top, b"/", b"keep")
+    assert keep is not None and keep.kind == EntryKind.SYMLINK
+    assert store.layer_lookup(top, b"/keep", b"old") is None
+    gone = store.layer_lookup(top, b"/", b"gone")
+    assert gone is not None and gone.kind == EntryKind.DIR and gone.opaque
+    dup = store.layer_lookup(top, b"/", b"dup")
+    assert dup is not None and store.content_path(dup.content or "").read_bytes() == b"second"
+    tree = store.layer_lookup(top, b"/", b"tree")
+    assert tree is not None and tree.kind == EntryKind.FILE
+    assert store.layer_listdir(top, b"/tree") == []
+    attrs = store.layer_lookup(top, b"/", b"attrs")
+    assert attrs is not None and attrs.xattrs == ((b"user.dir", b"yes"),)
+    assert store.fsck() == []
+    out = tmp_path / "rootfs"
+    cli(store.root, "unpack", "img:odd", str(out))
+    assert os.readlink(out / "keep") == "sub"
+    assert sorted(os.listdir(out / "gone")) == ["new"]
+    assert (out / "tree").read_bytes() == b"now a file"
+
+
+def test_content_key_collision_compares_bytes(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xxhash
+
+    # Make every small content hash alike: equal sizes then collide on the key.
+    monkeypatch.setattr(xxhash, "xxh3_128_hexdigest", lambda _data: "0" * 32)
+    layer = layer_tar([f("a", b"AAAA"), f("b", b"BBBB"), f("c", b"AAAA"), f("d", b"CC")])
+    write_oci(tmp_path / "img", Img([layer], ref="col"))
+    do_import(store, f"oci:{tmp_path / 'img'}")
+    (lay,) = store.image_layers("img:col")
+    found = {n: store.layer_lookup(lay.id, b"/", n) for n in (b"a", b"b", b"c", b"d")}
+    keys = {n: e.content for n, e in found.items() if e is not None}
+    assert keys[b"a"] == keys[b"c"] == "0" * 32 + "-4"
+    assert keys[b"b"] == "0" * 32 + "-4.1"
+    for n, want in ((b"a", b"AAAA"), (b"b", b"BBBB"), (b"d", b"CC")):
+        assert store.content_path(keys[n] or "").read_bytes() == want
+    # A second image colliding with both stored contents gets the next free key.
+    write_oci(tmp_path / "img2", Img([layer_tar([f("z", b"ZZZZ"), f("y", b"BBBB")])], ref="c2"))
+    do_import(store, f"oci:{tmp_path / 'img2'}")
+    (lay2,) = store.image_layers("img2:c2")
+    z = store.layer_lookup(lay2.id, b"/", b"z")
+    y = store.layer_lookup(lay2.id, b"/", b"y")
+    assert z is not None and z.content == "0" * 32 + "-4.2"
+    assert y is not None and y.content == "0" * 32 + "-4.1"
+    assert store.content_path(z.content or "").read_bytes() == b"ZZZZ"
+    assert store.fsck() == []
+
+
+def test_large_file_streams_through_a_temp_file(store: Store, tmp_path: Path) -> None:
+    big = bytes(range(256)) * (5 * 4096 + 3)  # > 1 MiB: the streaming path
+    write_oci(tmp_path / "img", Img([layer_tar([f("big", big), f("big2", big)])], ref="big"))
+    do_import(store, f"oci:{tmp_path / 'img'}")
+    (lay,) = store.image_layers("img:big")
+    a = store.layer_lookup(lay.id, b"/", b"big")
+    b = store.layer_lookup(lay.id, b"/", b"big2")
+    assert a is not None and b is not None and a.content == b.content and a.size == len(big)
+    assert store.content_path(a.content or "").read_bytes() == big
+    assert store.df()["stored_bytes"] == len(big)
+    assert store.fsck(full=True) == []
