@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+import pickle
 import stat
 from dataclasses import dataclass
 from typing import Any
@@ -326,11 +327,44 @@ def close_all(fds: dict[int, int]) -> None:
     fds.clear()
 
 
+def _as_user(uid: int, gid: int, op: Op, root: bytes) -> Outcome:
+    """Apply a path op in a forked child running as uid:gid (no supplementary groups)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            data = pickle.dumps(apply(op, root))
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    _, status = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"child applying {op!r} as {uid}:{gid} failed")
+    result = pickle.loads(data)
+    assert isinstance(result, Outcome)
+    return result
+
+
 def apply(op: Op, root: bytes, fds: dict[int, int] | None = None) -> Outcome:
     """Apply `op` below `root` with the process umask fixed at 022; failures become errno names.
 
     `fds` holds the descriptors of open/fd* ops between calls (the caller closes them).
     """
+    if op.name == "as":  # (uid, gid, path op): permission checks as an unprivileged user
+        uid, gid, inner = op.args
+        assert isinstance(uid, int) and isinstance(gid, int) and isinstance(inner, Op)
+        return _as_user(uid, gid, inner, root)
     old = os.umask(0o022)
     try:
         return _do(op, root, {} if fds is None else fds)

@@ -87,6 +87,7 @@ dir_paths = st.sampled_from(DIR_PATHS)
 any_path = st.one_of(paths, dir_paths)
 follow = st.booleans()
 slots = st.sampled_from((0, 1))
+FD_OPS = frozenset({"open", "fdread", "fdwrite", "fdstat", "fdtruncate", "fdsync", "close"})
 times = st.sampled_from((T1, "now", "omit", T2))
 
 
@@ -162,5 +163,16 @@ def ops() -> st.SearchStrategy[Op]:
     )
 
 
+USERS = ((1000, 100), (65534, 65534), (1234, 5678))
+
+
+def user_ops() -> st.SearchStrategy[Op]:
+    """A path operation run by an unprivileged user (the fixture has files owned by these)."""
+    path_ops = ops().filter(lambda op: op.name not in FD_OPS)
+    return st.tuples(st.sampled_from(USERS), path_ops).map(
+        lambda t: Op("as", (t[0][0], t[0][1], t[1]))
+    )
+
+
 def op_sequences(max_size: int) -> st.SearchStrategy[list[Op]]:
-    return st.lists(ops(), min_size=1, max_size=max_size)
+    return st.lists(st.one_of(ops(), ops(), user_ops()), min_size=1, max_size=max_size)

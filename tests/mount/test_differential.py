@@ -54,8 +54,13 @@ def _needs_mounts() -> None:
     require_fuse()
 
 
+# allow_other: some ops run as unprivileged users (permission checks must match the kernel's),
+# and a FUSE mount is otherwise closed to every user but the one who mounted it.
+IMPL_OPTS = ("allow_other",)
+
+
 def check(ops: list[Op], snapshot_each: bool = False) -> None:
-    problems = run_sequence(IMPL, ops, snapshot_each=snapshot_each)
+    problems = run_sequence(IMPL, ops, snapshot_each=snapshot_each, impl_opts=IMPL_OPTS)
     assert not problems, "layerfs differs from kernel overlayfs:\n" + "\n".join(problems)
 
 
