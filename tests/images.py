@@ -290,7 +290,10 @@ def _tar_layer(staging: Path, members: Sequence[str], out: Path) -> Path:
     return out
 
 
-def _add_raw_layer(layout: Path, ref: str, tar: Path, comment: str) -> None:
+def _add_raw_layer(
+    layout: Path, ref: str, tar: Path, comment: str, created: str | None = None
+) -> None:
+    created_opts = ["--history.created", created] if created else []
     run(
         [
             "umoci",
@@ -298,11 +301,17 @@ def _add_raw_layer(layout: Path, ref: str, tar: Path, comment: str) -> None:
             "add-layer",
             "--history.created_by",
             f"layerfs tests: {comment}",
+            *created_opts,
             "--image",
             f"{layout}:{ref}",
             tar,
         ]
     )
+
+
+# Go writes RFC 3339 times with as many fraction digits as needed (trailing zeros trimmed),
+# so 1 to 9 digits occur in real configs; the opaque layer's history entry has eight.
+ODD_PRECISION_TIME = "2001-02-03T04:05:06.12345678Z"
 
 
 SAME_LAYER_CONTENT = b"re-created in the layer that whites it out\n"
@@ -339,7 +348,7 @@ def build_app(layout: Path, base: Image, ref: str = "app") -> Image:
         "data/.wh.nobody",
     ]
     tar = _tar_layer(staging, members, layout.parent / f"{ref}-opaque.tar")
-    _add_raw_layer(layout, ref, tar, "opaque dir, same-layer whiteouts")
+    _add_raw_layer(layout, ref, tar, "opaque dir, same-layer whiteouts", ODD_PRECISION_TIME)
     shutil.rmtree(staging)
     tar.unlink()
     return Image("app", layout, ref)

@@ -210,3 +210,19 @@ def test_a_plain_archive_path_is_detected(
     store = tmp_path / "store"
     layerfs_ok(store, "import", path, "--tag", OTHER_TAG)
     assert _inspect(store, OTHER_TAG)["Id"] == _config_digest(built_images.other.source)
+
+
+def test_history_lists_every_step_newest_first(built_images: BuiltImages, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    src = built_images.app.source
+    layerfs_ok(store, "import", src, "--tag", APP_TAG)
+    config = json.loads(images.run(["skopeo", "inspect", "--config", src]))
+    steps = [h["created_by"] for h in config["history"]]
+    rows = layerfs_ok(store, "history", "--no-trunc", APP_TAG).stdout.splitlines()[1:]
+    assert len(rows) == len(steps), rows
+    for row, created_by in zip(rows, reversed(steps), strict=True):
+        assert created_by in row
+    # The opaque layer's step was created in 2001, written with 8 fraction digits as Go
+    # writes them: shown as an age like every other step, not as the raw timestamp.
+    (opaque,) = [row for row in rows if "opaque dir" in row]
+    assert images.ODD_PRECISION_TIME not in opaque and " years ago" in opaque, opaque
