@@ -9,7 +9,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -289,6 +289,34 @@ class Store:
             (layer, parent),
         ).fetchall()
         return [self._entry(layer, r) for r in rows]
+
+    def lookup_many(self, layers: Sequence[int], parent: bytes, name: bytes) -> dict[int, Entry]:
+        """layer_lookup() in several layers with one query: {layer id: entry} for the layers
+        that have the name (whiteouts included). Cost: one index probe per layer."""
+        if not layers:
+            return {}
+        marks = ",".join("?" * len(layers))
+        rows = self.conn.execute(
+            f"SELECT layer, {ENTRY_COLS} FROM entries WHERE layer IN ({marks}) "
+            "AND parent = ? AND name = ?",
+            (*layers, parent, name),
+        ).fetchall()
+        return {int(r[0]): self._entry(int(r[0]), r[1:]) for r in rows}
+
+    def listdir_many(self, layers: Sequence[int], parent: bytes) -> dict[int, list[Entry]]:
+        """layer_listdir() in several layers with one query: {layer id: entries sorted by
+        name} for the layers that have entries in `parent`."""
+        out: dict[int, list[Entry]] = {}
+        if not layers:
+            return out
+        marks = ",".join("?" * len(layers))
+        for r in self.conn.execute(
+            f"SELECT layer, {ENTRY_COLS} FROM entries WHERE layer IN ({marks}) AND parent = ? "
+            "ORDER BY layer, name",
+            (*layers, parent),
+        ):
+            out.setdefault(int(r[0]), []).append(self._entry(int(r[0]), r[1:]))
+        return out
 
     def layer_entries(self, layer: int) -> Iterator[Entry]:
         """Every entry of a layer, each directory before its children (ordered by parent, name)."""

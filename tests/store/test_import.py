@@ -363,3 +363,20 @@ def test_large_file_streams_through_a_temp_file(store: Store, tmp_path: Path) ->
     assert store.content_path(a.content or "").read_bytes() == big
     assert store.df()["stored_bytes"] == len(big)
     assert store.fsck(full=True) == []
+
+
+def test_lookup_many_and_listdir_many_match_per_layer_calls(store: Store, tmp_path: Path) -> None:
+    write_oci(tmp_path / "img", Img([BASE, TOP], ref="m"))
+    do_import(store, f"oci:{tmp_path / 'img'}")
+    ids = [la.id for la in store.image_layers("img:m")]
+    for parent, name in (
+        (b"/etc", b"passwd"),
+        (b"/", b"etc"),
+        (b"/etc/conf.d", b"c"),
+        (b"/", b"no"),
+    ):
+        want = {i: e for i in ids if (e := store.layer_lookup(i, parent, name)) is not None}
+        assert store.lookup_many(ids, parent, name) == want
+    for parent in (b"/", b"/etc", b"/etc/conf.d", b"/nothing"):
+        want_ls = {i: ls for i in ids if (ls := store.layer_listdir(i, parent))}
+        assert store.listdir_many(ids, parent) == want_ls
