@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import pickle
 import stat
@@ -102,6 +103,13 @@ class Outcome:
 def when(ns: int) -> object:
     """A time as compared between mounts: exact if set explicitly (before 2020), else "now"."""
     return "now" if ns >= NOW_THRESHOLD_NS else ns
+
+
+def data_summary(data: bytes) -> object:
+    """Short data as is; long data as (length, sha256) so a failure message stays readable."""
+    if len(data) <= 64:
+        return data
+    return (len(data), hashlib.sha256(data).hexdigest()[:16])
 
 
 def stat_summary(st: os.stat_result) -> tuple[object, ...]:
@@ -190,7 +198,7 @@ def _do(op: Op, root: bytes, fds: dict[int, int]) -> Outcome:
             data = os.pread(fd, int(length), int(offset))
         finally:
             os.close(fd)
-        return Outcome(None, data)
+        return Outcome(None, data_summary(data))
     if name == "truncate":  # (path, size)
         path, size = a
         p = P(path)
@@ -304,7 +312,7 @@ def _fd_op(op: Op, root: bytes, fds: dict[int, int]) -> Outcome:
         return Outcome("EBADF")
     fd = fds[slot]
     if name == "fdread":  # (slot, offset, length)
-        return Outcome(None, os.pread(fd, a[2], a[1]))
+        return Outcome(None, data_summary(os.pread(fd, a[2], a[1])))
     if name == "fdwrite":  # (slot, offset, length, seed)
         return Outcome(None, os.pwrite(fd, pattern(a[3], a[2]), a[1]))
     if name == "fdstat":

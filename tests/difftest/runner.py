@@ -15,7 +15,8 @@ What the tree comparison leaves out, and why:
   "now", not to the nanosecond. Every explicit time is before 2010, so any older time must
   match exactly: copy-up must preserve times, chmod must not touch mtime, and so on.
 - directory sizes and directory nlink (treecmp leaves them out: filesystem-specific).
-- trusted.overlay.* / user.overlay.* xattrs: the kernel hides them on the mount.
+- security.* xattrs (host labels). trusted.overlay.* is compared: the kernel hides its markers
+  on the mount, so a leaked marker is a difference.
 
 Kernel options, chosen so the kernel is the reference the issue asks for:
 - redirect_dir=on: a directory that exists in a lower layer can be renamed (the kernel stores
@@ -65,7 +66,9 @@ class TreeState:
 
 
 def tree_state(root: Path) -> TreeState:
-    snap = snapshot(root)
+    # Only host labels are left out: the kernel shows no trusted.overlay.* xattr on the mount
+    # (its own markers are hidden), so an implementation must not leak its markers either.
+    snap = snapshot(root, hidden_xattr_prefixes=(b"security.",))
     nodes = {
         rel: replace(n, mtime_ns=NOW) if n.mtime_ns >= NOW_THRESHOLD_NS else n
         for rel, n in snap.items()

@@ -79,6 +79,9 @@ XATTR_NAMES = (
     b"trusted.new",
     b"user.dir",
 )
+# Markers the kernel keeps in layers and never shows on the mount (queried, never set: setting
+# trusted.overlay.* on a mount is kernel-version specific, escaped since Linux 6.7).
+OVERLAY_XATTRS = (b"trusted.overlay.opaque", b"trusted.overlay.redirect", b"trusted.overlay.origin")
 XATTR_VALUES = (b"v", b"", b"x" * 300)
 SYMLINK_TARGETS = (b"data/a", b"nowhere", b"etc", b"upfile", b"moved/k")
 
@@ -156,7 +159,7 @@ def ops() -> st.SearchStrategy[Op]:
         _op("close", slots),
         _op("listdir", dir_paths),
         _op("lstat", any_path),
-        _op("getxattr", any_path, st.sampled_from(XATTR_NAMES)),
+        _op("getxattr", any_path, st.sampled_from(XATTR_NAMES + OVERLAY_XATTRS)),
         _op("listxattr", any_path),
         _op("readlink", paths),
         j(Op("listdir", (b".",))),
