@@ -17,7 +17,8 @@ The images, and what each exercises:
   links), a new hard link to a lower file, and changes (content, a mode only);
   then a GNU tar layer added with ``umoci raw add-layer`` holding an opaque directory whose
   opaque marker comes before the directory entry itself, and whiteouts of two lower files
-  that the same layer re-creates (one before, one after the whiteout).
+  that the same layer re-creates (one before, one after the whiteout), and a directory
+  whited out below, made again with a new child.
 - ``other`` (``base`` + 1 layer): shares the base layer with ``app`` and a file's content.
 - ``retype`` (``base`` + 2 layers): a file becomes a directory, a directory a symlink (umoci
   then writes a whiteout under that new symlink), a symlink a file.
@@ -337,6 +338,10 @@ def build_app(layout: Path, base: Image, ref: str = "app") -> Image:
     for name in ("empty1", "nobody"):
         (staging / "data" / name).write_bytes(SAME_LAYER_CONTENT)
         (staging / "data" / f".wh.{name}").touch()
+    # A directory whited out in the layer below, made again: only its new child shows,
+    # although this directory is not opaque (the whiteout below ends the merge).
+    (staging / "data" / "gonedir").mkdir()
+    (staging / "data" / "gonedir" / "reborn").write_bytes(b"a new child\n")
     members = [
         "data/opq/.wh..wh..opq",  # the opaque marker before its directory's own entry
         "data",
@@ -346,6 +351,8 @@ def build_app(layout: Path, base: Image, ref: str = "app") -> Image:
         "data/empty1",
         "data/nobody",
         "data/.wh.nobody",
+        "data/gonedir",
+        "data/gonedir/reborn",
     ]
     tar = _tar_layer(staging, members, layout.parent / f"{ref}-opaque.tar")
     _add_raw_layer(layout, ref, tar, "opaque dir, same-layer whiteouts", ODD_PRECISION_TIME)

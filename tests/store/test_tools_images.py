@@ -59,8 +59,9 @@ def test_app_image_whiteouts_and_opaque_dir_applied_by_umoci(
     built_images: BuiltImages, umoci_rootfs: Callable[[images.Image], Path]
 ) -> None:
     tree = image_snapshot(umoci_rootfs(built_images.app))
-    for gone in (b"data/gone.txt", b"data/gonedir", b"data/hl2", b"data/opq/old1"):
+    for gone in (b"data/gone.txt", b"data/gonedir/a", b"data/hl2", b"data/opq/old1"):
         assert gone not in tree
+    assert [p for p in tree if p.startswith(b"data/gonedir/")] == [b"data/gonedir/reborn"]
     assert [p for p in tree if p.startswith(b"data/opq/")] == [b"data/opq/new"]
     assert tree[b"data/opq"].mode == 0o751
     assert tree[b"data/hl1"].nlink == 1  # its hard link partner was whited out
