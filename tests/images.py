@@ -7,34 +7,35 @@ Builders need root (device nodes, odd owners) and the tools; fixtures skip when 
 The images, and what each exercises:
 - ``base``: one layer from ``umoci repack``: busybox, applet symlinks, /etc files, a sticky
   /tmp, an empty file, ``/etc/motd`` (identical copies appear in later layers and images).
-- ``app`` (``base`` + 3 layers): hard links, symlinks (relative, absolute, dangling, to a
-  directory, a target longer than 100 bytes), char and block devices, a fifo, file
-  capabilities (``security.capability``), a ``trusted.*`` xattr, ``user.*`` xattrs
-  (also on a directory, also a binary value; not an empty value: Go's archive/tar, which
-  umoci uses, drops empty PAX records), uid/gid 1234:5678 and 65534, setuid,
-  setgid and sticky bits, non-UTF-8 names, names and paths longer than 100 bytes, empty files,
-  identical files; then a layer of deletions (whiteouts of a file, a directory, one of two hard
-  links), a new hard link to a lower file, and changes (content, a mode only);
-  then a GNU tar layer added with ``umoci raw add-layer`` holding an opaque directory whose
-  opaque marker comes before the directory entry itself, and whiteouts of two lower files
-  that the same layer re-creates (one before, one after the whiteout), and a directory
-  whited out below, made again with a new child.
+- ``app`` (``base`` + 3 layers, by ``umoci repack`` twice, then GNU tar):
+  1. hard links, symlinks (relative, absolute, dangling, to a directory, a target longer
+     than 100 bytes), char and block devices, a fifo, file capabilities
+     (``security.capability``), a ``trusted.*`` xattr, ``user.*`` xattrs (on a directory
+     too, a binary value; no empty value: Go's archive/tar, which umoci uses, drops empty PAX
+     records), uid/gid 1234:5678 and 65534, setuid, setgid and sticky bits, non-UTF-8
+     names, names and paths longer than 100 bytes, empty and identical files;
+  2. whiteouts of a file, a directory and one of two hard links, a new hard link to a lower
+     file, a changed content, a changed mode;
+  3. (``umoci raw add-layer``) an opaque directory whose marker precedes the directory's own
+     entry; whiteouts of two lower files that the same layer re-creates (one before, one
+     after the whiteout); the directory whited out in 2 made again with a new child; a
+     history time with 8 fraction digits.
 - ``other`` (``base`` + 1 layer): shares the base layer with ``app`` and a file's content.
 - ``retype`` (``base`` + 2 layers): a file becomes a directory, a directory a symlink (umoci
   then writes a whiteout under that new symlink), a symlink a file.
 - ``symwh`` (``base`` + 2 layers): ``link -> real`` and ``real/f``; then a raw layer with only
   ``link/.wh.f``. umoci follows the symlink and deletes ``real/f``; the kernel and layerfs do
-  not (DESIGN §2), so tests compare this one against an expected tree.
+  not (DESIGN §2), so tests compare this one against an expected tree (``symwh-pre``).
 - buildah: ``buildah from oci:...:base``, ``copy --chown 65534``, ``config --arch``, commit to a
   layout (uncompressed layers, the base layer's DiffID unchanged), and ``buildah manifest`` for a
   two-platform index (linux/amd64 and linux/arm64).
-- skopeo conversions of any of them: oci-archive, docker-archive (skopeo's ``docker save``
-  layout: ``manifest.json``, ``<diffid>.tar``, ``<id>/layer.tar`` symlinks, ``repositories``),
-  the same rewritten as Docker before 25 wrote it (layers only as ``<id>/layer.tar``), zstd
-  and gzip layers, and
-  Docker 25's ``docker save`` layout (an OCI layout plus ``manifest.json`` naming
-  ``blobs/sha256/...``, layers uncompressed), and an OCI layout holding a Docker v2 schema 2
-  manifest.
+
+Conversions of any of them: skopeo's oci-archive; skopeo's docker-archive (``manifest.json``,
+``<diffid>.tar``, ``<id>/layer.tar`` symlinks, ``repositories``); the same rewritten as
+Docker before 25 wrote it (layers only as ``<id>/layer.tar``); Docker 25's ``docker save``
+(an OCI layout of uncompressed layers plus ``manifest.json`` naming ``blobs/sha256/...``);
+layers recompressed by skopeo with zstd or gzip; an OCI layout holding a Docker v2 schema 2
+manifest (``skopeo --format v2s2``).
 """
 
 from __future__ import annotations
