@@ -380,3 +380,43 @@ def test_lookup_many_and_listdir_many_match_per_layer_calls(store: Store, tmp_pa
     for parent in (b"/", b"/etc", b"/etc/conf.d", b"/nothing"):
         want_ls = {i: ls for i in ids if (ls := store.layer_listdir(i, parent))}
         assert store.listdir_many(ids, parent) == want_ls
+
+
+def test_unterminated_and_empty_layers(store: Store, tmp_path: Path) -> None:
+    raw = layer_tar([d("a"), f("a/b", b"no end-of-archive marker")], eof_marker=False)
+    empty = layer_tar([])
+    write_oci(tmp_path / "img", Img([empty, raw, empty], ref="e"))
+    p = cli(store.root, "import", f"oci:{tmp_path / 'img'}")
+    assert p.stdout.count("Already exists") == 1  # the repeated empty layer, within one image
+    layers = store.image_layers("img:e")
+    assert len(layers) == 3 and layers[0].id == layers[2].id
+    out = tmp_path / "rootfs"
+    cli(store.root, "unpack", "img:e", str(out))
+    assert (out / "a/b").read_bytes() == b"no end-of-archive marker"
+    assert cli(store.root, "fsck").returncode == 0
+
+
+def test_docker_archive_ref_by_index(store: Store, tmp_path: Path) -> None:
+    arch = tmp_path / "save.tar"
+    write_docker_archive(arch, [(Img([BASE]), ["a:1"]), (Img([TOP]), ["b:1"])], False)
+    cli(store.root, "import", f"docker-archive:{arch}:@1")
+    images = json.loads(cli(store.root, "images", "--json").stdout)
+    assert [i["RepoTags"] for i in images] == [["b:1"]]
+    p = cli(store.root, "import", f"docker-archive:{arch}:c:1", check=False)
+    assert p.returncode == 1 and "has no image 'c:1'" in p.stderr
+
+
+def test_store_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from layerstore import store as store_mod
+
+    monkeypatch.setenv("LAYERFS_STORE", str(tmp_path / "env"))
+    assert store_mod.default_store_dir() == tmp_path / "env"
+    monkeypatch.delenv("LAYERFS_STORE")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert store_mod.default_store_dir() == tmp_path / "xdg" / "layerfs"
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert store_mod.default_store_dir() == Path("/var/lib/layerfs")
+    env = {**os.environ, "LAYERFS_STORE": str(tmp_path / "viaenv")}
+    p = subprocess.run([*LAYERFS, "images"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and (tmp_path / "viaenv" / "index.db").exists()
