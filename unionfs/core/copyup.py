@@ -1,0 +1,104 @@
+"""Copy-up: copy one lower object into the upper through the work dir and an atomic rename."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+
+from unionfs.core.errors import FsError
+from unionfs.core.layers import Layer
+from unionfs.core.types import Kind, Stat, kind_of_mode
+from unionfs.core.upper import RENAME_NOREPLACE, UpperLayer, renameat2
+
+PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+_CHUNK = 1 << 20
+
+
+def copy_data(src_fd: int, dst_fd: int) -> None:
+    """Copy a whole file; copy_file_range shares extents where the filesystem can."""
+    off = 0
+    try:
+        while True:
+            n = os.copy_file_range(src_fd, dst_fd, _CHUNK * 16, off, off)
+            if n == 0:
+                return
+            off += n
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    while True:
+        buf = os.pread(src_fd, _CHUNK, off)
+        if not buf:
+            return
+        view = memoryview(buf)
+        while view:
+            n = os.pwrite(dst_fd, view, off)
+            off += n
+            view = view[n:]
+
+
+def copy_xattrs(src: Layer, src_path: bytes, upper: UpperLayer, dfd: int, name: bytes) -> None:
+    for attr in src.listxattr(src_path):
+        if attr.startswith(PRIVATE_XATTR_PREFIXES):
+            continue
+        try:
+            value = src.getxattr(src_path, attr)
+            upper.set_xattr_at(dfd, name, attr, value)
+        except FsError as exc:
+            # security.* labels and ACLs may be refused by the upper filesystem: the kernel
+            # skips them too (ovl_copy_xattr ignores EOPNOTSUPP for those).
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.ENODATA):
+                raise
+
+
+def copy_up(
+    upper: UpperLayer,
+    src: Layer,
+    src_path: bytes,
+    st: Stat,
+    dst_dir: bytes,
+    dst_name: bytes,
+    origin: tuple[int, int],
+    *,
+    with_data: bool = True,
+) -> None:
+    """Create `dst_dir/dst_name` in the upper as a copy of `src_path` (a directory is copied
+    without its children). The object appears in one rename, with mode, owner, times and
+    xattrs already in place; `with_data=False` (truncating open) leaves a file empty."""
+    wfd = upper.work_fd
+    tmp = upper.tmp_name()
+    kind = kind_of_mode(st.mode)
+    try:
+        if kind is Kind.DIR:
+            os.mkdir(tmp, 0o700, dir_fd=wfd)
+        elif kind is Kind.FILE:
+            dfd = os.open(
+                tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=wfd
+            )
+            try:
+                if with_data and st.size:
+                    sfd = src.open(src_path, os.O_RDONLY)
+                    try:
+                        copy_data(sfd, dfd)
+                    finally:
+                        os.close(sfd)
+            finally:
+                os.close(dfd)
+        elif kind is Kind.SYMLINK:
+            os.symlink(src.readlink(src_path), tmp, dir_fd=wfd)
+        else:
+            os.mknod(tmp, st.mode, st.rdev, dir_fd=wfd)
+        copy_xattrs(src, src_path, upper, wfd, tmp)
+        upper.set_origin(wfd, tmp, origin)
+        with contextlib.suppress(PermissionError):  # rootless: files belong to us
+            os.chown(tmp, st.uid, st.gid, dir_fd=wfd, follow_symlinks=False)
+        if kind is not Kind.SYMLINK:
+            os.chmod(tmp, stat.S_IMODE(st.mode), dir_fd=wfd)
+        os.utime(tmp, ns=(st.atime_ns, st.mtime_ns), dir_fd=wfd, follow_symlinks=False)
+        renameat2(wfd, tmp, upper.dirfd(dst_dir), dst_name, RENAME_NOREPLACE)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            upper._remove_tree(wfd, tmp)
+        raise

@@ -1,0 +1,760 @@
+"""UnionFS: every filesystem operation of the merged view, synchronous, by inode number."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import stat
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import ParamSpec, TypeVar
+
+from unionfs.core.copyup import copy_up
+from unionfs.core.errors import FsError
+from unionfs.core.handles import DirHandle, FileHandle, HandleTable
+from unionfs.core.inodes import InodeTable, Key, Node
+from unionfs.core.layers import NAME_MAX, Layer, join, split
+from unionfs.core.resolve import Resolved, lower_positive, merged_names, resolve_child
+from unionfs.core.types import ROOT_INO, Fh, Ino, Stat
+from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, UpperLayer
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _oserr(fn: Callable[P, T]) -> Callable[P, T]:
+    """Host errors surface as FsError with the same errno."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except FsError:
+            raise
+        except OSError as exc:
+            raise FsError.from_os(exc) from exc
+
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Attributes:
+    """What getattr reports. `immutable`: only lower layers provide the object, so the
+    kernel may cache it for long."""
+
+    ino: Ino
+    st: Stat
+    immutable: bool
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or name in (b".", b".."):
+        raise FsError(errno.EINVAL)
+
+
+class UnionFS:
+    """The merged view of `lowers` (top first) under an optional writable `upper`.
+
+    Not thread-safe: the caller serialises calls (the FUSE adapter holds one lock across
+    every call that changes state, including copy-ups run in a worker thread).
+    """
+
+    def __init__(self, lowers: Sequence[Layer], upper: UpperLayer | None) -> None:
+        self.lowers = list(lowers)
+        self.upper = upper
+        self.inodes = InodeTable()
+        self.handles = HandleTable()
+        self.private = (b"trusted.overlay.",) + (
+            (b"user.overlay.",) if upper is not None and not upper.native else ()
+        )
+        root = Node(ino=ROOT_INO, key=(-1, 0), is_dir=True, parent=None, name=b"")
+        root.upper = upper is not None
+        root.lower = tuple((i, b"") for i in range(len(self.lowers)))
+        root.lower_entry = self.lowers[0].root() if self.lowers else None
+        root.lookups = 1
+        self.inodes.add_root(root)
+        self.root = root
+
+    # -- helpers ---------------------------------------------------------------------
+    def node(self, ino: Ino) -> Node:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise FsError(errno.ESTALE)
+        return node
+
+    def dir_node(self, ino: Ino) -> Node:
+        node = self.node(ino)
+        if not node.is_dir:
+            raise FsError(errno.ENOTDIR)
+        if node.unlinked:
+            raise FsError(errno.ENOENT)
+        return node
+
+    def _writable(self) -> UpperLayer:
+        if self.upper is None:
+            raise FsError(errno.EROFS)
+        return self.upper
+
+    def _resolve(self, parent: Node, name: bytes) -> Resolved | None:
+        return resolve_child(
+            self.upper,
+            self.lowers,
+            parent.path() if parent.upper else None,
+            parent.lower,
+            name,
+        )
+
+    def _key(self, res: Resolved) -> Key:
+        if res.upper is not None:
+            assert res.upper.st is not None
+            return res.upper.origin or (0, res.upper.st.host_ino)
+        li = res.lower[0][0]
+        assert res.lower_entry is not None and res.lower_entry.st is not None
+        return (li + 1, res.lower_entry.st.host_ino)
+
+    def _node_for(self, parent: Node, name: bytes, res: Resolved) -> Node:
+        key = self._key(res)
+        node = self.inodes.find(key, res.is_dir)
+        if node is None:
+            node = self.inodes.new(key, res.is_dir, parent, name)
+        if res.is_dir:
+            node.parent, node.name = parent, name
+            node.upper = res.upper is not None
+            node.lower = res.lower
+            node.lower_entry = res.lower_entry
+        elif res.upper is not None or not node.upper:
+            # A lower alias of a hard link copied up through another name keeps the upper
+            # copy; any other lookup refreshes what provides the object.
+            node.upper = res.upper is not None
+            node.lower = res.lower
+            node.lower_entry = res.lower_entry
+            if node.parent is None or (node.parent, node.name) != (parent, name):
+                if node.parent is not None and self._alias_valid(node, node.parent, node.name):
+                    self._add_alias(node, node.parent, node.name)
+                node.parent, node.name = parent, name
+        return node
+
+    def _alias_valid(self, node: Node, parent: Node, name: bytes) -> bool:
+        return self.inodes.get(parent.ino) is parent and not parent.unlinked
+
+    def _add_alias(self, node: Node, parent: Node, name: bytes) -> None:
+        for p, n in node.aliases:
+            if p is parent and n == name:
+                return
+        node.aliases.append((parent, name))
+
+    def _remove_name(self, node: Node, parent: Node, name: bytes) -> None:
+        """`parent/name` no longer names `node`."""
+        if node.is_dir:
+            node.unlinked = True
+            return
+        node.aliases = [(p, n) for p, n in node.aliases if not (p is parent and n == name)]
+        if node.parent is parent and node.name == name:
+            while node.aliases:
+                p, n = node.aliases.pop()
+                if self._alias_valid(node, p, n):
+                    node.parent, node.name = p, n
+                    return
+            node.unlinked = True
+
+    def _upper_path(self, node: Node) -> bytes:
+        return node.path()
+
+    def _lower_layer(self, node: Node) -> tuple[Layer, bytes]:
+        li, lp = node.lower[0]
+        return self.lowers[li], lp
+
+    def _merged(self, node: Node) -> bool:
+        return bool(node.lower) and (node.upper or len(node.lower) > 1)
+
+    def _stat(self, node: Node) -> Stat:
+        if node.unlinked and not node.is_dir:
+            fd = self.handles.any_fd(node)
+            if fd is not None:
+                return replace(Stat.of(os.fstat(fd)), nlink=0)
+        if node.upper:
+            assert self.upper is not None
+            st = Stat.of(self.upper.stat(self._upper_path(node)))
+        elif node.lower_entry is not None and node.lower_entry.st is not None:
+            st = node.lower_entry.st
+        else:
+            raise FsError(errno.ENOENT)
+        if node.is_dir and self._merged(node):
+            st = replace(st, nlink=1)
+        if node.unlinked:
+            st = replace(st, nlink=0)
+        return st
+
+    def attributes(self, node: Node) -> Attributes:
+        return Attributes(node.ino, self._stat(node), not node.upper and not node.unlinked)
+
+    def incref(self, ino: Ino, n: int = 1) -> None:
+        self.node(ino).lookups += n
+
+    def forget(self, ino: Ino, n: int) -> None:
+        node = self.inodes.get(ino)
+        if node is None:
+            return
+        node.lookups -= n
+        self.inodes.drop_if_unused(node)
+
+    def drop_if_unused(self, ino: Ino) -> None:
+        node = self.inodes.get(ino)
+        if node is not None:
+            self.inodes.drop_if_unused(node)
+
+    # -- copy-up ---------------------------------------------------------------------
+    @_oserr
+    def ensure_upper(self, node: Node, *, with_data: bool = True) -> None:
+        """Copy `node` (and its missing parents) into the upper."""
+        upper = self._writable()
+        if node.upper:
+            return
+        if node.unlinked:
+            raise FsError(errno.ENOENT)
+        assert node.parent is not None
+        self.ensure_upper(node.parent)
+        src, src_path = self._lower_layer(node)
+        entry = node.lower_entry
+        assert entry is not None and entry.st is not None
+        copy_up(
+            upper,
+            src,
+            src_path,
+            entry.st,
+            node.parent.path(),
+            node.name,
+            node.key,
+            with_data=with_data,
+        )
+        node.upper = True
+        if not node.is_dir:
+            # Aliases through other lower names still show the lower file; the copy is
+            # reached through this name only.
+            node.aliases = []
+
+    # -- lookups and attributes ----------------------------------------------------------
+    @_oserr
+    def lookup(self, parent_ino: Ino, name: bytes) -> Attributes:
+        parent = self.dir_node(parent_ino)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if name == b".":
+            node = parent
+        elif name == b"..":
+            node = parent.parent or parent
+        else:
+            res = self._resolve(parent, name)
+            if res is None:
+                raise FsError(errno.ENOENT)
+            node = self._node_for(parent, name, res)
+        attrs = self.attributes(node)
+        node.lookups += 1
+        return attrs
+
+    @_oserr
+    def getattr(self, ino: Ino) -> Attributes:
+        return self.attributes(self.node(ino))
+
+    @_oserr
+    def setattr(
+        self,
+        ino: Ino,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        fh: Fh | None = None,
+    ) -> Attributes:
+        node = self.node(ino)
+        upper = self._writable()
+        handle = self.handles.files.get(fh) if fh is not None else None
+        if node.unlinked and handle is None:
+            handle_fd = self.handles.any_fd(node)
+        else:
+            handle_fd = handle.fd if handle is not None and handle.upper else None
+        if handle_fd is None:
+            self.ensure_upper(node, with_data=size != 0)
+        if handle_fd is not None and node.unlinked:
+            fd = handle_fd
+            if size is not None:
+                os.ftruncate(fd, size)
+            if mode is not None:
+                os.chmod(fd, stat.S_IMODE(mode))
+            if uid is not None or gid is not None:
+                os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            if atime_ns is not None or mtime_ns is not None:
+                cur = os.fstat(fd)
+                os.utime(
+                    fd,
+                    ns=(
+                        cur.st_atime_ns if atime_ns is None else atime_ns,
+                        cur.st_mtime_ns if mtime_ns is None else mtime_ns,
+                    ),
+                )
+            return self.attributes(node)
+        dfd, name = upper.path_fd(self._upper_path(node)) if node.parent else (upper.root_fd, b"")
+        is_link = stat.S_ISLNK(self._stat(node).mode)
+        target: bytes | int = b"/proc/self/fd/%d/%s" % (dfd, name) if name else dfd
+        if size is not None:
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if handle is not None and handle.upper and handle.flags & os.O_ACCMODE != os.O_RDONLY:
+                os.ftruncate(handle.fd, size)
+            else:
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        if uid is not None or gid is not None:
+            os.chown(
+                name if name else dfd,
+                -1 if uid is None else uid,
+                -1 if gid is None else gid,
+                dir_fd=dfd if name else None,
+                follow_symlinks=False,
+            )
+        if mode is not None and not is_link:
+            os.chmod(target, stat.S_IMODE(mode))
+        if atime_ns is not None or mtime_ns is not None:
+            cur = os.lstat(name, dir_fd=dfd) if name else os.stat(dfd)
+            ns = (
+                cur.st_atime_ns if atime_ns is None else atime_ns,
+                cur.st_mtime_ns if mtime_ns is None else mtime_ns,
+            )
+            if name:
+                os.utime(name, ns=ns, dir_fd=dfd, follow_symlinks=False)
+            else:
+                os.utime(b"/proc/self/fd/%d" % dfd, ns=ns)
+        return self.attributes(node)
+
+    @_oserr
+    def readlink(self, ino: Ino) -> bytes:
+        node = self.node(ino)
+        if node.upper:
+            assert self.upper is not None
+            return self.upper.readlink(self._upper_path(node))
+        layer, path = self._lower_layer(node)
+        return layer.readlink(path)
+
+    # -- creating ----------------------------------------------------------------------
+    def _prepare_create(self, parent_ino: Ino, name: bytes) -> tuple[Node, UpperLayer, bool]:
+        """Check `name` is free, copy the parent up, clear a whiteout. Returns whether a
+        whiteout was replaced (a new directory then hides the lower one: opaque)."""
+        upper = self._writable()
+        parent = self.dir_node(parent_ino)
+        _check_name(name)
+        if self._resolve(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        self.ensure_upper(parent)
+        had_wh = upper.clear_whiteout(parent.path(), name)
+        return parent, upper, had_wh
+
+    def _owner(self, dfd: int, name: bytes, parent: Node, uid: int, gid: int) -> None:
+        pst = self._stat(parent)
+        if pst.mode & stat.S_ISGID:
+            gid = pst.gid
+        with contextlib.suppress(PermissionError):  # rootless: everything is ours
+            os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+
+    def _finish_create(self, parent: Node, name: bytes) -> Node:
+        res = self._resolve(parent, name)
+        if res is None:
+            raise FsError(errno.EIO, "created entry vanished")
+        node = self._node_for(parent, name, res)
+        node.lookups += 1
+        return node
+
+    @_oserr
+    def mkdir(self, parent_ino: Ino, name: bytes, mode: int, uid: int, gid: int) -> Attributes:
+        parent, upper, had_wh = self._prepare_create(parent_ino, name)
+        dfd = upper.dirfd(parent.path())
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=dfd)
+        self._owner(dfd, name, parent, uid, gid)
+        if had_wh or lower_positive(self.lowers, parent.lower, name):
+            upper.set_opaque(join(parent.path(), name))
+        return self.attributes(self._finish_create(parent, name))
+
+    @_oserr
+    def mknod(
+        self, parent_ino: Ino, name: bytes, mode: int, rdev: int, uid: int, gid: int
+    ) -> Attributes:
+        parent, upper, _ = self._prepare_create(parent_ino, name)
+        dfd = upper.dirfd(parent.path())
+        if stat.S_ISREG(mode) or stat.S_IFMT(mode) == 0:
+            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, stat.S_IMODE(mode), dir_fd=dfd)
+            os.close(fd)
+        else:
+            os.mknod(name, mode, rdev, dir_fd=dfd)
+        self._owner(dfd, name, parent, uid, gid)
+        return self.attributes(self._finish_create(parent, name))
+
+    @_oserr
+    def symlink(
+        self, parent_ino: Ino, name: bytes, target: bytes, uid: int, gid: int
+    ) -> Attributes:
+        parent, upper, _ = self._prepare_create(parent_ino, name)
+        dfd = upper.dirfd(parent.path())
+        os.symlink(target, name, dir_fd=dfd)
+        self._owner(dfd, name, parent, uid, gid)
+        return self.attributes(self._finish_create(parent, name))
+
+    @_oserr
+    def create(
+        self, parent_ino: Ino, name: bytes, mode: int, flags: int, uid: int, gid: int
+    ) -> tuple[Fh, Attributes]:
+        parent, upper, _ = self._prepare_create(parent_ino, name)
+        dfd = upper.dirfd(parent.path())
+        hflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)) | os.O_CLOEXEC
+        fd = os.open(name, hflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode), dir_fd=dfd)
+        try:
+            self._owner(dfd, name, parent, uid, gid)
+            node = self._finish_create(parent, name)
+        except BaseException:
+            os.close(fd)
+            raise
+        node.opens += 1
+        fh = self.handles.add_file(FileHandle(fd, node, True, flags))
+        return fh, self.attributes(node)
+
+    @_oserr
+    def link(self, ino: Ino, parent_ino: Ino, name: bytes) -> Attributes:
+        node = self.node(ino)
+        if node.is_dir:
+            raise FsError(errno.EPERM)
+        if node.unlinked:
+            raise FsError(errno.ENOENT)
+        upper = self._writable()
+        parent = self.dir_node(parent_ino)
+        _check_name(name)
+        if self._resolve(parent, name) is not None:
+            raise FsError(errno.EEXIST)
+        self.ensure_upper(node)
+        parent, upper, _ = self._prepare_create(parent_ino, name)
+        sfd, sname = upper.path_fd(self._upper_path(node))
+        os.link(
+            sname,
+            name,
+            src_dir_fd=sfd,
+            dst_dir_fd=upper.dirfd(parent.path()),
+            follow_symlinks=False,
+        )
+        self._add_alias(node, parent, name)
+        node.lookups += 1
+        return self.attributes(node)
+
+    # -- removing ----------------------------------------------------------------------
+    @_oserr
+    def unlink(self, parent_ino: Ino, name: bytes) -> None:
+        upper = self._writable()
+        parent = self.dir_node(parent_ino)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        res = self._resolve(parent, name)
+        if res is None:
+            raise FsError(errno.ENOENT)
+        if res.is_dir:
+            raise FsError(errno.EISDIR)
+        node = self._node_for(parent, name, res)
+        self.ensure_upper(parent)
+        ppath = parent.path()
+        if res.upper is not None:
+            os.unlink(name, dir_fd=upper.dirfd(ppath))
+        if lower_positive(self.lowers, parent.lower, name):
+            upper.whiteout(ppath, name)
+        self._remove_name(node, parent, name)
+
+    @_oserr
+    def rmdir(self, parent_ino: Ino, name: bytes) -> None:
+        upper = self._writable()
+        parent = self.dir_node(parent_ino)
+        if len(name) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        if name == b".":
+            raise FsError(errno.EINVAL)
+        if name == b"..":
+            raise FsError(errno.ENOTEMPTY)
+        res = self._resolve(parent, name)
+        if res is None:
+            raise FsError(errno.ENOENT)
+        if not res.is_dir:
+            raise FsError(errno.ENOTDIR)
+        node = self._node_for(parent, name, res)
+        if self._names(node):
+            raise FsError(errno.ENOTEMPTY)
+        self.ensure_upper(parent)
+        ppath = parent.path()
+        if res.upper is not None:
+            upper.remove_empty_dir(join(ppath, name))
+        if lower_positive(self.lowers, parent.lower, name):
+            upper.whiteout(ppath, name)
+        self._remove_name(node, parent, name)
+
+    # -- rename ------------------------------------------------------------------------
+    def _set_redirect(self, node: Node, new_parent: Node, new_name: bytes) -> None:
+        """After moving a directory that has lower layers: record where they keep it."""
+        assert self.upper is not None
+        path = join(new_parent.path(), new_name)
+        if not node.lower:
+            if self._merged(new_parent) or new_parent.lower:
+                self.upper.set_opaque(path)
+            return
+        li, lp = node.lower[0]
+        lparent, lname = split(lp)
+        same_parent = any(pli == li and plp == lparent for pli, plp in new_parent.lower)
+        if same_parent:
+            if lname == new_name:
+                self._clear_redirect(path)
+            else:
+                self.upper.set_redirect(path, lname)
+        else:
+            self.upper.set_redirect(path, b"/" + lp)
+
+    def _clear_redirect(self, path: bytes) -> None:
+        assert self.upper is not None
+        dfd, name = self.upper.path_fd(path)
+        self.upper.remove_xattr_at(dfd, name, self.upper.ox(b"redirect"))
+
+    @_oserr
+    def rename(self, p1: Ino, n1: bytes, p2: Ino, n2: bytes, flags: int = 0) -> None:
+        upper = self._writable()
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (
+            flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE
+        ):
+            raise FsError(errno.EINVAL)
+        parent1 = self.dir_node(p1)
+        parent2 = self.dir_node(p2)
+        if len(n1) > NAME_MAX:
+            raise FsError(errno.ENAMETOOLONG)
+        _check_name(n2)
+        res1 = self._resolve(parent1, n1)
+        if res1 is None:
+            raise FsError(errno.ENOENT)
+        res2 = self._resolve(parent2, n2)
+        src = self._node_for(parent1, n1, res1)
+        dst = self._node_for(parent2, n2, res2) if res2 is not None else None
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise FsError(errno.EEXIST)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FsError(errno.ENOENT)
+            self._exchange(parent1, n1, src, parent2, n2, dst)
+            return
+        if src.is_dir and src.is_ancestor_of(parent2):
+            raise FsError(errno.EINVAL)
+        if dst is not None:
+            if dst is src:
+                return
+            if src.is_dir and not dst.is_dir:
+                raise FsError(errno.ENOTDIR)
+            if not src.is_dir and dst.is_dir:
+                raise FsError(errno.EISDIR)
+            if dst.is_dir and dst.is_ancestor_of(parent1):
+                raise FsError(errno.ENOTEMPTY)
+            if dst.is_dir and self._names(dst):
+                raise FsError(errno.ENOTEMPTY)
+        self.ensure_upper(src)
+        self.ensure_upper(parent1)
+        self.ensure_upper(parent2)
+        pp1, pp2 = parent1.path(), parent2.path()
+        if dst is not None and dst.is_dir and dst.upper:
+            upper.remove_empty_dir(join(pp2, n2))
+        else:
+            upper.clear_whiteout(pp2, n2)
+        upper.rename(join(pp1, n1), join(pp2, n2))
+        if lower_positive(self.lowers, parent1.lower, n1):
+            upper.whiteout(pp1, n1)
+        if dst is not None:
+            self._remove_name(dst, parent2, n2)
+        if src.is_dir:
+            self._set_redirect(src, parent2, n2)
+            src.parent, src.name = parent2, n2
+        else:
+            self._rename_alias(src, parent1, n1, parent2, n2)
+
+    def _rename_alias(self, node: Node, p1: Node, n1: bytes, p2: Node, n2: bytes) -> None:
+        if node.parent is p1 and node.name == n1:
+            node.parent, node.name = p2, n2
+        else:
+            node.aliases = [(p, n) for p, n in node.aliases if not (p is p1 and n == n1)]
+            self._add_alias(node, p2, n2)
+
+    def _exchange(self, p1: Node, n1: bytes, a: Node, p2: Node, n2: bytes, b: Node) -> None:
+        assert self.upper is not None
+        if a is b:
+            return
+        if (a.is_dir and a.is_ancestor_of(p2)) or (b.is_dir and b.is_ancestor_of(p1)):
+            raise FsError(errno.EINVAL)
+        self.ensure_upper(a)
+        self.ensure_upper(b)
+        self.ensure_upper(p1)
+        self.ensure_upper(p2)
+        self.upper.rename(join(p1.path(), n1), join(p2.path(), n2), RENAME_EXCHANGE)
+        if a.is_dir:
+            self._set_redirect(a, p2, n2)
+        if b.is_dir:
+            self._set_redirect(b, p1, n1)
+        for node, (op, on), (np_, nn) in ((a, (p1, n1), (p2, n2)), (b, (p2, n2), (p1, n1))):
+            if node.is_dir:
+                node.parent, node.name = np_, nn
+            else:
+                self._rename_alias(node, op, on, np_, nn)
+
+    # -- files -------------------------------------------------------------------------
+    @_oserr
+    def open(self, ino: Ino, flags: int) -> tuple[Fh, bool]:
+        """Open a file; returns the handle and whether the kernel may keep its page cache."""
+        node = self.node(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        hflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)) | os.O_CLOEXEC
+        if writing:
+            upper = self._writable()
+            self.ensure_upper(node, with_data=not flags & os.O_TRUNC)
+        if node.upper:
+            upper = self._writable()
+            dfd, name = upper.path_fd(self._upper_path(node))
+            fd = os.open(name, hflags | os.O_NOFOLLOW, dir_fd=dfd)
+            on_upper = True
+        else:
+            layer, path = self._lower_layer(node)
+            fd = layer.open(path, hflags & ~os.O_TRUNC)
+            on_upper = False
+        node.opens += 1
+        return self.handles.add_file(FileHandle(fd, node, on_upper, flags)), not on_upper
+
+    def read_fd(self, fh: Fh) -> int:
+        """The fd to read `fh` from; a handle opened before a copy-up follows the copy."""
+        h = self.handles.file(fh)
+        if not h.upper and h.node.upper and not h.node.unlinked:
+            assert self.upper is not None
+            dfd, name = self.upper.path_fd(self._upper_path(h.node))
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError as exc:
+                raise FsError.from_os(exc) from exc
+            os.close(h.fd)
+            h.fd = fd
+            h.upper = True
+        return h.fd
+
+    def write_fd(self, fh: Fh) -> int:
+        h = self.handles.file(fh)
+        if not h.upper:
+            raise FsError(errno.EBADF)
+        return h.fd
+
+    @_oserr
+    def release(self, fh: Fh) -> None:
+        h = self.handles.pop_file(fh)
+        os.close(h.fd)
+        h.node.opens -= 1
+        self.inodes.drop_if_unused(h.node)
+
+    @_oserr
+    def fsync(self, fh: Fh, datasync: bool) -> None:
+        h = self.handles.file(fh)
+        if h.upper:
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    # -- directories -------------------------------------------------------------------
+    def _names(self, node: Node) -> list[bytes]:
+        return merged_names(
+            self.upper, self.lowers, node.path() if node.upper else None, node.lower
+        )
+
+    @_oserr
+    def opendir(self, ino: Ino) -> Fh:
+        node = self.dir_node(ino)
+        return self.handles.add_dir(DirHandle(node, self._names(node)))
+
+    @_oserr
+    def readdir(self, fh: Fh, start: int) -> list[tuple[bytes, Attributes, int]]:
+        """Entries from offset `start`, with attributes; the caller calls `incref` for each
+        entry the kernel accepted and `drop_if_unused` for the others."""
+        h = self.handles.dir(fh)
+        out: list[tuple[bytes, Attributes, int]] = []
+        for i in range(start, len(h.names)):
+            name = h.names[i]
+            if h.node.unlinked:
+                break
+            res = self._resolve(h.node, name)
+            if res is None:
+                continue
+            node = self._node_for(h.node, name, res)
+            out.append((name, self.attributes(node), i + 1))
+            if len(out) >= 64:
+                break
+        return out
+
+    def releasedir(self, fh: Fh) -> None:
+        self.handles.pop_dir(fh)
+
+    # -- xattrs ------------------------------------------------------------------------
+    def _xattr_source(self, node: Node) -> tuple[Layer, bytes]:
+        if node.upper:
+            assert self.upper is not None
+            return self.upper, self._upper_path(node)
+        return self._lower_layer(node)
+
+    @_oserr
+    def getxattr(self, ino: Ino, name: bytes) -> bytes:
+        if name.startswith(self.private):
+            raise FsError(errno.EOPNOTSUPP)
+        layer, path = self._xattr_source(self.node(ino))
+        return layer.getxattr(path, name)
+
+    @_oserr
+    def listxattr(self, ino: Ino) -> list[bytes]:
+        layer, path = self._xattr_source(self.node(ino))
+        return [n for n in layer.listxattr(path) if not n.startswith(self.private)]
+
+    def _xattr_target(self, ino: Ino, name: bytes) -> bytes:
+        if name.startswith(self.private):
+            raise FsError(errno.EOPNOTSUPP)
+        node = self.node(ino)
+        upper = self._writable()
+        self.ensure_upper(node)
+        path = self._upper_path(node)
+        if not path:
+            return b"/proc/self/fd/%d" % upper.root_fd
+        dfd, n = upper.path_fd(path)
+        return b"/proc/self/fd/%d/%s" % (dfd, n)
+
+    @_oserr
+    def setxattr(self, ino: Ino, name: bytes, value: bytes) -> None:
+        os.setxattr(self._xattr_target(ino, name), name, value, follow_symlinks=False)
+
+    @_oserr
+    def removexattr(self, ino: Ino, name: bytes) -> None:
+        node = self.node(ino)
+        if not node.upper and not name.startswith(self.private):
+            layer, path = self._lower_layer(node)
+            if name not in layer.listxattr(path):
+                raise FsError(errno.ENODATA)
+        os.removexattr(self._xattr_target(ino, name), name, follow_symlinks=False)
+
+    # -- misc --------------------------------------------------------------------------
+    @_oserr
+    def statfs(self) -> os.statvfs_result:
+        layer: Layer = self.upper if self.upper is not None else self.lowers[0]
+        return layer.statvfs()
+
+    @_oserr
+    def access(self, ino: Ino, mode: int) -> None:
+        node = self.node(ino)
+        self._stat(node)
+        if mode & os.W_OK and self.upper is None:
+            raise FsError(errno.EROFS)
+
+    def close(self) -> None:
+        self.handles.close_all()

@@ -1,0 +1,279 @@
+"""Read-only layers: the Layer protocol and DirLayer, a host directory read through dir fds."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections import OrderedDict
+from typing import Protocol
+
+from unionfs.core.errors import FsError
+from unionfs.core.types import Entry, Kind, Stat, kind_of_mode
+
+NAME_MAX = 255
+WH_PREFIX = b".wh."
+WH_OPAQUE = b".wh..wh..opq"
+OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
+REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+ORIGIN_XATTRS = (b"trusted.overlay.layerfs.origin", b"user.overlay.layerfs.origin")
+
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def split(path: bytes) -> tuple[bytes, bytes]:
+    """Split a layer path (b"" is the root, b"a/b" a child) into (parent, name)."""
+    head, _, tail = path.rpartition(b"/")
+    return head, tail
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+class Layer(Protocol):
+    """One read-only layer. Paths are relative bytes paths (b"" is the layer root).
+
+    Whiteout spellings are normalised here: `lookup` and `names` report Kind.WHITEOUT and an
+    `opaque` flag whatever the layer's on-disk convention, and never show marker names.
+    Symlinks are never followed while resolving a path inside a layer.
+    """
+
+    def lookup(self, dir_path: bytes, name: bytes) -> Entry | None: ...
+
+    def root(self) -> Entry | None: ...
+
+    def names(self, dir_path: bytes) -> dict[bytes, bool]:
+        """Names in the directory -> True for whiteouts. Missing directory: {}."""
+        ...
+
+    def open(self, path: bytes, flags: int) -> int: ...
+
+    def readlink(self, path: bytes) -> bytes: ...
+
+    def statvfs(self) -> os.statvfs_result: ...
+
+    def listxattr(self, path: bytes) -> list[bytes]: ...
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes: ...
+
+
+def _proc(fd: int, name: bytes) -> bytes:
+    # A short path naming `name` inside the directory open as `fd`: xattr calls have no
+    # dir_fd form, and this never concatenates host paths.
+    return b"/proc/self/fd/%d/%s" % (fd, name) if name else b"/proc/self/fd/%d" % fd
+
+
+def _getxattr(fd: int, name: bytes, attr: bytes) -> bytes | None:
+    try:
+        return os.getxattr(_proc(fd, name), attr, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+
+
+def parse_origin(value: bytes | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        num, ino = value.split(b":")
+        return int(num), int(ino)
+    except ValueError:
+        return None
+
+
+class DirLayer:
+    """A host directory as a layer. Walks paths component by component with O_NOFOLLOW."""
+
+    def __init__(self, root: str | bytes | int, *, cache_size: int = 1024) -> None:
+        if isinstance(root, int):
+            self.root_fd = root
+        else:
+            self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._cache: OrderedDict[bytes, int] = OrderedDict()
+        self._cache_size = cache_size
+
+    def close(self) -> None:
+        for fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
+        os.close(self.root_fd)
+
+    # -- directory fds ---------------------------------------------------------------
+    def dirfd(self, path: bytes) -> int:
+        """An O_PATH fd of directory `path`; owned by the cache, valid until the next call
+        that may evict (the cache keeps the most recently used entries)."""
+        if not path:
+            return self.root_fd
+        fd = self._cache.get(path)
+        if fd is not None:
+            self._cache.move_to_end(path)
+            return fd
+        parent, name = split(path)
+        pfd = self.dirfd(parent)
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=pfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise FsError(errno.ENOTDIR) from exc
+            raise FsError.from_os(exc) from exc
+        self._cache[path] = fd
+        while len(self._cache) > self._cache_size:
+            _, old = self._cache.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def forget_prefix(self, path: bytes) -> None:
+        """Drop cached fds of `path` and everything under it (after rename or rmdir)."""
+        if not path:
+            return
+        pre = path + b"/"
+        for key in [k for k in self._cache if k == path or k.startswith(pre)]:
+            os.close(self._cache.pop(key))
+
+    def _dirfd_or_none(self, path: bytes) -> int | None:
+        try:
+            return self.dirfd(path)
+        except FsError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return None
+            raise
+
+    # -- reading -----------------------------------------------------------------------
+    def _entry(self, dfd: int, name: bytes, st: os.stat_result) -> Entry:
+        mode = st.st_mode
+        if stat.S_ISCHR(mode) and st.st_rdev == 0:
+            return Entry(name, Kind.WHITEOUT, None)
+        kind = kind_of_mode(mode)
+        opaque = False
+        redirect = None
+        if kind is Kind.DIR:
+            for attr in OPAQUE_XATTRS:
+                if _getxattr(dfd, name, attr) == b"y":
+                    opaque = True
+                    break
+            if not opaque:
+                try:
+                    cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+                except OSError:
+                    cfd = -1
+                if cfd >= 0:
+                    try:
+                        os.lstat(WH_OPAQUE, dir_fd=cfd)
+                        opaque = True
+                    except OSError:
+                        pass
+                    finally:
+                        os.close(cfd)
+            for attr in REDIRECT_XATTRS:
+                redirect = _getxattr(dfd, name, attr)
+                if redirect:
+                    break
+        origin = None
+        for attr in ORIGIN_XATTRS:
+            origin = parse_origin(_getxattr(dfd, name, attr))
+            if origin:
+                break
+        return Entry(name, kind, Stat.of(st), opaque, redirect or None, origin)
+
+    def lookup(self, dir_path: bytes, name: bytes) -> Entry | None:
+        dfd = self._dirfd_or_none(dir_path)
+        if dfd is None or name.startswith(WH_PREFIX):
+            return None
+        try:
+            st = os.lstat(name, dir_fd=dfd)
+        except FileNotFoundError:
+            if len(name) + len(WH_PREFIX) <= NAME_MAX:
+                try:
+                    os.lstat(WH_PREFIX + name, dir_fd=dfd)
+                    return Entry(name, Kind.WHITEOUT, None)
+                except FileNotFoundError:
+                    pass
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                return None
+            raise FsError.from_os(exc) from exc
+        return self._entry(dfd, name, st)
+
+    def root(self) -> Entry | None:
+        st = os.stat(self.root_fd)
+        return Entry(b"", Kind.DIR, Stat.of(st))
+
+    def stat(self, path: bytes) -> os.stat_result:
+        if not path:
+            return os.stat(self.root_fd)
+        parent, name = split(path)
+        try:
+            return os.lstat(name, dir_fd=self.dirfd(parent))
+        except OSError as exc:
+            raise FsError.from_os(exc) from exc
+
+    def names(self, dir_path: bytes) -> dict[bytes, bool]:
+        dfd = self._dirfd_or_none(dir_path)
+        if dfd is None:
+            return {}
+        out: dict[bytes, bool] = {}
+        wh: list[bytes] = []
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            with os.scandir(fd) as it:
+                for de in it:
+                    name = os.fsencode(de.name)
+                    if name.startswith(WH_PREFIX):
+                        if not name.startswith(WH_PREFIX + WH_PREFIX) and len(name) > 4:
+                            wh.append(name[len(WH_PREFIX) :])
+                        continue
+                    if not (
+                        de.is_file(follow_symlinks=False)
+                        or de.is_dir(follow_symlinks=False)
+                        or de.is_symlink()
+                    ):
+                        try:
+                            st = os.lstat(name, dir_fd=dfd)
+                        except FileNotFoundError:
+                            continue
+                        out[name] = st.st_rdev == 0
+                    else:
+                        out[name] = False
+        finally:
+            os.close(fd)
+        for name in wh:
+            out.setdefault(name, True)
+        return out
+
+    def open(self, path: bytes, flags: int) -> int:
+        parent, name = split(path)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dirfd(parent))
+        except OSError as exc:
+            raise FsError.from_os(exc) from exc
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.root_fd)
+
+    def readlink(self, path: bytes) -> bytes:
+        parent, name = split(path)
+        try:
+            return os.readlink(name, dir_fd=self.dirfd(parent))
+        except OSError as exc:
+            raise FsError.from_os(exc) from exc
+
+    def _xpath(self, path: bytes) -> bytes:
+        parent, name = split(path)
+        return _proc(self.dirfd(parent), name) if path else _proc(self.root_fd, b"")
+
+    def listxattr(self, path: bytes) -> list[bytes]:
+        try:
+            return [os.fsencode(n) for n in os.listxattr(self._xpath(path), follow_symlinks=False)]
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM):
+                return []
+            raise FsError.from_os(exc) from exc
+
+    def getxattr(self, path: bytes, name: bytes) -> bytes:
+        try:
+            return os.getxattr(self._xpath(path), name, follow_symlinks=False)
+        except OSError as exc:
+            raise FsError.from_os(exc) from exc

@@ -1,0 +1,172 @@
+"""Run a union mount: mount, serve until unmounted or signalled, daemonize on request."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from unionfs.core.errors import FsError
+from unionfs.core.fs import UnionFS
+from unionfs.core.layers import Layer
+from unionfs.core.upper import UpperLayer
+from unionfs.fuse_ops import Operations
+
+log = logging.getLogger("layerfs")
+
+
+class MountError(Exception):
+    """A mount could not be made; the message is one line for the user."""
+
+
+def is_mount_point(path: Path) -> bool:
+    target = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            raw = line.split()[4]
+            raw = (
+                raw.replace(b"\\040", b" ")
+                .replace(b"\\011", b"\t")
+                .replace(b"\\012", b"\n")
+                .replace(b"\\134", b"\\")
+            )
+            if raw == target:
+                return True
+    return False
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.exists():
+        raise MountError(f"mount point {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise MountError(f"mount point {mountpoint} is not a directory")
+    if is_mount_point(mountpoint):
+        raise MountError(f"mount point {mountpoint} is busy (something is mounted there)")
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+async def _run(ops: Operations) -> bool:
+    """Serve until the mount goes away (False) or a signal asks us to stop (True)."""
+    signalled = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            nonlocal signalled
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for _ in sigs:
+                    signalled = True
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(watch)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    return signalled
+
+
+def _mount(ops: Operations, mountpoint: Path, options: Sequence[str]) -> None:
+    try:
+        pyfuse3.init(ops, os.fspath(mountpoint), set(options))
+    except RuntimeError as exc:
+        raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+
+
+def _serve_mounted(ops: Operations) -> int:
+    try:
+        signalled = trio.run(_run, ops)
+    finally:
+        ops.fs.close()
+    pyfuse3.close(unmount=signalled)
+    return 0
+
+
+def serve(
+    layers: Sequence[Layer],
+    upper: Path | None,
+    work: Path | None,
+    mountpoint: Path,
+    fuse_options: Sequence[str],
+    foreground: bool,
+    *,
+    debug: bool = False,
+) -> int:
+    """Mount `layers` (top first) under an optional upper at `mountpoint` and serve it.
+
+    In the foreground, returns the exit code once the mount is gone. Otherwise forks: the
+    parent returns 0 once the mount is live, or raises MountError with the child's reason.
+    Raises MountError for anything wrong before mounting; nothing is changed then.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="layerfs[%(process)d] %(levelname)s %(message)s",
+    )
+    mountpoint = Path(os.path.abspath(mountpoint))
+    check_mountpoint(mountpoint)
+    _raise_nofile()
+    os.umask(0)
+    options = list(fuse_options)
+    try:
+        upper_layer = (
+            UpperLayer(os.fsencode(upper), os.fsencode(work), os.geteuid() == 0)
+            if upper is not None and work is not None
+            else None
+        )
+    except (OSError, FsError) as exc:
+        raise MountError(f"cannot use upperdir/workdir: {exc}") from None
+    if upper_layer is None and "ro" not in options:
+        options.append("ro")
+    fs = UnionFS(layers, upper_layer)
+    ops = Operations(fs)
+    os.chdir("/")
+    if foreground:
+        _mount(ops, mountpoint, options)
+        return _serve_mounted(ops)
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        with os.fdopen(rfd, "rb") as r:
+            msg = r.read().decode(errors="replace").strip()
+        if msg == "ok":
+            return 0
+        os.waitpid(pid, 0)
+        raise MountError(msg or "the daemon exited before mounting")
+    # Child: mount, report, detach, serve.
+    os.close(rfd)
+    code = 1
+    try:
+        os.setsid()
+        try:
+            _mount(ops, mountpoint, options)
+        except MountError as exc:
+            os.write(wfd, str(exc).encode())
+            os._exit(1)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.write(wfd, b"ok\n")
+        os.close(wfd)
+        code = _serve_mounted(ops)
+    except BaseException:
+        log.exception("daemon failed")
+    finally:
+        sys.stdout.flush()
+        os._exit(code)
+
+
+__all__ = ["serve", "MountError", "errno"]

@@ -1,0 +1,295 @@
+"""pyfuse3 adapter: requests in, UnionFS calls under one lock, bulk I/O in worker threads."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from unionfs.core.errors import FsError
+from unionfs.core.fs import Attributes, UnionFS
+from unionfs.core.types import Fh, Ino
+
+log = logging.getLogger("layerfs")
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+# Lower layers never change: the kernel may cache what only they provide for a long time.
+IMMUTABLE_TIMEOUT = 86400.0
+# Upper objects change only through this daemon, which answers every change with fresh
+# attributes; the short timeout only bounds how long a change made behind our back shows.
+UPPER_TIMEOUT = 1.0
+# Reads and writes up to this size run on the event loop (page-cache speed); larger ones
+# go to a worker thread so one big transfer does not stall every other request.
+INLINE_IO = 128 * 1024
+
+
+def to_fuse_error(exc: BaseException) -> pyfuse3.FUSEError:
+    """The one place where failures become FUSE errors."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, FsError):
+        return pyfuse3.FUSEError(exc.errno)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return pyfuse3.FUSEError(exc.errno)
+    log.error("unexpected error, answering EIO", exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+def _guard(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except trio.Cancelled:
+            raise
+        except Exception as exc:
+            raise to_fuse_error(exc) from None
+
+    return wrapper
+
+
+def entry_attributes(a: Attributes) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    st = a.st
+    e.st_ino = a.ino
+    e.generation = 0
+    timeout = IMMUTABLE_TIMEOUT if a.immutable else UPPER_TIMEOUT
+    e.entry_timeout = timeout
+    e.attr_timeout = timeout
+    e.st_mode = st.mode
+    e.st_nlink = st.nlink
+    e.st_uid = st.uid
+    e.st_gid = st.gid
+    e.st_rdev = st.rdev
+    e.st_size = st.size
+    e.st_blksize = 4096
+    e.st_blocks = st.blocks
+    e.st_atime_ns = st.atime_ns
+    e.st_mtime_ns = st.mtime_ns
+    e.st_ctime_ns = st.ctime_ns
+    return e
+
+
+class Operations(pyfuse3.Operations):
+    """Every handler takes the lock for its core call: between awaits a task owns the core,
+    and a copy-up running in a worker thread keeps the lock until it is done."""
+
+    enable_writeback_cache = False
+    supports_dot_lookup = True
+
+    def __init__(self, fs: UnionFS) -> None:
+        super().__init__()
+        self.fs = fs
+        self.lock = trio.Lock()
+
+    async def _core(self, fn: Callable[..., T], *args: Any, thread: bool = False) -> T:
+        async with self.lock:
+            if thread:
+                return await trio.to_thread.run_sync(functools.partial(fn, *args))
+            return fn(*args)
+
+    @_guard
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return entry_attributes(await self._core(self.fs.lookup, Ino(parent_inode), name))
+
+    @_guard
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.fs.forget(Ino(ino), n)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return entry_attributes(await self._core(self.fs.getattr, Ino(inode)))
+
+    @_guard
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        call = functools.partial(
+            self.fs.setattr,
+            Ino(inode),
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=Fh(fh) if fh is not None else None,
+        )
+        return entry_attributes(await self._core(call, thread=True))
+
+    @_guard
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._core(self.fs.readlink, Ino(inode))
+
+    @_guard
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        a = await self._core(self.fs.mknod, Ino(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        return entry_attributes(a)
+
+    @_guard
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        a = await self._core(self.fs.mkdir, Ino(parent_inode), name, mode, ctx.uid, ctx.gid)
+        return entry_attributes(a)
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._core(self.fs.unlink, Ino(parent_inode), name)
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._core(self.fs.rmdir, Ino(parent_inode), name)
+
+    @_guard
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        a = await self._core(self.fs.symlink, Ino(parent_inode), name, target, ctx.uid, ctx.gid)
+        return entry_attributes(a)
+
+    @_guard
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self._core(
+            self.fs.rename,
+            Ino(parent_inode_old),
+            name_old,
+            Ino(parent_inode_new),
+            name_new,
+            flags,
+            thread=True,
+        )
+
+    @_guard
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        a = await self._core(self.fs.link, Ino(inode), Ino(new_parent_inode), new_name, thread=True)
+        return entry_attributes(a)
+
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh, keep = await self._core(self.fs.open, Ino(inode), flags, thread=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, a = await self._core(
+            self.fs.create, Ino(parent_inode), name, mode, flags, ctx.uid, ctx.gid
+        )
+        return pyfuse3.FileInfo(fh=fh), entry_attributes(a)
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        fd = await self._core(self.fs.read_fd, Fh(fh))
+        if size <= INLINE_IO:
+            return os.pread(fd, size, off)
+        return await trio.to_thread.run_sync(os.pread, fd, size, off)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        fd = self.fs.write_fd(Fh(fh))
+        if len(buf) <= INLINE_IO:
+            return os.pwrite(fd, buf, off)
+        return await trio.to_thread.run_sync(os.pwrite, fd, buf, off)
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        await self._core(self.fs.release, Fh(fh))
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await trio.to_thread.run_sync(self.fs.fsync, Fh(fh), datasync)
+
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return await self._core(self.fs.opendir, Ino(inode))
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        async with self.lock:
+            start = start_id
+            while True:
+                entries = self.fs.readdir(Fh(fh), start)
+                if not entries:
+                    return
+                for i, (name, attrs, nxt) in enumerate(entries):
+                    if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs), nxt):
+                        for _, rest, _ in entries[i:]:
+                            self.fs.drop_if_unused(rest.ino)
+                        return
+                    self.fs.incref(attrs.ino)
+                start = entries[-1][2]
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(Fh(fh))
+
+    @_guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = await self._core(self.fs.statfs)
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.f_bsize
+        out.f_frsize = s.f_frsize
+        out.f_blocks = s.f_blocks
+        out.f_bfree = s.f_bfree
+        out.f_bavail = s.f_bavail
+        out.f_files = s.f_files
+        out.f_ffree = s.f_ffree
+        out.f_favail = s.f_favail
+        out.f_namemax = 255
+        return out
+
+    @_guard
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self._core(self.fs.setxattr, Ino(inode), name, value, thread=True)
+
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self._core(self.fs.getxattr, Ino(inode), name)
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return await self._core(self.fs.listxattr, Ino(inode))
+
+    @_guard
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._core(self.fs.removexattr, Ino(inode), name, thread=True)
+
+    @_guard
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        await self._core(self.fs.access, Ino(inode), mode)
+        return True

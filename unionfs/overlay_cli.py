@@ -1,0 +1,190 @@
+"""`layerfs overlay`: fuse-overlayfs compatible command line (lowerdir/upperdir/workdir)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unionfs.core.layers import DirLayer, Layer
+
+# Mount options handed to FUSE as they are.
+FUSE_FLAGS = {
+    "allow_other", "allow_root", "default_permissions", "auto_unmount", "ro", "rw", "suid",
+    "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime", "relatime", "norelatime",
+    "strictatime", "nostrictatime", "nodiratime", "diratime", "sync", "async", "dirsync",
+    "lazytime", "nolazytime",
+}  # fmt: skip
+FUSE_VALUED = {"fsname", "subtype", "max_read", "context", "fscontext", "defcontext",
+               "rootcontext"}  # fmt: skip
+# Accepted for compatibility with fuse-overlayfs and kernel overlayfs, without effect:
+# our behaviour is fixed (redirects on, inode numbers always persistent, xattrs supported).
+IGNORED_FLAGS = {
+    "userxattr", "volatile", "fast_ino", "noxattrs", "static_nlink", "noacl", "writeback",
+    "nfs_export", "xattr_permissions",
+}  # fmt: skip
+IGNORED_VALUED = {
+    "redirect_dir", "index", "metacopy", "xino", "uuid", "nfs_export", "squash_to_root",
+    "squash_to_uid", "squash_to_gid", "fsync", "threaded", "timeout", "plugins",
+    "uidmapping", "gidmapping", "xattr_permissions", "noxattrs", "writeback", "volatile",
+}  # fmt: skip
+
+
+class UsageError(Exception):
+    """A bad command line; the message is one line for the user."""
+
+
+@dataclass
+class OverlayOptions:
+    lowers: list[Path] = field(default_factory=list)
+    upper: Path | None = None
+    work: Path | None = None
+    fuse: list[str] = field(default_factory=list)
+
+
+def _split_escaped(text: str, sep: str) -> list[str]:
+    """Split on `sep` except where escaped with a backslash (as the kernel accepts)."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur.append(text[i + 1])
+            i += 2
+            continue
+        if c == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    return parts
+
+
+def _split_options(text: str) -> list[str]:
+    # Keep backslashes for the second split (lowerdir paths may escape ':' and ',').
+    parts: list[str] = []
+    cur = ""
+    i = 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            cur += text[i : i + 2]
+            i += 2
+            continue
+        if text[i] == ",":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += text[i]
+        i += 1
+    parts.append(cur)
+    return [p for p in parts if p]
+
+
+def parse_options(option_strings: list[str]) -> OverlayOptions:
+    out = OverlayOptions()
+    for text in option_strings:
+        for opt in _split_options(text):
+            key, eq, value = opt.partition("=")
+            if key == "lowerdir" and eq:
+                out.lowers = [Path(p) for p in _split_escaped(value, ":") if p]
+                if not out.lowers:
+                    raise UsageError("lowerdir= needs at least one directory")
+            elif key == "upperdir" and eq:
+                out.upper = Path(_split_escaped(value, ",")[0])
+            elif key == "workdir" and eq:
+                out.work = Path(_split_escaped(value, ",")[0])
+            elif (key in FUSE_FLAGS and not eq) or (key in FUSE_VALUED and eq):
+                out.fuse.append(opt)
+            elif (key in IGNORED_FLAGS and not eq) or (key in IGNORED_VALUED and eq):
+                continue
+            else:
+                raise UsageError(f"unknown mount option {opt!r}")
+    if not out.lowers:
+        raise UsageError("missing -o lowerdir=TOP:...:BOTTOM")
+    if (out.upper is None) != (out.work is None):
+        raise UsageError("upperdir= and workdir= go together")
+    return out
+
+
+def _is_dir(path: Path, what: str) -> os.stat_result:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: {exc.strerror}") from None
+    if not path.is_dir():
+        raise UsageError(f"{what} {path}: not a directory")
+    return st
+
+
+def _inside(a: Path, b: Path) -> bool:
+    ra, rb = a.resolve(), b.resolve()
+    return ra == rb or rb in ra.parents
+
+
+def check_paths(opts: OverlayOptions) -> None:
+    for lower in opts.lowers:
+        _is_dir(lower, "lowerdir")
+    if opts.upper is not None and opts.work is not None:
+        ust = _is_dir(opts.upper, "upperdir")
+        wst = _is_dir(opts.work, "workdir")
+        if ust.st_dev != wst.st_dev:
+            raise UsageError(
+                f"workdir {opts.work} is not on the same filesystem as upperdir {opts.upper}"
+            )
+        if _inside(opts.work, opts.upper) or _inside(opts.upper, opts.work):
+            raise UsageError("upperdir and workdir must be separate directories, not nested")
+        if not os.access(opts.upper, os.W_OK) or not os.access(opts.work, os.W_OK):
+            raise UsageError("upperdir and workdir must be writable")
+
+
+def run_overlay(args: argparse.Namespace) -> int:
+    from unionfs.daemon import MountError, serve
+
+    try:
+        opts = parse_options(args.options or [])
+        check_paths(opts)
+        fuse = ["default_permissions", "fsname=layerfs", "subtype=layerfs"]
+        for o in opts.fuse:
+            key = o.partition("=")[0]
+            if key in ("fsname", "subtype"):
+                fuse = [f for f in fuse if not f.startswith(key + "=")]
+            if o not in fuse:
+                fuse.append(o)
+        layers: list[Layer] = [DirLayer(os.fsencode(p)) for p in opts.lowers]
+        return serve(
+            layers,
+            opts.upper,
+            opts.work,
+            Path(args.mountpoint),
+            fuse,
+            args.foreground,
+            debug=args.debug,
+        )
+    except (UsageError, MountError) as exc:
+        print(f"layerfs: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser(
+        "overlay",
+        help="mount directories as an overlay (fuse-overlayfs compatible)",
+        description="Mount lower directories (TOP first) under an optional writable upper "
+        "directory with Linux overlayfs semantics.",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        metavar="OPTS",
+        help="lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W][,FUSE options]",
+    )
+    p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="debug log on stderr (with -f)")
+    p.add_argument("mountpoint", help="where to mount")
+    p.set_defaults(func=run_overlay)
