@@ -1,4 +1,4 @@
-"""The store's docker-style verbs on real images: layer dedup, inspect, images --json."""
+"""The store's verbs on real images: layer and file dedup, inspect, images, history."""
 
 from __future__ import annotations
 
@@ -47,6 +47,8 @@ def test_importing_twice_says_already_exists_for_each_layer(
     assert len(lines) == len(layers), second.stdout + second.stderr
     for diff_id, blob in layers:
         assert any(_mentions_layer(line, diff_id, blob) for line in lines), (diff_id, lines)
+    # Nothing was extracted again: busybox's bytes are still stored once.
+    assert len(_files_with_content(store, images.BUSYBOX.read_bytes())) == 1
 
 
 def _files_with_content(root: Path, content: bytes) -> list[Path]:
