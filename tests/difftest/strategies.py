@@ -13,7 +13,7 @@ import os
 
 from hypothesis import strategies as st
 
-from tests.difftest.fixtures import MAIN_HIDDEN, MAIN_VISIBLE
+from tests.difftest.fixtures import MAIN_HIDDEN, MAIN_VISIBLE, E, StackSpec
 from tests.difftest.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op
 
 NEW_NAMES: tuple[bytes, ...] = (
@@ -85,9 +85,6 @@ OVERLAY_XATTRS = (b"trusted.overlay.opaque", b"trusted.overlay.redirect", b"trus
 XATTR_VALUES = (b"v", b"", b"x" * 300)
 SYMLINK_TARGETS = (b"data/a", b"nowhere", b"etc", b"upfile", b"moved/k")
 
-paths = st.sampled_from(PATHS)
-dir_paths = st.sampled_from(DIR_PATHS)
-any_path = st.one_of(paths, dir_paths)
 follow = st.booleans()
 slots = st.sampled_from((0, 1))
 FD_OPS = frozenset({"open", "fdread", "fdwrite", "fdstat", "fdtruncate", "fdsync", "close"})
@@ -98,9 +95,14 @@ def _op(name: str, *args: st.SearchStrategy[object]) -> st.SearchStrategy[Op]:
     return st.tuples(*args).map(lambda t: Op(name, tuple(t)))
 
 
-def ops() -> st.SearchStrategy[Op]:
-    """One operation (mutations weighted above queries)."""
+def ops(
+    path_pool: tuple[bytes, ...] = PATHS, dir_pool: tuple[bytes, ...] = DIR_PATHS
+) -> st.SearchStrategy[Op]:
+    """One operation on paths of `path_pool` (files and anything) and `dir_pool` (dirs)."""
     j = st.just
+    paths = st.sampled_from(path_pool)
+    dir_paths = st.sampled_from(dir_pool)
+    any_path = st.one_of(paths, dir_paths)
     return st.one_of(
         _op(
             "write",
@@ -169,13 +171,95 @@ def ops() -> st.SearchStrategy[Op]:
 USERS = ((1000, 100), (65534, 65534), (1234, 5678))
 
 
-def user_ops() -> st.SearchStrategy[Op]:
+def user_ops(
+    path_pool: tuple[bytes, ...] = PATHS, dir_pool: tuple[bytes, ...] = DIR_PATHS
+) -> st.SearchStrategy[Op]:
     """A path operation run by an unprivileged user (the fixture has files owned by these)."""
-    path_ops = ops().filter(lambda op: op.name not in FD_OPS)
+    path_ops = ops(path_pool, dir_pool).filter(lambda op: op.name not in FD_OPS)
     return st.tuples(st.sampled_from(USERS), path_ops).map(
         lambda t: Op("as", (t[0][0], t[0][1], t[1]))
     )
 
 
-def op_sequences(max_size: int) -> st.SearchStrategy[list[Op]]:
-    return st.lists(st.one_of(ops(), ops(), user_ops()), min_size=1, max_size=max_size)
+def op_sequences(
+    max_size: int, path_pool: tuple[bytes, ...] = PATHS, dir_pool: tuple[bytes, ...] = DIR_PATHS
+) -> st.SearchStrategy[list[Op]]:
+    """Sequences of ops, about one in three run as an unprivileged user."""
+    one = ops(path_pool, dir_pool)
+    return st.lists(
+        st.one_of(one, one, user_ops(path_pool, dir_pool)), min_size=1, max_size=max_size
+    )
+
+
+# --- random layer stacks ----------------------------------------------------------------------
+
+TOP_NAMES = (b"a", b"b", b"c", b"d")
+CHILD_NAMES = (b"x", b"y")
+TOP_KINDS = ("file", "dir", "opaque", "whiteout", "symlink")
+CHILD_KINDS = ("file", "dir", "whiteout")
+
+
+@st.composite
+def layer_entries(draw: st.DrawFn, layer: int) -> tuple[E, ...]:
+    """A small layer over names a-d with children x, y (and x/z): files, dirs, opaque dirs,
+    char 0/0 whiteouts, symlinks; each file's content names its layer."""
+    out: list[E] = []
+    tag = b"L%d:" % layer
+    for top in TOP_NAMES:
+        kind = draw(st.sampled_from((None,) + TOP_KINDS))
+        if kind is None:
+            continue
+        if kind == "file":
+            out.append(E(top, "file", data=tag + top, mode=draw(st.sampled_from((0o644, 0o600)))))
+        elif kind == "symlink":
+            out.append(E(top, "symlink", target=draw(st.sampled_from(TOP_NAMES + (b"a/x",)))))
+        elif kind == "whiteout":
+            out.append(E(top, "whiteout"))
+        else:
+            out.append(E(top, "dir", uid=layer, opaque=kind == "opaque"))
+            for child in CHILD_NAMES:
+                ck = draw(st.sampled_from((None,) + CHILD_KINDS))
+                if ck is None:
+                    continue
+                path = top + b"/" + child
+                if ck == "dir":
+                    out.append(E(path, "dir"))
+                    if draw(st.booleans()):
+                        out.append(E(path + b"/z", "file", data=tag + path + b"/z"))
+                elif ck == "file":
+                    out.append(E(path, "file", data=tag + path))
+                else:
+                    out.append(E(path, "whiteout"))
+    return tuple(out)
+
+
+@st.composite
+def random_stacks(draw: st.DrawFn) -> StackSpec:
+    """Two or three lowers and an upper, drawn independently: every combination of kinds
+    across layers (dir over file, whiteout over dir, opaque over merged dir, ...)."""
+    n = draw(st.integers(2, 3))
+    layers = [draw(layer_entries(9))] + [draw(layer_entries(i)) for i in range(n)]
+    # A whiteout inside a directory that is not merged with a lower one is never written by
+    # the kernel, and its readdir would show it (passthrough). Keep whiteouts below the root
+    # only in a non-opaque dir whose next layer down has the same dir.
+    kept: list[tuple[E, ...]] = []
+    for i, entries in enumerate(layers):
+        below = layers[i + 1] if i + 1 < len(layers) else ()
+        below_dirs = {e.path for e in below if e.kind == "dir"}
+        here_dirs = {e.path for e in entries if e.kind == "dir" and not e.opaque}
+
+        def ok(e: E, here: set[bytes] = here_dirs, low: set[bytes] = below_dirs) -> bool:
+            parent = e.path.rpartition(b"/")[0]
+            return e.kind != "whiteout" or not parent or (parent in here and parent in low)
+
+        kept.append(tuple(e for e in entries if ok(e)))
+    return StackSpec("random", tuple(kept[1:]), kept[0])
+
+
+RANDOM_PATHS: tuple[bytes, ...] = (
+    TOP_NAMES
+    + tuple(t + b"/" + c for t in TOP_NAMES for c in CHILD_NAMES)
+    + tuple(t + b"/" + c + b"/z" for t in TOP_NAMES for c in CHILD_NAMES)
+    + (b"e", b"a/new")
+)
+RANDOM_DIRS: tuple[bytes, ...] = TOP_NAMES + (b"e", b"a/x", b"b/y")

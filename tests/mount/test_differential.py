@@ -32,12 +32,19 @@ from tests.difftest.fixtures import (
     MAIN_VISIBLE,
     WH_EXPECTED,
     WH_STACK,
+    StackSpec,
     build_stack,
     layer_fingerprint,
 )
 from tests.difftest.ops import RENAME_EXCHANGE, RENAME_NOREPLACE, Op, apply
 from tests.difftest.runner import KERNEL_OPTS, run_sequence, scratch_dir, tree_state
-from tests.difftest.strategies import T1, op_sequences
+from tests.difftest.strategies import (
+    RANDOM_DIRS,
+    RANDOM_PATHS,
+    T1,
+    op_sequences,
+    random_stacks,
+)
 from tests.mounting import overlay_mount
 
 pytestmark = pytest.mark.mount
@@ -358,6 +365,18 @@ def test_scenario(name: str) -> None:
 @given(ops=op_sequences(20 if STRESS else 10), snapshot_each=st.booleans())
 def test_random_sequences(ops: list[Op], snapshot_each: bool) -> None:
     check(ops, snapshot_each)
+
+
+@settings(deadline=None, max_examples=300 if STRESS else 25)
+@given(
+    spec=random_stacks(),
+    ops=op_sequences(12 if STRESS else 8, RANDOM_PATHS, RANDOM_DIRS),
+    snapshot_each=st.booleans(),
+)
+def test_random_stacks(spec: StackSpec, ops: list[Op], snapshot_each: bool) -> None:
+    """Random layer stacks (any kind over any kind, whiteouts, opaque dirs) and random ops."""
+    problems = run_sequence(IMPL, ops, spec=spec, snapshot_each=snapshot_each, impl_opts=IMPL_OPTS)
+    assert not problems, "layerfs differs from kernel overlayfs:\n" + "\n".join(problems)
 
 
 # --- the OCI `.wh.` spelling, which the kernel does not read in directory layers ---------------
