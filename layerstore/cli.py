@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import re
 import sqlite3
 import sys
 from collections.abc import Callable
@@ -51,8 +52,14 @@ def _short(image: str) -> str:
 def _ago(created: str) -> str:
     if not created:
         return "N/A"
+    # Go writes 1-9 fraction digits; Python 3.11 parses only 3 or 6: normalise to 6.
+    m = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)?", created)
+    if m is None:
+        return created
+    frac = (m.group(2) or "0")[:6].ljust(6, "0")
+    zone = m.group(3) or "+00:00"
     try:
-        t = dt.datetime.fromisoformat(created.replace("Z", "+00:00")[:32])
+        t = dt.datetime.fromisoformat(f"{m.group(1)}.{frac}{'+00:00' if zone == 'Z' else zone}")
     except ValueError:
         return created
     if t.tzinfo is None:
