@@ -18,8 +18,8 @@ The images, and what each exercises:
      file, a changed content, a changed mode;
   3. (``umoci raw add-layer``) an opaque directory whose marker precedes the directory's own
      entry; whiteouts of two lower files that the same layer re-creates (one before, one
-     after the whiteout); the directory whited out in 2 made again with a new child; a
-     history time with 8 fraction digits.
+     after the whiteout); the directory whited out in 2 made again with a new child; a file
+     whose parent directories have no entries; a history time with 8 fraction digits.
 - ``other`` (``base`` + 1 layer): shares the base layer with ``app`` and a file's content.
 - ``retype`` (``base`` + 2 layers): a file becomes a directory, a directory a symlink (umoci
   then writes a whiteout under that new symlink), a symlink a file.
@@ -343,6 +343,9 @@ def build_app(layout: Path, base: Image, ref: str = "app") -> Image:
     # although this directory is not opaque (the whiteout below ends the merge).
     (staging / "data" / "gonedir").mkdir()
     (staging / "data" / "gonedir" / "reborn").write_bytes(b"a new child\n")
+    # No entries for srv/ and srv/sticky/: the lower directories keep their metadata.
+    (staging / "srv" / "sticky").mkdir(parents=True)
+    (staging / "srv" / "sticky" / "no-parent-entries").write_bytes(b"parents implied\n")
     members = [
         "data/opq/.wh..wh..opq",  # the opaque marker before its directory's own entry
         "data",
@@ -354,6 +357,7 @@ def build_app(layout: Path, base: Image, ref: str = "app") -> Image:
         "data/.wh.nobody",
         "data/gonedir",
         "data/gonedir/reborn",
+        "srv/sticky/no-parent-entries",
     ]
     tar = _tar_layer(staging, members, layout.parent / f"{ref}-opaque.tar")
     _add_raw_layer(layout, ref, tar, "opaque dir, same-layer whiteouts", ODD_PRECISION_TIME)

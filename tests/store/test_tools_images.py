@@ -43,6 +43,7 @@ def test_app_image_has_every_feature(
     assert tree[b"usr/bin/suid"].mode & stat.S_ISUID
     assert tree[b"usr/bin/sgid"].mode & stat.S_ISGID
     assert tree[b"srv/shared"].mode == 0o2775 and tree[b"srv/sticky"].mode == 0o1733
+    assert tree[b"srv/sticky/no-parent-entries"].kind == "file"
     assert tree[b"tmp"].mode == 0o1777
     for name in images.NON_UTF8:
         assert tree[b"data/" + name].kind == "file"
