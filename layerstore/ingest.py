@@ -17,6 +17,7 @@ Protocol (crash-safe at every step, see store.py for the layout):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -103,6 +104,8 @@ class Importer:
         self.cdir = str(stage / "c")
         self._subdirs: set[str] = set()
         self._staged_dirs: set[str] = set()
+        self._placed: list[str] = []  # content files this import linked into content/
+        self._new_subdirs: list[str] = []  # content/xx dirs this import created
         staged: dict[str, StagedLayer] = {}
         reused = 0
         for img in images:
@@ -469,10 +472,15 @@ class Importer:
             dst = self.store.content_str(cand)
             sub = os.path.dirname(dst)
             if sub not in self._subdirs:
-                os.makedirs(sub, exist_ok=True)
+                try:
+                    os.mkdir(sub)
+                    self._new_subdirs.append(sub)
+                except FileExistsError:
+                    pass
                 self._subdirs.add(sub)
             try:
                 os.link(src, dst)
+                self._placed.append(dst)
                 break
             except FileExistsError:
                 if same_bytes(Path(src), Path(dst)):
@@ -492,28 +500,42 @@ class Importer:
         c = st.conn
         new = [sl for sl in staged.values() if st.layer_by_diff_id(sl.diff_id) is None]
         keys = sorted({k for sl in new for k in sl.keys})
-        for i, key in enumerate(keys):
-            if key in self.staged_keys:
-                self._place(key, new)
-            elif not os.path.exists(st.content_str(key)):
-                raise StoreError(f"content {key} vanished from the store during the import")
-            if i % 64 == 63:
-                crashpoint(f"placed-{i + 1}")
-        self.sdb.commit()
-        crashpoint("placed")
-        c.execute("ATTACH DATABASE ? AS stage", (str(self.stage / "stage.db"),))
         try:
-            c.execute("BEGIN IMMEDIATE")
+            for i, key in enumerate(keys):
+                if key in self.staged_keys:
+                    self._place(key, new)
+                elif not os.path.exists(st.content_str(key)):
+                    raise StoreError(f"content {key} vanished from the store during the import")
+                if i % 64 == 63:
+                    crashpoint(f"placed-{i + 1}")
+            self.sdb.commit()
+            crashpoint("placed")
+            c.execute("ATTACH DATABASE ? AS stage", (str(self.stage / "stage.db"),))
             try:
-                out = self._commit_rows(new, images, extra_tags)
-                crashpoint("in-transaction")
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-        finally:
-            c.execute("DETACH DATABASE stage")
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    out = self._commit_rows(new, images, extra_tags)
+                    crashpoint("in-transaction")
+                    c.execute("COMMIT")
+                except BaseException:
+                    c.execute("ROLLBACK")
+                    raise
+            finally:
+                c.execute("DETACH DATABASE stage")
+        except BaseException:
+            self._unplace()
+            raise
         return out
+
+    def _unplace(self) -> None:
+        """After a failed commit: remove the content files (and subdirs) this import added,
+        so the store is as it was. (After a kill -9, recovery on the next open does this.)"""
+        for dst in reversed(self._placed):
+            with contextlib.suppress(OSError):
+                os.unlink(dst)
+        for sub in self._new_subdirs:
+            with contextlib.suppress(OSError):
+                os.rmdir(sub)
 
     def _commit_rows(
         self, new: list[StagedLayer], images: list[SourceImage], extra_tags: list[str]

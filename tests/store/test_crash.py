@@ -142,3 +142,23 @@ def test_fsck_finds_damage_and_gc_repairs_orphans(layout: Path, tmp_path: Path) 
     assert fingerprint(store) == before
     assert "1 orphan files" in cli(store, "gc").stdout
     assert cli(store, "fsck", "--full").returncode == 0
+
+
+def test_failure_inside_the_commit_leaves_the_store_as_it_was(
+    layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layerstore.ingest import Importer, import_source
+    from layerstore.sources import source_images
+    from layerstore.store import Store
+
+    store = tmp_path / "store"
+    cli(store, "import", f"oci:{layout}:two")
+    before = fingerprint(store)
+
+    def boom(*_a: object) -> None:
+        raise RuntimeError("injected failure after contents were placed")
+
+    monkeypatch.setattr(Importer, "_commit_rows", boom)
+    with Store(store) as s, pytest.raises(RuntimeError, match="injected"):
+        import_source(s, source_images(f"oci:{layout}:one"), [])
+    assert fingerprint(store) == before
