@@ -91,6 +91,8 @@ class Importer:
             try:
                 return self._run(stage, images, extra_tags)
             finally:
+                if hasattr(self, "sdb"):
+                    self.sdb.close()
                 shutil.rmtree(stage, ignore_errors=True)
 
     def _run(self, stage: Path, images: list[SourceImage], extra_tags: list[str]) -> ImportResult:
@@ -131,7 +133,6 @@ class Importer:
         with self.store.commit_lock():
             ids = self._commit(staged, images, extra_tags)
         crashpoint("after-commit")
-        self.sdb.close()
         return ImportResult(ids, len(staged), reused)
 
     # ---- one layer -------------------------------------------------------------------------
