@@ -6,6 +6,8 @@ import io
 import tarfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from layerstore.errors import LayerError
 from layerstore.model import EntryKind
@@ -150,3 +152,40 @@ def test_truncated_member_data_is_refused() -> None:
     tar = layer_tar([f("big", b"z" * 5000)])
     with pytest.raises((LayerError, tarfile.TarError)):
         entries(tar[:2048])
+
+
+_name = st.binary(min_size=1, max_size=40).filter(
+    lambda b: (
+        b"/" not in b and b"\0" not in b and b not in (b".", b"..") and not b.startswith(b".wh.")
+    )
+)
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    files=st.dictionaries(
+        st.lists(_name, min_size=1, max_size=4).map(tuple),
+        st.tuples(
+            st.binary(max_size=300),
+            st.integers(0, 0o7777),
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 2**32 - 1),
+        ),
+        max_size=12,
+    ),
+    fmt=st.sampled_from([tarfile.PAX_FORMAT, tarfile.GNU_FORMAT]),
+    eof=st.booleans(),
+)
+def test_roundtrip_of_random_names_modes_and_ids(
+    files: dict[tuple[bytes, ...], tuple[bytes, int, int, int]], fmt: int, eof: bool
+) -> None:
+    # A path may not also be a directory of another path: keep leaves only.
+    leaves = {p: v for p, v in files.items() if not any(q[: len(p)] == p and q != p for q in files)}
+    members = [
+        f(b"/".join(p), data, mode=mode, uid=uid, gid=gid)
+        for p, (data, mode, uid, gid) in leaves.items()
+    ]
+    got = {}
+    for e, fobj in read_layer(io.BytesIO(layer_tar(members, fmt=fmt, eof_marker=eof))):
+        got[e.path] = (fobj.read() if fobj else b"", e.mode, e.uid, e.gid)
+    assert got == {b"/" + b"/".join(p): v for p, v in leaves.items()}
