@@ -97,7 +97,11 @@ def copy_up(
         if kind is not Kind.SYMLINK:
             os.chmod(tmp, stat.S_IMODE(st.mode), dir_fd=wfd)
         os.utime(tmp, ns=(st.atime_ns, st.mtime_ns), dir_fd=wfd, follow_symlinks=False)
-        renameat2(wfd, tmp, upper.dirfd(dst_dir), dst_name, RENAME_NOREPLACE)
+        target_fd = upper.dirfd(dst_dir)
+        # A copy-up is not a change of the parent directory: keep its times (as the kernel).
+        pst = os.stat(target_fd)
+        renameat2(wfd, tmp, target_fd, dst_name, RENAME_NOREPLACE)
+        os.utime(b"/proc/self/fd/%d" % target_fd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
     except BaseException:
         with contextlib.suppress(OSError):
             upper._remove_tree(wfd, tmp)

@@ -164,6 +164,65 @@ class UnionFS:
     def _upper_path(self, node: Node) -> bytes:
         return node.path()
 
+    def _upper_loc(self, node: Node) -> tuple[int, bytes]:
+        """(dir fd, name) of the object's upper copy; (fd, b"") for the upper root."""
+        upper = self._writable()
+        if node.parent is None:
+            return upper.root_fd, b""
+        return upper.path_fd(node.path())
+
+    def _loc_path(self, node: Node) -> bytes:
+        dfd, name = self._upper_loc(node)
+        return b"/proc/self/fd/%d/%s" % (dfd, name) if name else b"/proc/self/fd/%d" % dfd
+
+    def _loc_stat(self, node: Node) -> os.stat_result:
+        dfd, name = self._upper_loc(node)
+        return os.lstat(name, dir_fd=dfd) if name else os.stat(dfd)
+
+    # -- lower hard links --------------------------------------------------------------
+    def _walk(self, path: bytes, made: list[Node]) -> Node | None:
+        """The node of merged `path`, creating (unreferenced) nodes on the way."""
+        node = self.root
+        for comp in path.split(b"/") if path else []:
+            if not node.is_dir:
+                return None
+            res = self._resolve(node, comp)
+            if res is None:
+                return None
+            node = self._node_for(node, comp, res)
+            made.append(node)
+        return node
+
+    def _link_up_aliases(self, node: Node, src: Layer, src_path: bytes, host_ino: int) -> None:
+        """After copying up one name of a lower hard link, give every other name of it that
+        the merged view shows the same upper inode, as kernel overlayfs with index=on shows
+        them; the upper then mounts with the kernel as the same tree."""
+        upper = self._writable()
+        made: list[Node] = []
+        try:
+            for alias in src.hardlinks(host_ino):
+                if alias == src_path:
+                    continue
+                ppath, name = split(alias)
+                parent = self._walk(ppath, made)
+                if parent is None or not parent.is_dir:
+                    continue
+                res = self._resolve(parent, name)
+                if res is None or res.upper is not None or res.is_dir or not res.lower:
+                    continue
+                if self.lowers[res.lower[0][0]] is not src or res.lower[0][1] != alias:
+                    continue
+                self.ensure_upper(parent)
+                dfd = upper.dirfd(parent.path())
+                sfd, sname = self._upper_loc(node)
+                pst = os.stat(dfd)
+                os.link(sname, name, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+                os.utime(b"/proc/self/fd/%d" % dfd, ns=(pst.st_atime_ns, pst.st_mtime_ns))
+                self._add_alias(node, parent, name)
+        finally:
+            for m in made:
+                self.inodes.drop_if_unused(m)
+
     def _lower_layer(self, node: Node) -> tuple[Layer, bytes]:
         li, lp = node.lower[0]
         return self.lowers[li], lp
@@ -177,8 +236,7 @@ class UnionFS:
             if fd is not None:
                 return replace(Stat.of(os.fstat(fd)), nlink=0)
         if node.upper:
-            assert self.upper is not None
-            st = Stat.of(self.upper.stat(self._upper_path(node)))
+            st = Stat.of(self._loc_stat(node))
         elif node.lower_entry is not None and node.lower_entry.st is not None:
             st = node.lower_entry.st
         else:
@@ -233,9 +291,9 @@ class UnionFS:
         )
         node.upper = True
         if not node.is_dir:
-            # Aliases through other lower names still show the lower file; the copy is
-            # reached through this name only.
             node.aliases = []
+            if entry.st.nlink > 1:
+                self._link_up_aliases(node, src, src_path, entry.st.host_ino)
 
     # -- lookups and attributes ----------------------------------------------------------
     @_oserr
@@ -274,7 +332,7 @@ class UnionFS:
         fh: Fh | None = None,
     ) -> Attributes:
         node = self.node(ino)
-        upper = self._writable()
+        self._writable()
         handle = self.handles.files.get(fh) if fh is not None else None
         if node.unlinked and handle is None:
             handle_fd = self.handles.any_fd(node)
@@ -300,7 +358,7 @@ class UnionFS:
                     ),
                 )
             return self.attributes(node)
-        dfd, name = upper.path_fd(self._upper_path(node)) if node.parent else (upper.root_fd, b"")
+        dfd, name = self._upper_loc(node)
         is_link = stat.S_ISLNK(self._stat(node).mode)
         target: bytes | int = b"/proc/self/fd/%d/%s" % (dfd, name) if name else dfd
         if size is not None:
@@ -340,8 +398,8 @@ class UnionFS:
     def readlink(self, ino: Ino) -> bytes:
         node = self.node(ino)
         if node.upper:
-            assert self.upper is not None
-            return self.upper.readlink(self._upper_path(node))
+            dfd, name = self._upper_loc(node)
+            return os.readlink(name, dir_fd=dfd)
         layer, path = self._lower_layer(node)
         return layer.readlink(path)
 
@@ -439,7 +497,7 @@ class UnionFS:
             raise FsError(errno.EEXIST)
         self.ensure_upper(node)
         parent, upper, _ = self._prepare_create(parent_ino, name)
-        sfd, sname = upper.path_fd(self._upper_path(node))
+        sfd, sname = self._upper_loc(node)
         os.link(
             sname,
             name,
@@ -464,9 +522,14 @@ class UnionFS:
         if res.is_dir:
             raise FsError(errno.EISDIR)
         node = self._node_for(parent, name, res)
+        lst = node.lower_entry.st if node.lower_entry is not None else None
+        if not node.upper and lst is not None and lst.nlink > 1:
+            # The other names of a lower hard link must show one link less: copy it up
+            # with all its names first (kernel overlayfs with index=on copies it up too).
+            self.ensure_upper(node)
         self.ensure_upper(parent)
         ppath = parent.path()
-        if res.upper is not None:
+        if upper.exists(ppath, name):
             os.unlink(name, dir_fd=upper.dirfd(ppath))
         if lower_positive(self.lowers, parent.lower, name):
             upper.whiteout(ppath, name)
@@ -618,11 +681,10 @@ class UnionFS:
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         hflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)) | os.O_CLOEXEC
         if writing:
-            upper = self._writable()
+            self._writable()
             self.ensure_upper(node, with_data=not flags & os.O_TRUNC)
         if node.upper:
-            upper = self._writable()
-            dfd, name = upper.path_fd(self._upper_path(node))
+            dfd, name = self._upper_loc(node)
             fd = os.open(name, hflags | os.O_NOFOLLOW, dir_fd=dfd)
             on_upper = True
         else:
@@ -636,13 +698,12 @@ class UnionFS:
         """The fd to read `fh` from; a handle opened before a copy-up follows the copy."""
         h = self.handles.file(fh)
         if not h.upper and h.node.upper and not h.node.unlinked:
-            assert self.upper is not None
-            dfd, name = self.upper.path_fd(self._upper_path(h.node))
+            dfd, name = self._upper_loc(h.node)
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
             except OSError as exc:
                 raise FsError.from_os(exc) from exc
-            os.close(h.fd)
+            h.stale.append(h.fd)
             h.fd = fd
             h.upper = True
         return h.fd
@@ -656,7 +717,8 @@ class UnionFS:
     @_oserr
     def release(self, fh: Fh) -> None:
         h = self.handles.pop_file(fh)
-        os.close(h.fd)
+        for fd in (h.fd, *h.stale):
+            os.close(fd)
         h.node.opens -= 1
         self.inodes.drop_if_unused(h.node)
 
@@ -700,35 +762,34 @@ class UnionFS:
         self.handles.pop_dir(fh)
 
     # -- xattrs ------------------------------------------------------------------------
-    def _xattr_source(self, node: Node) -> tuple[Layer, bytes]:
-        if node.upper:
-            assert self.upper is not None
-            return self.upper, self._upper_path(node)
-        return self._lower_layer(node)
-
     @_oserr
     def getxattr(self, ino: Ino, name: bytes) -> bytes:
         if name.startswith(self.private):
             raise FsError(errno.EOPNOTSUPP)
-        layer, path = self._xattr_source(self.node(ino))
+        node = self.node(ino)
+        if node.upper:
+            return os.getxattr(self._loc_path(node), name, follow_symlinks=False)
+        layer, path = self._lower_layer(node)
         return layer.getxattr(path, name)
 
     @_oserr
     def listxattr(self, ino: Ino) -> list[bytes]:
-        layer, path = self._xattr_source(self.node(ino))
-        return [n for n in layer.listxattr(path) if not n.startswith(self.private)]
+        node = self.node(ino)
+        if node.upper:
+            names = [
+                os.fsencode(n) for n in os.listxattr(self._loc_path(node), follow_symlinks=False)
+            ]
+        else:
+            layer, path = self._lower_layer(node)
+            names = layer.listxattr(path)
+        return [n for n in names if not n.startswith(self.private)]
 
     def _xattr_target(self, ino: Ino, name: bytes) -> bytes:
         if name.startswith(self.private):
             raise FsError(errno.EOPNOTSUPP)
         node = self.node(ino)
-        upper = self._writable()
         self.ensure_upper(node)
-        path = self._upper_path(node)
-        if not path:
-            return b"/proc/self/fd/%d" % upper.root_fd
-        dfd, n = upper.path_fd(path)
-        return b"/proc/self/fd/%d/%s" % (dfd, n)
+        return self._loc_path(node)
 
     @_oserr
     def setxattr(self, ino: Ino, name: bytes, value: bytes) -> None:

@@ -17,6 +17,9 @@ class FileHandle:
     node: Node
     upper: bool  # fd is on the upper copy (else on a lower layer, read-only)
     flags: int
+    # fds replaced after a copy-up; closed on release, since a read in a worker thread may
+    # still use one
+    stale: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -71,6 +74,7 @@ class HandleTable:
 
     def close_all(self) -> None:
         for h in self.files.values():
-            os.close(h.fd)
+            for fd in (h.fd, *h.stale):
+                os.close(fd)
         self.files.clear()
         self.dirs.clear()

@@ -53,6 +53,10 @@ class Layer(Protocol):
 
     def statvfs(self) -> os.statvfs_result: ...
 
+    def hardlinks(self, host_ino: int) -> list[bytes]:
+        """Every path of this layer naming the object with `host_ino` (a hard link)."""
+        ...
+
     def listxattr(self, path: bytes) -> list[bytes]: ...
 
     def getxattr(self, path: bytes, name: bytes) -> bytes: ...
@@ -93,6 +97,8 @@ class DirLayer:
             self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._cache: OrderedDict[bytes, int] = OrderedDict()
         self._cache_size = cache_size
+        self._links: dict[int, list[bytes]] | None = None
+        self.immutable = True
 
     def close(self) -> None:
         for fd in self._cache.values():
@@ -234,7 +240,7 @@ class DirLayer:
                             st = os.lstat(name, dir_fd=dfd)
                         except FileNotFoundError:
                             continue
-                        out[name] = st.st_rdev == 0
+                        out[name] = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
                     else:
                         out[name] = False
         finally:
@@ -252,6 +258,36 @@ class DirLayer:
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.root_fd)
+
+    def hardlinks(self, host_ino: int) -> list[bytes]:
+        # One walk of the layer, on the first copy-up of a hard link (layers do not change).
+        if self._links is None or not self.immutable:
+            links: dict[int, list[bytes]] = {}
+            self._collect_links(self.root_fd, b"", links)
+            self._links = links
+        return list(self._links.get(host_ino, []))
+
+    def _collect_links(self, dfd: int, path: bytes, links: dict[int, list[bytes]]) -> None:
+        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            with os.scandir(fd) as it:
+                entries = [(os.fsencode(de.name), de) for de in it]
+            for name, de in entries:
+                if de.is_dir(follow_symlinks=False):
+                    try:
+                        cfd = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                    except OSError:
+                        continue
+                    try:
+                        self._collect_links(cfd, join(path, name), links)
+                    finally:
+                        os.close(cfd)
+                    continue
+                st = de.stat(follow_symlinks=False)
+                if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+                    links.setdefault(st.st_ino, []).append(join(path, name))
+        finally:
+            os.close(fd)
 
     def readlink(self, path: bytes) -> bytes:
         parent, name = split(path)

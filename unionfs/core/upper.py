@@ -29,7 +29,6 @@ _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_cha
 _renameat2.restype = ctypes.c_int
 
 WORK_SUBDIR = b"work"
-INDEX_SUBDIR = b"layerfs-index"
 TMP_PREFIX = b"#layerfs-"
 
 
@@ -46,23 +45,22 @@ class UpperLayer(DirLayer):
     def __init__(self, root: str | bytes | int, work: str | bytes | int, native: bool) -> None:
         # Upper directories change under us (renames): keep few cached fds and drop prefixes.
         super().__init__(root, cache_size=256)
+        self.immutable = False
         self.native = native
         self.xprefix = b"trusted.overlay." if native else b"user.overlay."
         if isinstance(work, int):
             self.work_root = work
         else:
             self.work_root = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        for sub in (WORK_SUBDIR, INDEX_SUBDIR):
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(sub, 0o700, dir_fd=self.work_root)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(WORK_SUBDIR, 0o700, dir_fd=self.work_root)
         self.work_fd = os.open(WORK_SUBDIR, _DIR_FLAGS, dir_fd=self.work_root)
-        self.index_fd = os.open(INDEX_SUBDIR, _DIR_FLAGS, dir_fd=self.work_root)
         self._tmp = itertools.count()
         self._clean_work()
 
     def close(self) -> None:
         super().close()
-        for fd in (self.work_fd, self.index_fd, self.work_root):
+        for fd in (self.work_fd, self.work_root):
             os.close(fd)
 
     def _clean_work(self) -> None:
