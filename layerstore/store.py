@@ -404,8 +404,11 @@ class Store:
                 tags = [
                     str(r[0]) for r in c.execute("SELECT name FROM tags WHERE image = ?", (image,))
                 ]
-                by_name = not image.removeprefix("sha256:").startswith(ref.removeprefix("sha256:"))
-                if by_name and "@" not in ref and len(tags) > 1:
+                tagged = c.execute(
+                    "SELECT 1 FROM tags WHERE name = ? AND image = ?", (with_tag(ref), image)
+                ).fetchone()
+                by_name = "@" in ref or tagged is not None
+                if tagged is not None and len(tags) > 1:
                     c.execute("DELETE FROM tags WHERE name = ?", (with_tag(ref),))
                     c.execute("COMMIT")
                     return [f"Untagged: {with_tag(ref)}"]
