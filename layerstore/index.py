@@ -9,7 +9,7 @@ from typing import Any
 
 from .model import Entry, EntryKind
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 ENTRY_COLS = (
     "parent, name, kind, mode, uid, gid, size, mtime_ns, rdev_major, rdev_minor, link, content, "

@@ -40,6 +40,7 @@ from .paths import ancestors, join, show
 from .progress import Progress
 from .sources import SourceImage
 from .store import Store, crashpoint, same_bytes, with_tag
+from .tarsplit import SplitRecorder
 
 COPY = 1 << 20
 SMALL = 1 << 20  # files up to this size are hashed in memory before anything is written
@@ -63,6 +64,8 @@ class StagedLayer:
     logical_bytes: int = 0
     new_bytes: int = 0
     keys: set[str] = field(default_factory=set)
+    tarsplit: bool = True  # a split file rebuilds the exact tar (see tarsplit.py)
+    split_keys: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -159,9 +162,12 @@ class Importer:
             kind = sniff(peek.peek(4))
             plain: Readable = peek if kind == "none" else DecompressingReader(peek, kind, label)
             tar = HashingReader(plain)
+            split = open(self._split_path(sl), "xb")  # noqa: SIM115 - closed in finally
+            rec = SplitRecorder(tar, split)
             try:
-                self._entries(sl, tar, label)
-                tar.drain()  # padding after the end-of-archive marker belongs to the DiffID
+                self._entries(sl, rec, label)
+                rec.drain()  # padding after the end-of-archive marker belongs to the DiffID
+                rec.finish()
                 blob.drain()
             except LayerError as exc:
                 msg = str(exc)
@@ -172,6 +178,8 @@ class Importer:
                 raise LayerError(f"layer {label}: truncated or corrupt tar: {exc}") from None
             except OSError as exc:
                 raise LayerError(f"layer {label}: read error: {exc}") from None
+            finally:
+                split.close()
         if digest is not None and blob.digest() != digest:
             raise LayerError(
                 f"layer {label}: blob digest mismatch (got {blob.digest()}, expected {digest})"
@@ -185,7 +193,10 @@ class Importer:
         sl.tar_size = tar.count
         self._finish_layer(sl)
 
-    def _entries(self, sl: StagedLayer, tar: Readable, label: str) -> None:
+    def _split_path(self, sl: StagedLayer) -> Path:
+        return self.stage / f"split-{sl.sid}"
+
+    def _entries(self, sl: StagedLayer, tar: SplitRecorder, label: str) -> None:
         from .tarstream import read_layer
 
         db = self.sdb
@@ -197,7 +208,13 @@ class Importer:
         self._pending_x: list[tuple[object, ...]] = []
         self._put(lid, _implicit_dir(b"", b""), dirs)
         nfile = 0
-        for e, fobj in read_layer(tar, self.warn):
+        cut: list[int] = []
+
+        def on_data(offset: int, size: int) -> None:
+            tar.cut(offset, size)
+            cut.append(size)
+
+        for e, fobj in read_layer(tar, self.warn, on_data):
             path = e.path
             try:
                 for anc in ancestors(path) if path != b"/" else []:
@@ -248,6 +265,9 @@ class Importer:
             elif e.kind == EntryKind.FILE:
                 assert fobj is not None
                 key = self._stage_content(fobj, e.size, path, sl)
+                if cut:
+                    tar.file(key, cut.pop())
+                    sl.split_keys.add(key)
                 self._put(lid, replace(e, content=key), dirs)
                 nfile += 1
                 if nfile % 64 == 0:
@@ -378,6 +398,10 @@ class Importer:
                 (lid,),
             )
         }
+        if not sl.split_keys <= sl.keys:
+            # A content only an overwritten duplicate had: nothing would keep it alive, so
+            # this layer goes without a tar-split rather than with a dangling one.
+            sl.tarsplit = False
         db.commit()
 
     # ---- contents --------------------------------------------------------------------------
@@ -493,6 +517,8 @@ class Importer:
                 if key in sl.keys:
                     sl.keys.discard(key)
                     sl.keys.add(cand)
+                if key in sl.split_keys:
+                    sl.tarsplit = False  # its split names the old key
 
     def _commit(
         self, staged: dict[str, StagedLayer], images: list[SourceImage], extra_tags: list[str]
@@ -510,6 +536,14 @@ class Importer:
                 if i % 64 == 63:
                     crashpoint(f"placed-{i + 1}")
             self.sdb.commit()
+            for sl in new:
+                if sl.tarsplit:
+                    dst = st.tarsplit_str(sl.diff_id)
+                    try:
+                        os.link(self._split_path(sl), dst)
+                        self._placed.append(dst)
+                    except FileExistsError:
+                        pass  # a leftover of a killed import of the same layer: same bytes
             crashpoint("placed")
             c.execute("ATTACH DATABASE ? AS stage", (str(self.stage / "stage.db"),))
             try:
@@ -546,9 +580,9 @@ class Importer:
         for sl in new:
             cur = c.execute(
                 "INSERT INTO layers (diff_id, blob_digest, media_type, blob_size, tar_size, files, "
-                "logical_bytes, new_bytes, imported) VALUES (?,?,?,?,?,?,?,?,?)",
+                "logical_bytes, new_bytes, imported, tarsplit) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (sl.diff_id, sl.blob_digest, sl.media_type, sl.blob_size, sl.tar_size, sl.files,
-                 sl.logical_bytes, sl.new_bytes, now),
+                 sl.logical_bytes, sl.new_bytes, now, int(sl.tarsplit)),
             )  # fmt: skip
             real = cur.lastrowid
             c.execute(

@@ -1,4 +1,4 @@
--- layerfs store index (SQLite). One file, STORE/index.db, rollback journal (no WAL), so a
+-- layerfs store index (SQLite, schema version 2). One file, STORE/index.db, rollback journal (no WAL), so a
 -- failed or killed import leaves it byte-for-byte as it was. Version: PRAGMA user_version.
 -- Paths are BLOBs (tar names need not be UTF-8). Digests are TEXT 'sha256:<hex>'.
 
@@ -15,7 +15,8 @@ CREATE TABLE layers (
     files         INTEGER NOT NULL,      -- number of rows in entries for this layer
     logical_bytes INTEGER NOT NULL,      -- sum of regular-file sizes, each inode once
     new_bytes     INTEGER NOT NULL,      -- content bytes this layer added to the store (not deduped)
-    imported      REAL NOT NULL          -- unix time of the commit
+    imported      REAL NOT NULL,         -- unix time of the commit
+    tarsplit      INTEGER NOT NULL       -- 1: STORE/tarsplit/<diff_id hex> rebuilds the exact tar
 );
 
 -- One name in one layer. Primary key (layer, parent, name): a lookup is one B-tree probe and
@@ -94,4 +95,4 @@ CREATE TABLE repo_digests (
     image TEXT NOT NULL REFERENCES images(id)
 ) WITHOUT ROWID;
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from .model import Entry, ImageInfo, LayerInfo
 # On-disk layout of a store directory:
 #   index.db           the SQLite index (schema.sql)
 #   content/ab/<key>   one plain file per distinct content, key = '<xxh3-128 hex>-<size>[.<n>]'
+#   tarsplit/<hex>     per layer (DiffID hex): its tar minus file data (tarsplit.py)
 #   tmp/               one directory per running import (staging) or gc; a leftover here means
 #                      a process died: the next open that can take the lock exclusively removes
 #                      it and any content file the index does not know (orphans)
@@ -90,6 +92,7 @@ class Store:
         self.tmp_dir = self.root / "tmp"
         self.db_path = self.root / "index.db"
         self._content_prefix = f"{self.content_dir}/"
+        self.tarsplit_dir = self.root / "tarsplit"
         if readonly:
             if not self.db_path.exists():
                 raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
@@ -98,6 +101,7 @@ class Store:
                 self.root.mkdir(parents=True, exist_ok=True)
                 self.content_dir.mkdir(exist_ok=True)
                 self.tmp_dir.mkdir(exist_ok=True)
+                self.tarsplit_dir.mkdir(exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create store {self.root}: {exc.strerror}") from None
         self._lockf: IO[bytes] | None = None
@@ -198,9 +202,22 @@ class Store:
             for f in sorted(sub.iterdir()):
                 yield f.name, f
 
+    def _split_orphans(self) -> list[Path]:
+        known = {
+            str(r[0]).removeprefix("sha256:")
+            for r in self.conn.execute("SELECT diff_id FROM layers WHERE tarsplit = 1")
+        }
+        if not self.tarsplit_dir.exists():
+            return []
+        return [p for p in sorted(self.tarsplit_dir.iterdir()) if p.name not in known]
+
     def _remove_orphans(self, dry_run: bool) -> int:
         known = {r[0] for r in self.conn.execute("SELECT key FROM contents")}
         n = 0
+        for p in self._split_orphans():
+            n += 1
+            if not dry_run:
+                p.unlink(missing_ok=True)
         for key, path in self._content_files():
             if key not in known or path.parent.name != key[:2]:
                 n += 1
@@ -213,6 +230,25 @@ class Store:
     def content_path(self, key: str) -> Path:
         """Path of the plain file holding the content `key` (read it with pread)."""
         return self.content_dir / key[:2] / key
+
+    def tarsplit_str(self, diff_id: str) -> str:
+        return str(self.tarsplit_dir / diff_id.removeprefix("sha256:"))
+
+    def layer_tar(self, layer: int) -> Iterator[bytes]:
+        """The layer's original uncompressed tar, byte for byte (its SHA-256 is the DiffID),
+        rebuilt from its tar-split and the stored contents. StoreError if it has no split."""
+        from .tarsplit import rebuild
+
+        row = self.conn.execute(
+            "SELECT diff_id, tarsplit FROM layers WHERE id = ?", (layer,)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no layer {layer}")
+        if not row[1]:
+            raise StoreError(f"layer {row[0]} has no tar-split (it cannot be rebuilt exactly)")
+        with open(self.tarsplit_str(row[0]), "rb") as split:
+            # rebuild() closes each content it opens
+            yield from rebuild(split, lambda key: open(self.content_str(key), "rb"))  # noqa: SIM115
 
     def content_str(self, key: str) -> str:
         """content_path() as a str, without pathlib's cost (hot loops)."""
@@ -443,6 +479,7 @@ class Store:
                 "SELECT id, diff_id FROM layers WHERE id NOT IN (SELECT layer FROM image_layers) "
                 "ORDER BY id"
             ).fetchall()
+            # (their tar-split files become orphans and go with the orphan sweep below)
             ids = [int(r[0]) for r in unused]
             if dry_run:
                 dead = self._dead_contents(ids)
@@ -536,6 +573,23 @@ class Store:
         for key, path in self._content_files():
             if key not in known or path.parent.name != key[:2]:
                 problems.append(f"orphan content file {path.relative_to(self.root)}")
+        for lid, diff_id in c.execute(
+            "SELECT id, diff_id FROM layers WHERE tarsplit = 1"
+        ).fetchall():
+            if not os.path.exists(self.tarsplit_str(diff_id)):
+                problems.append(f"layer {diff_id}: missing tar-split file")
+            elif full:
+                h = hashlib.sha256()
+                try:
+                    for chunk in self.layer_tar(lid):
+                        h.update(chunk)
+                except (OSError, StoreError) as exc:
+                    problems.append(f"layer {diff_id}: cannot rebuild its tar: {exc}")
+                    continue
+                if "sha256:" + h.hexdigest() != diff_id:
+                    problems.append(f"layer {diff_id}: rebuilt tar does not match its DiffID")
+        for p in self._split_orphans():
+            problems.append(f"orphan tar-split file {p.relative_to(self.root)}")
         for lid, files, n in c.execute(
             "SELECT l.id, l.files, (SELECT COUNT(*) FROM entries e WHERE e.layer = l.id) "
             "FROM layers l"

@@ -64,7 +64,11 @@ def _xattrs(ti: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
 Item = tuple[Entry, IO[bytes] | None]
 
 
-def read_layer(stream: Readable, warn: Callable[[str], None] = lambda _m: None) -> Iterator[Item]:
+def read_layer(
+    stream: Readable,
+    warn: Callable[[str], None] = lambda _m: None,
+    on_data: Callable[[int, int], None] | None = None,
+) -> Iterator[Item]:
     """Yield (entry, content) for each member of a tar stream, in archive order.
 
     Entries carry canonical paths (see paths.normalize). `content` is a reader for FILE entries
@@ -73,6 +77,8 @@ def read_layer(stream: Readable, warn: Callable[[str], None] = lambda _m: None) 
     not the directory's own: the caller merges it). HARDLINK entries carry the canonical
     target path in `link`; their own header metadata is meaningless and left at defaults.
     A missing end-of-archive marker is accepted; truncation inside a member is a LayerError.
+    `on_data(offset, size)` is called before a FILE entry whose data are its content bytes
+    stored as-is in the stream (not sparse, size > 0): the tar-split recorder cuts them out.
     """
     try:
         tf = tarfile.open(  # noqa: SIM115 - closed by the `with` below
@@ -94,11 +100,14 @@ def read_layer(stream: Readable, warn: Callable[[str], None] = lambda _m: None) 
             if ti is None:
                 break
             tf.members.clear()  # stream mode: never keep all headers in memory
-            yield from _convert(tf, ti, warn)
+            yield from _convert(tf, ti, warn, on_data)
 
 
 def _convert(
-    tf: tarfile.TarFile, ti: tarfile.TarInfo, warn: Callable[[str], None]
+    tf: tarfile.TarFile,
+    ti: tarfile.TarInfo,
+    warn: Callable[[str], None],
+    on_data: Callable[[int, int], None] | None,
 ) -> Iterator[Item]:
     raw = _b(ti.name)
     path = normalize(raw)
@@ -135,6 +144,8 @@ def _convert(
         return
     if kind == EntryKind.FILE:
         fobj = tf.extractfile(ti)
+        if on_data is not None and ti.size > 0 and ti.sparse is None:
+            on_data(ti.offset_data, ti.size)
         yield Entry(parent, name, kind, mode, ti.uid, ti.gid, ti.size, mtime, xattrs=xattrs), fobj
         return
     if kind == EntryKind.SYMLINK:

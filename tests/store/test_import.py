@@ -420,3 +420,32 @@ def test_store_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     env = {**os.environ, "LAYERFS_STORE": str(tmp_path / "viaenv")}
     p = subprocess.run([*LAYERFS, "images"], env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and (tmp_path / "viaenv" / "index.db").exists()
+
+
+def test_tar_split_rebuilds_every_layer_exactly(store: Store, tmp_path: Path) -> None:
+    gnu = layer_tar([f("g/" + "l" * 150, b"gnu long name"), hard("g/h", "g/" + "l" * 150)],
+                    fmt=tarfile.GNU_FORMAT)  # fmt: skip
+    open_end = layer_tar([d("u"), f("u/v", b"v" * 1000)], eof_marker=False)
+    dups = layer_tar([f("dup", b"one"), f("dup", b"two"), f("zero", b""), wh("gone")])
+    write_oci(tmp_path / "img", Img([BASE, TOP, gnu, open_end], ref="t"))
+    write_oci(tmp_path / "img2", Img([dups], compression="zstd", ref="d"))
+    do_import(store, f"oci:{tmp_path / 'img'}")
+    do_import(store, f"oci:{tmp_path / 'img2'}")
+    originals = {digest: tar for tar in (BASE, TOP, gnu, open_end, dups)
+                 if (digest := "sha256:" + hashlib.sha256(tar).hexdigest())}  # fmt: skip
+    rows = store.conn.execute("SELECT id, diff_id, tarsplit FROM layers").fetchall()
+    assert len(rows) == 5
+    for lid, diff_id, has_split in rows:
+        if diff_id == "sha256:" + hashlib.sha256(dups).hexdigest():
+            # "one" is referenced by no entry (the later "two" wins): no split for this layer
+            assert has_split == 0
+            with pytest.raises(Exception, match="no tar-split"):
+                b"".join(store.layer_tar(lid))
+            continue
+        assert has_split == 1
+        assert b"".join(store.layer_tar(lid)) == originals[diff_id]
+    assert store.fsck(full=True) == []
+    # damage a split: fsck --full notices
+    split = store.tarsplit_dir / rows[0][1].removeprefix("sha256:")
+    split.write_bytes(b"not zstd")
+    assert any("cannot rebuild" in p or "does not match" in p for p in store.fsck(full=True))
