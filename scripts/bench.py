@@ -653,6 +653,34 @@ def profile_cmd(cfg: Config, cmd: list[str], label: str) -> list[str]:
     return [cmd[0], "-m", "pyinstrument", "-r", "html", "-o", str(out), *cmd[1:]]
 
 
+def profile_summary(path: Path, top: int = 12) -> list[str]:
+    """The functions with the most samples in a py-spy speedscope file: self and total time."""
+    doc = json.loads(path.read_text())
+    frames = doc["shared"]["frames"]
+    self_w: dict[int, float] = {}
+    total_w: dict[int, float] = {}
+    all_w = 0.0
+    for prof in doc["profiles"]:
+        for stack, w in zip(prof["samples"], prof["weights"], strict=True):
+            if not stack:
+                continue
+            all_w += w
+            self_w[stack[-1]] = self_w.get(stack[-1], 0.0) + w  # the leaf is last
+            for fi in set(stack):
+                total_w[fi] = total_w.get(fi, 0.0) + w
+    if all_w == 0:
+        return ["  (no samples)"]
+
+    def name(fi: int) -> str:
+        f = frames[fi]
+        return f"{f['name']} ({Path(str(f.get('file') or '?')).name}:{f.get('line')})"
+
+    out = [f"  {all_w:.2f}s sampled; self%  total%  function"]
+    for fi, w in sorted(self_w.items(), key=lambda kv: -kv[1])[:top]:
+        out.append(f"  {100 * w / all_w:5.1f}  {100 * total_w[fi] / all_w:6.1f}  {name(fi)}")
+    return out
+
+
 def pyspy_path() -> str | None:
     local = Path(sys.executable).parent / "py-spy"
     venv = REPO / ".venv" / "bin" / "py-spy"
@@ -1795,6 +1823,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_IGN)
         CHILDREN.cleanup(mnt)
     text, doc = render(res, wls, impls, machine, args, cfg.cold_ok)
+    if cfg.profile == "py-spy":
+        for prof in sorted(cfg.profile_dir.glob("*-r0-layerfs.speedscope.json")):
+            try:
+                text += f"\n\nprofile {prof}:\n" + "\n".join(profile_summary(prof))
+            except (OSError, ValueError, KeyError) as exc:
+                text += f"\n\nprofile {prof}: unreadable ({exc})"
     doc["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(text)
     print(f"(measured in {doc['elapsed_s']:.0f}s)")
