@@ -63,6 +63,31 @@ def _xattrs(ti: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
 
 Item = tuple[Entry, IO[bytes] | None]
 
+# tarfile reads a PAX or GNU long-name header's whole body into memory: bound it.
+MAX_META = 16 << 20
+_META_TYPES = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """TarInfo refusing metadata headers (PAX, GNU long names) larger than MAX_META."""
+
+    def _proc_member(self, tf: tarfile.TarFile) -> tarfile.TarInfo:
+        # tarfile's private hook, called once per header read (stable in 3.11-3.13).
+        if self.type in _META_TYPES and self.size > MAX_META:
+            raise LayerError(
+                f"a {self.size}-byte metadata header (PAX or GNU long name; the limit is "
+                f"{MAX_META})"
+            )
+        proc = getattr(super(), "_proc_member")  # noqa: B009 - private, absent from the stubs
+        result: tarfile.TarInfo = proc(tf)
+        return result
+
 
 def read_layer(
     stream: Readable,
@@ -84,6 +109,7 @@ def read_layer(
         tf = tarfile.open(  # noqa: SIM115 - closed by the `with` below
             fileobj=stream,  # type: ignore[call-overload]
             mode="r|",
+            tarinfo=_BoundedTarInfo,
             encoding="utf-8",
             errors="surrogateescape",
         )

@@ -189,3 +189,13 @@ def test_roundtrip_of_random_names_modes_and_ids(
     for e, fobj in read_layer(io.BytesIO(layer_tar(members, fmt=fmt, eof_marker=eof))):
         got[e.path] = (fobj.read() if fobj else b"", e.mode, e.uid, e.gid)
     assert got == {b"/" + b"/".join(p): v for p, v in leaves.items()}
+
+
+def test_huge_metadata_header_is_refused_before_it_is_read() -> None:
+    # A PAX header claiming 1 GiB: tarfile would read it all into memory.
+    hdr = tarfile.TarInfo("PaxHeaders/x")
+    hdr.type = tarfile.XHDTYPE
+    hdr.size = 1 << 30
+    tar = hdr.tobuf(format=tarfile.USTAR_FORMAT) + b"30 path=" + b"a" * 100
+    with pytest.raises(LayerError, match="metadata header"):
+        entries(tar)
