@@ -417,6 +417,16 @@ class Store:
         cfg: dict[str, Any] = json.loads(bytes(row[0]))
         return cfg
 
+    def image_blobs(self, image: str) -> tuple[bytes, bytes, str]:
+        """(config bytes, manifest bytes, manifest media type) exactly as imported. The config
+        digest is the image ID; layers can be rebuilt exactly with layer_tar()."""
+        row = self.conn.execute(
+            "SELECT config, manifest, media_type FROM images WHERE id = ?", (image,)
+        ).fetchone()
+        if row is None:
+            raise ImageNotFound(f"no such image: {image}")
+        return bytes(row[0]), bytes(row[1]), str(row[2])
+
     def tag(self, ref: str, name: str) -> str:
         image = self.resolve(ref)
         name = with_tag(name)
