@@ -765,7 +765,7 @@ class UnionFS:
     @_oserr
     def getxattr(self, ino: Ino, name: bytes) -> bytes:
         if name.startswith(self.private):
-            raise FsError(errno.EOPNOTSUPP)
+            raise FsError(errno.ENODATA)  # hidden, as the kernel hides its own xattrs
         node = self.node(ino)
         if node.upper:
             return os.getxattr(self._loc_path(node), name, follow_symlinks=False)
