@@ -233,15 +233,28 @@ class Operations(pyfuse3.Operations):
         return await self._core(self.fs.opendir, Ino(inode))
 
     @_guard
-    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        # Offsets: 1 after ".", 2 after "..", 2 + n after the core's entry n - 1.
         async with self.lock:
-            start = start_id
+            node = self.fs.handles.dir(Fh(fh)).node
+            if start_id == 0:
+                # "." and ".." are never linked by the kernel: no lookup count, no forget.
+                a = self.fs.getattr(node.ino)
+                if not pyfuse3.readdir_reply(token, b".", entry_attributes(a), 1):
+                    return
+                start_id = 1
+            if start_id == 1:
+                a = self.fs.getattr(node.parent.ino if node.parent is not None else node.ino)
+                if not pyfuse3.readdir_reply(token, b"..", entry_attributes(a), 2):
+                    return
+                start_id = 2
+            start = start_id - 2
             while True:
                 entries = self.fs.readdir(Fh(fh), start)
                 if not entries:
                     return
                 for i, (name, attrs, nxt) in enumerate(entries):
-                    if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs), nxt):
+                    if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs), nxt + 2):
                         for _, rest, _ in entries[i:]:
                             self.fs.drop_if_unused(rest.ino)
                         return

@@ -416,12 +416,17 @@ class UnionFS:
         had_wh = upper.clear_whiteout(parent.path(), name)
         return parent, upper, had_wh
 
-    def _owner(self, dfd: int, name: bytes, parent: Node, uid: int, gid: int) -> None:
+    def _owner(
+        self, dfd: int, name: bytes, parent: Node, uid: int, gid: int, mode: int | None = None
+    ) -> None:
         pst = self._stat(parent)
         if pst.mode & stat.S_ISGID:
             gid = pst.gid
         with contextlib.suppress(PermissionError):  # rootless: everything is ours
             os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+        if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
+            # chown cleared the set-id bits the caller asked for
+            os.chmod(name, stat.S_IMODE(mode), dir_fd=dfd)
 
     def _finish_create(self, parent: Node, name: bytes) -> Node:
         res = self._resolve(parent, name)
@@ -452,7 +457,7 @@ class UnionFS:
             os.close(fd)
         else:
             os.mknod(name, mode, rdev, dir_fd=dfd)
-        self._owner(dfd, name, parent, uid, gid)
+        self._owner(dfd, name, parent, uid, gid, mode)
         return self.attributes(self._finish_create(parent, name))
 
     @_oserr
@@ -474,7 +479,7 @@ class UnionFS:
         hflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)) | os.O_CLOEXEC
         fd = os.open(name, hflags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode), dir_fd=dfd)
         try:
-            self._owner(dfd, name, parent, uid, gid)
+            self._owner(dfd, name, parent, uid, gid, mode)
             node = self._finish_create(parent, name)
         except BaseException:
             os.close(fd)
