@@ -22,7 +22,9 @@ The images, and what each exercises:
      whose parent directories have no entries; a history time with 8 fraction digits.
 - ``other`` (``base`` + 1 layer): shares the base layer with ``app`` and a file's content.
 - ``retype`` (``base`` + 2 layers): a file becomes a directory, a directory a symlink (umoci
-  then writes a whiteout under that new symlink), a symlink a file.
+  then writes a whiteout under that new symlink, and its unpack follows that symlink and
+  deletes a file of the same name in the target: compared against an expected tree), a
+  symlink a file.
 - ``symwh`` (``base`` + 2 layers): ``link -> real`` and ``real/f``; then a raw layer with only
   ``link/.wh.f``. umoci follows the symlink and deletes ``real/f``; the kernel and layerfs do
   not (DESIGN §2), so tests compare this one against an expected tree (``symwh-pre``).
@@ -378,12 +380,17 @@ def build_other(layout: Path, base: Image, ref: str = "other") -> Image:
     return Image("other", layout, ref)
 
 
-def build_retype(layout: Path, base: Image, ref: str = "retype") -> Image:
+RETYPE_SUB_CHILD = b"not wasdir's child, but in the directory wasdir comes to point to\n"
+
+
+def build_retype(layout: Path, base: Image, ref: str = "retype") -> tuple[Image, Image]:
     """``base`` + a layer of a file, a directory and a symlink + a layer changing each one's
     type: the file becomes a directory, the directory a symlink, the symlink a file.
 
     For the directory, umoci writes the new symlink *and* a whiteout under it
     (``wasdir -> sub``, ``wasdir/.wh.child``): a whiteout below a symlink of the same layer.
+    ``sub/child`` exists, and umoci's own unpack follows the new symlink and deletes it.
+    Returns (the image, the same image without its last layer).
     """
     run(["umoci", "tag", "--image", f"{layout}:{base.ref}", ref])
     bundle = layout.parent / f"bundle-{ref}"
@@ -391,8 +398,10 @@ def build_retype(layout: Path, base: Image, ref: str = "retype") -> Image:
     _write(rootfs, "data/replaced", b"a file that becomes a directory\n")
     _write(rootfs, "data/wasdir/child", b"a directory that becomes a symlink\n")
     _write(rootfs, "data/sub/kept", b"the symlink's target\n")
+    _write(rootfs, "data/sub/child", RETYPE_SUB_CHILD)  # the same name as wasdir's child
     _symlink(rootfs, "data/waslink", "sub")
     _repack(layout, ref, bundle, "three types")
+    run(["umoci", "tag", "--image", f"{layout}:{ref}", f"{ref}-pre"])
     rootfs = umoci_unpack(layout, ref, bundle)
     os.unlink(rootfs / "data" / "replaced")
     _write(rootfs, "data/replaced/now-a-dir", b"child\n")
@@ -401,7 +410,7 @@ def build_retype(layout: Path, base: Image, ref: str = "retype") -> Image:
     os.unlink(rootfs / "data" / "waslink")
     _write(rootfs, "data/waslink", b"was a symlink\n")
     _repack(layout, ref, bundle, "types changed")
-    return Image("retype", layout, ref)
+    return Image("retype", layout, ref), Image("retype-pre", layout, f"{ref}-pre")
 
 
 SYMWH_REAL_F = b"behind a symlink\n"

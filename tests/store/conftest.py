@@ -55,6 +55,7 @@ class BuiltImages:
     app: images.Image
     other: images.Image
     retype: images.Image
+    retype_pre: images.Image
     symwh: images.Image
     symwh_pre: images.Image
     buildah_amd64: images.Image
@@ -85,11 +86,22 @@ def built_images(tmp_path_factory: pytest.TempPathFactory) -> BuiltImages:
     base = images.build_base(layout)
     app = images.build_app(layout, base)
     other = images.build_other(layout, base)
-    retype = images.build_retype(layout, base)
+    retype, retype_pre = images.build_retype(layout, base)
     symwh, symwh_pre = images.build_symlink_whiteout(layout, base)
     amd64, arm64, index = images.build_buildah_images(work, layout, base)
     return BuiltImages(
-        work, layout, base, app, other, retype, symwh, symwh_pre, amd64, arm64, index
+        work=work,
+        layout=layout,
+        base=base,
+        app=app,
+        other=other,
+        retype=retype,
+        retype_pre=retype_pre,
+        symwh=symwh,
+        symwh_pre=symwh_pre,
+        buildah_amd64=amd64,
+        buildah_arm64=arm64,
+        buildah_index=index,
     )
 
 

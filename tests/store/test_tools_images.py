@@ -86,6 +86,11 @@ def test_retype_image(
     assert tree[b"data/sub/kept"].kind == "file"
     top = [m.name for m in images.layer_members(built_images.retype)[2]]
     assert top.index("data/wasdir") < top.index("data/wasdir/.wh.child")
+    # umoci's unpack followed the new symlink wasdir -> sub and deleted sub/child, which the
+    # image never deleted (test_umoci_oracle expects it kept).
+    assert b"data/sub/child" not in tree
+    before = image_snapshot(umoci_rootfs(built_images.retype_pre))
+    assert before[b"data/sub/child"].size == len(images.RETYPE_SUB_CHILD)
 
 
 def test_app_layers_spell_whiteouts_as_oci_does(built_images: BuiltImages) -> None:
