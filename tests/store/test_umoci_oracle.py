@@ -30,7 +30,8 @@ def oracle_diff(expected: Tree, ours: Tree, root_mtime: bool = True) -> list[str
 
     Everything treecmp records is compared, for every path including the root: kind, mode
     (with setuid/setgid/sticky), uid, gid, size, content hash, symlink target, hard link count,
-    xattrs (except security.* and overlay-private ones, see treecmp), device numbers and mtime
+    xattrs (file capabilities and trusted.* included; only host labels and overlay-private
+    ones are left out, see conftest.HOST_XATTRS), device numbers and mtime
     in nanoseconds (umoci applies PAX sub-second times, to symlinks too, and restores a
     directory's time after a later layer adds or removes children in it, so every time in
     its rootfs comes from the image).
