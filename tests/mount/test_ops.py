@@ -1,0 +1,192 @@
+"""Operations through a real layerfs mount, and the kernel reading the upper it leaves."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_fuse, require_kernel_overlay, require_root
+from tests.mounting import overlay_mount
+from tests.treecmp import compare, snapshot
+
+pytestmark = pytest.mark.mount
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def renameat2(src: Path, dst: Path, flags: int) -> None:
+    if _libc.renameat2(-100, os.fsencode(src), -100, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@pytest.fixture(autouse=True)
+def _fuse() -> None:
+    require_fuse()
+
+
+class Stack:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.l0, self.l1 = base / "l0", base / "l1"
+        self.upper, self.work, self.mnt = base / "u", base / "w", base / "m"
+        for d in (self.l0, self.l1, self.upper, self.work, self.mnt):
+            d.mkdir()
+        (self.l1 / "dir" / "sub").mkdir(parents=True)
+        (self.l1 / "dir" / "sub" / "deep").write_bytes(b"deep")
+        (self.l1 / "dir" / "gone").write_bytes(b"gone")
+        (self.l0 / "dir").mkdir()
+        (self.l0 / "dir" / "top").write_bytes(b"top")
+        (self.l1 / "file").write_bytes(b"0123456789")
+        os.link(self.l1 / "file", self.l1 / "dir" / "alias")
+        (self.l0 / "link").symlink_to("file")
+        os.setxattr(self.l1 / "file", b"user.k", b"v")
+
+    def mount(self) -> Iterator[Path]:
+        return overlay_mount("layerfs", [self.l0, self.l1], self.mnt, self.upper, self.work)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Stack:
+    return Stack(tmp_path)
+
+
+def test_merged_view_and_copy_up(stack: Stack) -> None:
+    with stack.mount() as m:
+        assert sorted(os.listdir(m / "dir")) == ["alias", "gone", "sub", "top"]
+        st_file, st_alias = os.lstat(m / "file"), os.lstat(m / "dir" / "alias")
+        assert st_file.st_ino == st_alias.st_ino and st_file.st_nlink == 2
+        assert os.readlink(m / "link") == "file"
+        with open(m / "file", "r+b") as f:
+            f.seek(2)
+            f.write(b"AB")
+        assert (m / "dir" / "alias").read_bytes() == b"01AB456789"
+        assert os.lstat(m / "file").st_ino == st_file.st_ino
+        assert os.lstat(m / "dir" / "alias").st_nlink == 2
+        assert os.getxattr(m / "file", b"user.k") == b"v"
+        assert (stack.l1 / "file").read_bytes() == b"0123456789"
+        devs = {os.lstat(m / p).st_dev for p in ("", "file", "dir", "dir/sub", "link")}
+        assert len(devs) == 1
+        os.unlink(m / "dir" / "gone")
+        assert "gone" not in os.listdir(m / "dir")
+        with pytest.raises(OSError) as info:
+            os.rmdir(m / "dir")
+        assert info.value.errno == errno.ENOTEMPTY
+        with pytest.raises(OSError) as info:
+            os.lstat(m / ("n" * 256))
+        assert info.value.errno == errno.ENAMETOOLONG
+
+
+def test_rename_directories_and_flags(stack: Stack) -> None:
+    with stack.mount() as m:
+        ino = os.lstat(m / "dir").st_ino
+        os.mkdir(m / "new")
+        os.rename(m / "dir", m / "new" / "moved")
+        assert (m / "new" / "moved" / "sub" / "deep").read_bytes() == b"deep"
+        assert os.lstat(m / "new" / "moved").st_ino == ino
+        assert not (m / "dir").exists()
+        (m / "a").write_bytes(b"A")
+        with pytest.raises(OSError) as info:
+            renameat2(m / "a", m / "file", RENAME_NOREPLACE)
+        assert info.value.errno == errno.EEXIST
+        renameat2(m / "a", m / "file", RENAME_EXCHANGE)
+        assert (m / "a").read_bytes() == b"0123456789" and (m / "file").read_bytes() == b"A"
+    with stack.mount() as m:
+        assert os.lstat(m / "new" / "moved").st_ino == ino, "st_ino survives a remount"
+        assert (m / "new" / "moved" / "top").read_bytes() == b"top"
+
+
+def test_unlinked_while_open_and_mmap(stack: Stack) -> None:
+    with stack.mount() as m:
+        fd = os.open(m / "dir" / "top", os.O_RDWR)
+        try:
+            os.unlink(m / "dir" / "top")
+            assert os.fstat(fd).st_nlink == 0
+            os.pwrite(fd, b"T", 0)
+            assert os.pread(fd, 10, 0) == b"Top"
+        finally:
+            os.close(fd)
+        with open(m / "file", "r+b") as f, mmap.mmap(f.fileno(), 0) as mm:
+            assert mm[:4] == b"0123"
+            mm[0:2] = b"MM"
+            mm.flush()
+        assert (m / "file").read_bytes().startswith(b"MM23")
+        assert (stack.upper / "file").read_bytes().startswith(b"MM23")
+
+
+def test_metadata_ops(stack: Stack) -> None:
+    with stack.mount() as m:
+        f = m / "file"
+        os.utime(f, ns=(10**18, 2 * 10**18))
+        subprocess.run(["touch", "-m", "-d", "@1500000000", str(f)], check=True)
+        st = os.lstat(f)
+        assert st.st_atime_ns == 10**18, "UTIME_OMIT leaves atime"
+        assert st.st_mtime_ns == 1500000000 * 10**9
+        os.chmod(f, 0o600)
+        assert stat.S_IMODE(os.lstat(f).st_mode) == 0o600
+        os.truncate(f, 3)
+        assert f.read_bytes() == b"012"
+        os.setxattr(m / "dir", b"user.x", b"1")
+        assert os.getxattr(m / "dir", b"user.x") == b"1"
+        os.removexattr(f, b"user.k")
+        assert b"user.k" not in [os.fsencode(x) for x in os.listxattr(f)]
+        os.symlink("target", m / "sym")
+        os.link(m / "dir" / "top", m / "hard")
+        assert os.lstat(m / "hard").st_nlink == 2
+        os.mkfifo(m / "fifo")
+        assert stat.S_ISFIFO(os.lstat(m / "fifo").st_mode)
+        assert os.statvfs(m).f_namemax == 255
+
+
+def test_paths_beyond_path_max(stack: Stack) -> None:
+    comp = "d" * 250
+    with stack.mount() as m:
+        fd = os.open(m, os.O_RDONLY)
+        try:
+            for _ in range(20):  # 5000 bytes: longer than PATH_MAX
+                os.mkdir(comp, dir_fd=fd)
+                nfd = os.open(comp, os.O_RDONLY, dir_fd=fd)
+                os.close(fd)
+                fd = nfd
+            wfd = os.open("leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd)
+            os.write(wfd, b"deep")
+            os.close(wfd)
+            os.rename("leaf", "leaf2", src_dir_fd=fd, dst_dir_fd=fd)
+            rfd = os.open("leaf2", os.O_RDONLY, dir_fd=fd)
+            assert os.read(rfd, 10) == b"deep"
+            os.close(rfd)
+        finally:
+            os.close(fd)
+
+
+def test_kernel_mounts_our_upper_as_the_same_tree(stack: Stack, tmp_path: Path) -> None:
+    require_root()
+    require_kernel_overlay()
+    with stack.mount() as m:
+        (m / "file").write_bytes(b"rewritten")
+        os.unlink(m / "dir" / "gone")
+        os.rename(m / "dir" / "sub", m / "sub2")
+        os.mkdir(m / "fresh")
+        os.rename(m / "dir", m / "fresh" / "dir2")
+        os.mkdir(m / "dir")
+        (m / "dir" / "again").write_bytes(b"again")
+        os.setxattr(m / "sub2", b"user.y", b"2")
+        ours = snapshot(m)
+    work2 = tmp_path / "w2"
+    work2.mkdir()
+    kmnt = tmp_path / "k"
+    with overlay_mount(
+        "kernel", [stack.l0, stack.l1], kmnt, stack.upper, work2, opts=("redirect_dir=on",)
+    ) as km:
+        theirs = snapshot(km)
+    assert compare(ours, theirs, ignore=("mtime_ns",)) == []
