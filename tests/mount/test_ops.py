@@ -9,7 +9,7 @@ import mmap
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -52,7 +52,7 @@ class Stack:
         (self.l0 / "link").symlink_to("file")
         os.setxattr(self.l1 / "file", b"user.k", b"v")
 
-    def mount(self) -> Iterator[Path]:
+    def mount(self) -> AbstractContextManager[Path]:
         return overlay_mount("layerfs", [self.l0, self.l1], self.mnt, self.upper, self.work)
 
 
