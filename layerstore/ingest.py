@@ -18,7 +18,6 @@ Protocol (crash-safe at every step, see store.py for the layout):
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -34,13 +33,15 @@ import xxhash
 
 from .blobs import DecompressingReader, HashingReader, PeekReader, Readable, sniff
 from .errors import LayerError, StoreError
-from .index import INSERT_ENTRY, connect, entry_from_row, entry_row, schema_sql
+from .index import ENTRY_COLS, INSERT_ENTRY, connect, entry_from_row, entry_row, schema_sql
 from .model import Entry, EntryKind
-from .paths import ancestors, join, show
+from .paths import ancestors, show
+from .paths import split as _split
 from .progress import Progress
 from .sources import SourceImage
 from .store import Store, crashpoint, same_bytes, with_tag
 from .tarsplit import SplitRecorder
+from .tarstream import read_layer
 
 COPY = 1 << 20
 SMALL = 1 << 20  # files up to this size are hashed in memory before anything is written
@@ -197,8 +198,6 @@ class Importer:
         return self.stage / f"split-{sl.sid}"
 
     def _entries(self, sl: StagedLayer, tar: SplitRecorder, label: str) -> None:
-        from .tarstream import read_layer
-
         db = self.sdb
         lid = sl.sid
         dirs: set[bytes] = {b"/"}
@@ -288,8 +287,6 @@ class Importer:
             self._pending_x.clear()
 
     def _get(self, lid: int, parent: bytes, name: bytes) -> Entry | None:
-        from .index import ENTRY_COLS
-
         self._flush()
         row = self.sdb.execute(
             f"SELECT {ENTRY_COLS} FROM entries WHERE layer = ? AND parent = ? AND name = ?",
@@ -652,12 +649,6 @@ class _Ticking:
         return data
 
 
-def _split(path: bytes) -> tuple[bytes, bytes]:
-    from .paths import split
-
-    return split(path)
-
-
 def _implicit_dir(parent: bytes, name: bytes) -> Entry:
     return Entry(parent, name, EntryKind.DIR, 0o755, 0, 0, 0, 0, implicit=True)
 
@@ -676,6 +667,3 @@ def import_source(
         return Importer(store, progress).run(images, tags)
     except sqlite3.Error as exc:
         raise StoreError(f"index error during import: {exc}") from None
-
-
-__all__ = ["Importer", "ImportResult", "import_source", "join", "json"]
