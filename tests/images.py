@@ -118,6 +118,34 @@ def missing_tools(tools: Sequence[str] = TOOLS) -> list[str]:
     return missing
 
 
+def unsupported_here(work: Path) -> str | None:
+    """Why the images cannot be built in `work` (None when they can): root in a user
+    namespace may not make devices or set trusted.* xattrs; some filesystems take no user.*
+    xattrs."""
+    probe = os.fsencode(work / "probe")
+    step = "create a file"
+    try:
+        for kind, what in ((stat.S_IFCHR, "char"), (stat.S_IFBLK, "block")):
+            step = f"make a {what} device"
+            os.mknod(probe, 0o600 | kind, os.makedev(1, 3))
+            os.unlink(probe)
+        step = "create a file"
+        open(probe, "wb").close()
+        for name, value in (
+            (b"user.probe", b"x"),
+            (b"trusted.probe", b"x"),
+            (b"security.capability", CAP_NET_RAW),
+        ):
+            step = f"set the xattr {name.decode()}"
+            os.setxattr(probe, name, value)
+    except OSError as exc:
+        return f"cannot {step}: {exc.strerror}"
+    finally:
+        if os.path.lexists(probe):
+            os.unlink(probe)
+    return None
+
+
 # --- umoci ---------------------------------------------------------------------------------
 
 

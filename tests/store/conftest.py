@@ -67,21 +67,26 @@ class BuiltImages:
         return found
 
 
-def require_builders() -> None:
-    """Skip unless root with umoci, skopeo, buildah, GNU tar and busybox-static."""
+def require_builders(work: Path | None = None) -> None:
+    """Skip unless root with umoci, skopeo, buildah, GNU tar and busybox-static, and (when
+    `work` is given) a filesystem there that takes device nodes and the images' xattrs."""
     # Device nodes and odd owners in the images need root, like `umoci unpack` without
     # --rootless does.
     require_root()
     missing = images.missing_tools()
     if missing:
         pytest.skip(f"image builders need {', '.join(missing)} (make deps installs them)")
+    if work is not None:
+        problem = images.unsupported_here(work)
+        if problem:
+            pytest.skip(f"cannot build the test images in {work}: {problem}")
 
 
 @pytest.fixture(scope="session")
 def built_images(tmp_path_factory: pytest.TempPathFactory) -> BuiltImages:
     """Build every test image (a few seconds); skip when not root or a tool is absent."""
-    require_builders()
     work = tmp_path_factory.mktemp("images")
+    require_builders(work)
     layout = images.init_layout(work / "layout")
     base = images.build_base(layout)
     app = images.build_app(layout, base)

@@ -190,6 +190,9 @@ def test_random_layer_stacks_unpack_as_umoci_does(stack: list[Any]) -> None:
     require_tool("tar")
     with tempfile.TemporaryDirectory(prefix="layerfs-random-") as tmp:
         work = Path(tmp)
+        problem = images.unsupported_here(work)
+        if problem:
+            pytest.skip(f"cannot build images in {tmp}: {problem}")
         layout = build_stack(work, stack)
         expected = image_snapshot(images.umoci_unpack(layout, "t", work / "umoci"))
         store = work / "store"
