@@ -374,7 +374,7 @@ class UnionFS:
                     os.close(fd)
         if uid is not None or gid is not None:
             os.chown(
-                name if name else dfd,
+                name if name else b"/proc/self/fd/%d" % dfd,
                 -1 if uid is None else uid,
                 -1 if gid is None else gid,
                 dir_fd=dfd if name else None,

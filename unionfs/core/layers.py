@@ -18,6 +18,8 @@ OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
 REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 ORIGIN_XATTRS = (b"trusted.overlay.layerfs.origin", b"user.overlay.layerfs.origin")
 
+ENTRY_CACHE = 65536
+LISTING_CACHE = 1024
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -98,7 +100,10 @@ class DirLayer:
         self._cache: OrderedDict[bytes, int] = OrderedDict()
         self._cache_size = cache_size
         self._links: dict[int, list[bytes]] | None = None
+        # A lower layer never changes while mounted: remember lookups and listings.
         self.immutable = True
+        self._entries: OrderedDict[tuple[bytes, bytes], Entry | None] = OrderedDict()
+        self._listings: OrderedDict[bytes, dict[bytes, bool]] = OrderedDict()
 
     def close(self) -> None:
         for fd in self._cache.values():
@@ -177,13 +182,29 @@ class DirLayer:
                 if redirect:
                     break
         origin = None
-        for attr in ORIGIN_XATTRS:
+        for attr in ORIGIN_XATTRS if not self.immutable else ():
             origin = parse_origin(_getxattr(dfd, name, attr))
             if origin:
                 break
         return Entry(name, kind, Stat.of(st), opaque, redirect or None, origin)
 
     def lookup(self, dir_path: bytes, name: bytes) -> Entry | None:
+        if not self.immutable:
+            return self._lookup(dir_path, name)
+        key = (dir_path, name)
+        try:
+            entry = self._entries[key]
+            self._entries.move_to_end(key)
+            return entry
+        except KeyError:
+            pass
+        entry = self._lookup(dir_path, name)
+        self._entries[key] = entry
+        if len(self._entries) > ENTRY_CACHE:
+            self._entries.popitem(last=False)
+        return entry
+
+    def _lookup(self, dir_path: bytes, name: bytes) -> Entry | None:
         dfd = self._dirfd_or_none(dir_path)
         if dfd is None or name.startswith(WH_PREFIX):
             return None
@@ -217,6 +238,21 @@ class DirLayer:
             raise FsError.from_os(exc) from exc
 
     def names(self, dir_path: bytes) -> dict[bytes, bool]:
+        if not self.immutable:
+            return self._names(dir_path)
+        try:
+            out = self._listings[dir_path]
+            self._listings.move_to_end(dir_path)
+            return out
+        except KeyError:
+            pass
+        out = self._names(dir_path)
+        self._listings[dir_path] = out
+        if len(self._listings) > LISTING_CACHE:
+            self._listings.popitem(last=False)
+        return out
+
+    def _names(self, dir_path: bytes) -> dict[bytes, bool]:
         dfd = self._dirfd_or_none(dir_path)
         if dfd is None:
             return {}
