@@ -104,8 +104,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        for ino, n in inode_list:
-            self.fs.forget(Ino(ino), n)
+        async with self.lock:
+            for ino, n in inode_list:
+                self.fs.forget(Ino(ino), n)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -263,7 +264,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def releasedir(self, fh: int) -> None:
-        self.fs.releasedir(Fh(fh))
+        await self._core(self.fs.releasedir, Fh(fh))
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

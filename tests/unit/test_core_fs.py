@@ -262,3 +262,26 @@ def test_paths_longer_than_path_max(stack: Stack) -> None:
     assert read(fs, deep + b"/leaf") == b"Deep"
     fs.rename(walk(fs, deep), b"leaf", walk(fs, deep), b"leaf2")
     assert names(fs, deep) == [b"leaf2"]
+
+
+def test_unprivileged_spelling(tmp_path: Path) -> None:
+    """Without privileges the upper uses `.wh.` whiteouts, `.wh..wh..opq` and user.overlay.*."""
+    s = Stack(tmp_path)
+    (s.lowers[0] / "d").mkdir()
+    (s.lowers[0] / "d" / "f").write_bytes(b"")
+    (s.lowers[0] / "e").mkdir()
+    upper = UpperLayer(os.fsencode(s.upper), os.fsencode(s.work), native=False)
+    fs = UnionFS([DirLayer(os.fsencode(p)) for p in s.lowers], upper)
+    s.fs = fs
+    fs.unlink(walk(fs, b"d"), b"f")
+    assert (s.upper / "d" / ".wh.f").is_file()
+    fs.rmdir(ROOT_INO, b"d")
+    fs.mkdir(ROOT_INO, b"d", 0o755, os.getuid(), os.getgid())
+    assert (s.upper / "d" / ".wh..wh..opq").is_file()
+    assert names(fs, b"d") == [] and names(fs, b"") == [b"d", b"e"]
+    fs.rename(ROOT_INO, b"e", walk(fs, b"d"), b"e2")
+    assert os.getxattr(s.upper / "d" / "e2", b"user.overlay.redirect") == b"/e"
+    assert fs.listxattr(walk(fs, b"d/e2")) == []
+    s.unmount()
+    fs = s.mount()
+    assert names(fs, b"") == [b"d"] and names(fs, b"d") == [b"e2"]
