@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Callable
 from typing import BinaryIO, Protocol
 
 import zstandard
@@ -41,68 +42,165 @@ class HashingReader:
         return "sha256:" + self.sha.hexdigest()
 
 
-class _Decompressor(Protocol):
-    @property
-    def eof(self) -> bool: ...
-    @property
-    def unused_data(self) -> bytes: ...
+class ZstdFrameWalker:
+    """Follows zstd frame and block headers in the compressed bytes (data is skipped, not
+    decoded) so that the end of input can be checked to fall on a frame boundary: the
+    decompressor itself reports a truncated stream as a silent early end."""
 
-    def decompress(self, data: bytes, /) -> bytes: ...
+    MAGIC = 0xFD2FB528
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._skip = 0
+        self._need = 4
+        self._state = "magic"
+        self._checksum = False
+        self.frames = 0
+        self.error: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        i = 0
+        while i < len(data) and self.error is None:
+            if self._skip:
+                k = min(self._skip, len(data) - i)
+                self._skip -= k
+                i += k
+                continue
+            k = min(self._need - len(self._buf), len(data) - i)
+            self._buf += data[i : i + k]
+            i += k
+            if len(self._buf) == self._need:
+                head = bytes(self._buf)
+                self._buf.clear()
+                self._step(head)
+
+    def _step(self, head: bytes) -> None:
+        st = self._state
+        if st == "magic":
+            magic = int.from_bytes(head, "little")
+            if magic == self.MAGIC:
+                self._state, self._need = "fhd", 1
+            elif magic & 0xFFFFFFF0 == 0x184D2A50:
+                self._state, self._need = "skipsize", 4
+            else:
+                self.error = "not a zstd frame"
+        elif st == "skipsize":
+            self._skip = int.from_bytes(head, "little")
+            self._state, self._need = "magic", 4
+        elif st == "fhd":
+            fhd = head[0]
+            single = bool(fhd & 0x20)
+            self._checksum = bool(fhd & 0x04)
+            fcs = (1 if single else 0, 2, 4, 8)[fhd >> 6]
+            did = (0, 1, 2, 4)[fhd & 3]
+            rest = (0 if single else 1) + did + fcs
+            self._state, self._need = "block", 3
+            self._skip = rest
+        elif st == "block":
+            hdr = int.from_bytes(head, "little")
+            last, btype, size = hdr & 1, (hdr >> 1) & 3, hdr >> 3
+            if btype == 3:
+                self.error = "reserved zstd block type"
+                return
+            self._skip = 1 if btype == 1 else size
+            if last:
+                if self._checksum:
+                    self._skip += 4
+                self.frames += 1
+                self._state, self._need = "magic", 4
+        else:  # pragma: no cover - states are exhaustive
+            raise AssertionError(st)
+
+    def at_boundary(self) -> bool:
+        return self.error is None and self._state == "magic" and not self._buf and not self._skip
+
+
+class _Tee:
+    def __init__(self, src: Readable, sink: Callable[[bytes], None]) -> None:
+        self._src = src
+        self._sink = sink
+
+    def read(self, n: int = -1, /) -> bytes:
+        data = self._src.read(n if n >= 0 else CHUNK)
+        self._sink(data)
+        return data
 
 
 class DecompressingReader:
     """A file-like reader decompressing gzip or zstd (several members/frames allowed).
 
     Raises LayerError on corrupt data and on a stream that ends inside a member/frame, so a
-    truncated blob is refused even before its digest is checked. Memory stays bounded: input is
-    fed in small pieces (zstd can expand a small input enormously).
+    truncated blob is refused even before its digest is checked. Memory stays bounded whatever
+    the compression ratio: each read returns at most what was asked (a decompression bomb is
+    just a long stream).
     """
 
     def __init__(self, src: Readable, kind: str, label: str) -> None:
         self._src = src
         self._kind = kind
         self._label = label
-        self._dec: _Decompressor | None = None
-        self._pending = b""  # compressed bytes not yet fed
-        self._out = bytearray()
+        self._gz: zlib._Decompress | None = None
+        self._pending = b""  # gzip: compressed bytes not yet fed
         self._eof = False
-        self._feed = 1 << 16 if kind == "gzip" else 1 << 12
+        if kind == "zstd":
+            self._walker = ZstdFrameWalker()
+            self._tee = _Tee(src, self._walker.feed)
+            self._zr = zstandard.ZstdDecompressor().stream_reader(
+                self._tee,  # type: ignore[arg-type]  # any object with read() will do
+                read_size=1 << 16,
+                read_across_frames=True,
+            )
 
-    def _new(self) -> _Decompressor:
-        if self._kind == "gzip":
-            return zlib.decompressobj(wbits=31)
-        dec: _Decompressor = zstandard.ZstdDecompressor().decompressobj()
-        return dec
+    def _truncated(self) -> LayerError:
+        return LayerError(
+            f"layer {self._label}: truncated {self._kind} stream (blob ends inside compressed data)"
+        )
 
-    def _fill(self, want: int) -> None:
-        while len(self._out) < want and not self._eof:
-            if not self._pending:
-                self._pending = self._src.read(CHUNK)
-                if not self._pending:
-                    if self._dec is not None and not self._dec.eof:
-                        raise LayerError(
-                            f"layer {self._label}: truncated {self._kind} stream "
-                            "(blob ends inside compressed data)"
-                        )
-                    self._eof = True
-                    return
-            if self._dec is None or self._dec.eof:
-                self._dec = self._new()
-            piece, self._pending = self._pending[: self._feed], self._pending[self._feed :]
-            try:
-                out = self._dec.decompress(piece)
-            except (zlib.error, zstandard.ZstdError) as exc:
-                raise LayerError(f"layer {self._label}: corrupt {self._kind} data: {exc}") from None
-            self._out += out
-            if self._dec.eof and self._dec.unused_data:
-                self._pending = self._dec.unused_data + self._pending
+    def _corrupt(self, exc: object) -> LayerError:
+        return LayerError(f"layer {self._label}: corrupt {self._kind} data: {exc}")
 
     def read(self, n: int = -1, /) -> bytes:
         want = n if n >= 0 else CHUNK
-        self._fill(want)
-        data = bytes(self._out[:want])
-        del self._out[:want]
-        return data
+        if want == 0 or self._eof:
+            return b""
+        if self._kind == "zstd":
+            return self._read_zstd(want)
+        return self._read_gzip(want)
+
+    def _read_zstd(self, want: int) -> bytes:
+        try:
+            data: bytes = self._zr.read(want)
+        except zstandard.ZstdError as exc:
+            raise self._corrupt(exc) from None
+        if data:
+            return data
+        while self._tee.read(CHUNK):  # whatever the decompressor did not need
+            pass
+        if self._walker.error is not None:
+            raise self._corrupt(self._walker.error)
+        if not self._walker.at_boundary() or self._walker.frames == 0:
+            raise self._truncated()
+        self._eof = True
+        return b""
+
+    def _read_gzip(self, want: int) -> bytes:
+        while True:
+            if not self._pending:
+                self._pending = self._src.read(CHUNK)
+                if not self._pending:
+                    if self._gz is None or not self._gz.eof:
+                        raise self._truncated()
+                    self._eof = True
+                    return b""
+            if self._gz is None or self._gz.eof:
+                self._gz = zlib.decompressobj(wbits=31)
+            try:
+                out = self._gz.decompress(self._pending, want)
+            except zlib.error as exc:
+                raise self._corrupt(exc) from None
+            self._pending = self._gz.unused_data if self._gz.eof else self._gz.unconsumed_tail
+            if out:
+                return out
 
 
 def sniff(head: bytes) -> str:
