@@ -72,3 +72,13 @@ def test_peek_and_hashing_readers() -> None:
     assert p.read(2) == b"ab" and p.read(10) == b"cdef" and p.read(1) == b""
     assert h.count == 6
     assert h.digest() == "sha256:bef57ec7f53a6d40beb640a780a639c83bc29ac8a9816f1fc6c5c6dcd93c4721"
+
+
+def test_zstd_frame_variants() -> None:
+    with_sum = zstandard.ZstdCompressor(write_checksum=True).compress(DATA)
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(DATA)
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"12345"
+    blob = skippable + with_sum + no_size
+    assert _read_all(blob, "zstd", 1 << 16) == DATA + DATA
+    with pytest.raises(LayerError, match="truncated zstd"):
+        _read_all(with_sum[:-2], "zstd")  # only the checksum is missing
