@@ -688,7 +688,7 @@ def has_root_entry(img: Image) -> bool:
 
 
 def hardlink_groups(root: Path) -> set[frozenset[bytes]]:
-    """The sets of paths below `root` (relative, bytes) that share an inode: hard links."""
+    """The sets of two or more paths below `root` (relative, bytes) sharing an inode."""
     base = os.fsencode(root)
     by_inode: dict[tuple[int, int], set[bytes]] = {}
     for dirpath, dirs, files in os.walk(base):
@@ -698,4 +698,191 @@ def hardlink_groups(root: Path) -> set[frozenset[bytes]]:
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 rel = os.path.relpath(path, base)
                 by_inode.setdefault((st.st_dev, st.st_ino), set()).add(rel)
-    return {frozenset(group) for group in by_inode.values()}
+    # A lone name can have nlink > 1 when its partners are out of view (overlayfs shows a
+    # lower inode's own count, names whited out above included): not a group.
+    return {frozenset(group) for group in by_inode.values() if len(group) > 1}
+
+
+# --- layers as directories, for kernel overlayfs ------------------------------------------
+
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+
+
+def _tar_name(name: str) -> bytes:
+    """A tar member name as a relative path (b"" for the root)."""
+    raw = os.fsencode(name)
+    while raw.startswith(b"./"):
+        raw = raw[2:]
+    raw = raw.strip(b"/")
+    return b"" if raw == b"." else raw
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    # tarfile parses a PAX mtime into a float, which cannot hold nanoseconds at today's
+    # epoch: read the decimal string itself.
+    text = member.pax_headers.get("mtime")
+    if text is None:
+        return int(member.mtime) * 10**9
+    seconds, _, fraction = text.partition(".")
+    return int(seconds) * 10**9 + int((fraction + "000000000")[:9])
+
+
+def _copy_meta(src: bytes, dst: bytes) -> int:
+    """Give directory `dst` the mode, owner and xattrs of `src`; return src's mtime in ns."""
+    st = os.lstat(src)
+    os.chown(dst, st.st_uid, st.st_gid)
+    os.chmod(dst, stat.S_IMODE(st.st_mode))
+    for name in os.listxattr(src):
+        if not name.startswith("trusted.overlay."):
+            os.setxattr(dst, name, os.getxattr(src, name))
+    return st.st_mtime_ns
+
+
+class _NativeLayer:
+    """Extracts one layer tar into a directory the way overlayfs stores layers: ``.wh.NAME``
+    becomes a 0/0 char device, ``.wh..wh..opq`` the ``trusted.overlay.opaque=y`` xattr.
+
+    A whiteout applies to lower layers only (an entry of the same name in this layer wins,
+    before or after it); a whiteout below a non-directory of this layer hides nothing. A parent
+    directory the layer has no entry for takes its metadata from the lower layers (as umoci
+    and layerfs show it), since overlayfs shows the topmost directory's. A whiteout is made
+    only where a lower layer has the name, as overlayfs itself does in its upper.
+    """
+
+    def __init__(self, root: bytes, lowers: Sequence[bytes]) -> None:
+        self.root = root
+        self.lowers = lowers  # top first
+        self.entries: set[bytes] = set()
+        self.dir_times: dict[bytes, int] = {}
+
+    def _lower_has(self, rel: bytes) -> bool:
+        """Whether a lower layer has `rel`, through real directories only."""
+        parts = rel.split(b"/")
+        for lower in self.lowers:
+            here = lower
+            for part in parts[:-1]:
+                here = os.path.join(here, part)
+                if not os.path.isdir(here) or os.path.islink(here):
+                    break
+            else:
+                if os.path.lexists(os.path.join(here, parts[-1])):
+                    return True
+        return False
+
+    def _lower_dir(self, rel: bytes) -> bytes | None:
+        for lower in self.lowers:
+            path = os.path.join(lower, rel) if rel else lower
+            if os.path.lexists(path):
+                return path if stat.S_ISDIR(os.lstat(path).st_mode) else None
+        return None
+
+    def _implied_dir(self, rel: bytes) -> None:
+        path = os.path.join(self.root, rel) if rel else self.root
+        if rel:
+            os.mkdir(path, 0o755)
+        lower = self._lower_dir(rel)
+        if lower is not None:
+            self.dir_times[rel] = _copy_meta(lower, path)
+
+    def _parent_ready(self, parent: bytes) -> bool:
+        here = b""
+        for part in parent.split(b"/") if parent else []:
+            here = os.path.join(here, part) if here else part
+            path = os.path.join(self.root, here)
+            if not os.path.lexists(path):
+                self._implied_dir(here)
+            elif not stat.S_ISDIR(os.lstat(path).st_mode):
+                return False
+        return True
+
+    def add(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        rel = _tar_name(m.name)
+        parent, base = os.path.split(rel)
+        if rel and not self._parent_ready(parent):
+            return  # below a symlink or file of this layer: nothing there to hide or make
+        if base == b".wh..wh..opq":
+            os.setxattr(
+                os.path.join(self.root, parent) if parent else self.root, OPAQUE_XATTR, b"y"
+            )
+            return
+        if base.startswith(b".wh..wh."):
+            return  # other AUFS metadata
+        if base.startswith(b".wh."):
+            hidden = os.path.join(parent, base[4:]) if parent else base[4:]
+            # Only where a lower layer has the name: overlayfs lists a directory that no
+            # lower layer merges into as it is, whiteouts included.
+            if hidden not in self.entries and self._lower_has(hidden):
+                os.mknod(os.path.join(self.root, hidden), stat.S_IFCHR, os.makedev(0, 0))
+            return
+        path = os.path.join(self.root, rel) if rel else self.root
+        if rel and os.path.lexists(path) and not (m.isdir() and os.path.isdir(path)):
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)  # an earlier entry or whiteout of the same name
+        if m.isdir():
+            if not os.path.isdir(path):
+                os.mkdir(path)
+        elif m.isreg():
+            src = tar.extractfile(m)
+            assert src is not None
+            with open(path, "wb") as f:
+                shutil.copyfileobj(src, f)
+        elif m.issym():
+            os.symlink(os.fsencode(m.linkname), path)
+        elif m.islnk():
+            os.link(os.path.join(self.root, _tar_name(m.linkname)), path)
+        elif m.ischr() or m.isblk():
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            os.mknod(path, kind, os.makedev(m.devmajor, m.devminor))
+        elif m.isfifo():
+            os.mkfifo(path)
+        else:
+            raise ToolError(f"unexpected tar member type {m.type!r}: {m.name}")
+        self.entries.add(rel)
+        os.chown(path, m.uid, m.gid, follow_symlinks=False)
+        if not m.issym():
+            os.chmod(path, m.mode & 0o7777)
+        for key, value in m.pax_headers.items():
+            if key.startswith("SCHILY.xattr."):
+                name = key.removeprefix("SCHILY.xattr.").encode("utf-8", "surrogateescape")
+                data = value.encode("utf-8", "surrogateescape")
+                os.setxattr(path, name, data, follow_symlinks=False)
+        if m.isdir():
+            self.dir_times[rel] = _mtime_ns(m)
+        else:
+            t = _mtime_ns(m)
+            os.utime(path, ns=(t, t), follow_symlinks=False)
+
+    def finish(self) -> None:
+        if b"" not in self.entries and b"" not in self.dir_times:
+            self._implied_dir(b"")
+        for rel in sorted(self.dir_times, key=lambda r: -r.count(b"/") - (1 if r else 0)):
+            t = self.dir_times[rel]
+            path = os.path.join(self.root, rel) if rel else self.root
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.utime(path, ns=(t, t))
+
+
+def native_layers(img: Image, dest: Path) -> list[Path]:
+    """Each layer of `img` extracted into ``dest/layerN`` in overlayfs' own format (see
+    `_NativeLayer`); bottom first. Mount them with kernel overlayfs (lowerdir top first) to
+    see the image as the kernel does. Needs root (devices, owners, trusted.* xattrs).
+
+    A one-layer image gets an empty ``layer-empty`` below it: overlayfs wants two lowers."""
+    dirs: list[Path] = []
+    for i, digest in enumerate(manifest_layers(img.source)):
+        layer_dir = dest / f"layer{i}"
+        layer_dir.mkdir(parents=True)
+        lowers = [os.fsencode(d) for d in reversed(dirs)]
+        native = _NativeLayer(os.fsencode(layer_dir), lowers)
+        blob = img.layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+        with tarfile.open(blob) as tar:
+            for member in tar:
+                native.add(tar, member)
+        native.finish()
+        dirs.append(layer_dir)
+    if len(dirs) == 1:
+        (dest / "layer-empty").mkdir()
+        dirs.insert(0, dest / "layer-empty")
+    return dirs
