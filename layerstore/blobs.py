@@ -12,6 +12,7 @@ import zstandard
 from .errors import LayerError
 
 CHUNK = 1 << 20
+GZIP_PIECE = 1 << 16
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -140,7 +141,8 @@ class DecompressingReader:
         self._kind = kind
         self._label = label
         self._gz: zlib._Decompress | None = None
-        self._pending = b""  # gzip: compressed bytes not yet fed
+        self._pending = b""  # gzip: compressed bytes read, fed up to self._off
+        self._off = 0
         self._eof = False
         if kind == "zstd":
             self._walker = ZstdFrameWalker()
@@ -185,8 +187,8 @@ class DecompressingReader:
 
     def _read_gzip(self, want: int) -> bytes:
         while True:
-            if not self._pending:
-                self._pending = self._src.read(CHUNK)
+            if self._off >= len(self._pending):
+                self._pending, self._off = self._src.read(CHUNK), 0
                 if not self._pending:
                     if self._gz is None or not self._gz.eof:
                         raise self._truncated()
@@ -194,11 +196,14 @@ class DecompressingReader:
                     return b""
             if self._gz is None or self._gz.eof:
                 self._gz = zlib.decompressobj(wbits=31)
+            # Feed a bounded piece: zlib copies what it leaves unconsumed on every call.
+            piece = self._pending[self._off : self._off + GZIP_PIECE]
             try:
-                out = self._gz.decompress(self._pending, want)
+                out = self._gz.decompress(piece, want)
             except zlib.error as exc:
                 raise self._corrupt(exc) from None
-            self._pending = self._gz.unused_data if self._gz.eof else self._gz.unconsumed_tail
+            left = self._gz.unused_data if self._gz.eof else self._gz.unconsumed_tail
+            self._off += len(piece) - len(left)
             if out:
                 return out
 
