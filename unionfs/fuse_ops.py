@@ -26,6 +26,7 @@ IMMUTABLE_TIMEOUT = 86400.0
 # Upper objects change only through this daemon, which answers every change with fresh
 # attributes; the short timeout only bounds how long a change made behind our back shows.
 UPPER_TIMEOUT = 1.0
+NEGATIVE_TIMEOUT = 3600.0
 # Reads and writes up to this size run on the event loop (page-cache speed); larger ones
 # go to a worker thread so one big transfer does not stall every other request.
 INLINE_IO = 128 * 1024
@@ -100,7 +101,17 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self._core(self.fs.lookup, Ino(parent_inode), name))
+        try:
+            return entry_attributes(await self._core(self.fs.lookup, Ino(parent_inode), name))
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # Names appear only through this mount, and the kernel replaces a cached negative
+            # entry when one does: cache "no such name" (compilers probe many paths).
+            neg = pyfuse3.EntryAttributes()
+            neg.st_ino = 0
+            neg.entry_timeout = NEGATIVE_TIMEOUT
+            return neg
 
     @_guard
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:

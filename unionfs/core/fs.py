@@ -266,6 +266,13 @@ class UnionFS:
             self.inodes.drop_if_unused(node)
 
     # -- copy-up ---------------------------------------------------------------------
+    def _copy_up_lower_link(self, node: Node) -> None:
+        """Before a name of a lower hard link goes away, copy it up with all its names, so
+        the other names show one link less (kernel overlayfs with index=on does the same)."""
+        lst = node.lower_entry.st if node.lower_entry is not None else None
+        if not node.upper and lst is not None and lst.nlink > 1:
+            self.ensure_upper(node)
+
     @_oserr
     def ensure_upper(self, node: Node, *, with_data: bool = True) -> None:
         """Copy `node` (and its missing parents) into the upper."""
@@ -527,11 +534,7 @@ class UnionFS:
         if res.is_dir:
             raise FsError(errno.EISDIR)
         node = self._node_for(parent, name, res)
-        lst = node.lower_entry.st if node.lower_entry is not None else None
-        if not node.upper and lst is not None and lst.nlink > 1:
-            # The other names of a lower hard link must show one link less: copy it up
-            # with all its names first (kernel overlayfs with index=on copies it up too).
-            self.ensure_upper(node)
+        self._copy_up_lower_link(node)
         self.ensure_upper(parent)
         ppath = parent.path()
         if upper.exists(ppath, name):
@@ -630,6 +633,8 @@ class UnionFS:
             if dst.is_dir and self._names(dst):
                 raise FsError(errno.ENOTEMPTY)
         self.ensure_upper(src)
+        if dst is not None and not dst.is_dir:
+            self._copy_up_lower_link(dst)
         self.ensure_upper(parent1)
         self.ensure_upper(parent2)
         pp1, pp2 = parent1.path(), parent2.path()
