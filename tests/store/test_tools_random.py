@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests import images
-from tests.conftest import require_root, require_tool
+from tests.conftest import require_kernel_overlay, require_root, require_tool
+from tests.mounting import overlay_mount
 from tests.store.conftest import image_snapshot, layerfs_ok
 from tests.treecmp import compare
 
@@ -201,15 +202,39 @@ def test_random_layer_stacks_unpack_as_umoci_does(stack: list[Any]) -> None:
         ours = image_snapshot(work / "ours")
         # The root directory's time: umoci new's image has no layer, and umoci repack writes
         # "." only when the root changed; an unpack makes the root at its own time otherwise.
-        root_defined = any(
-            m.name.strip("/") in ("", ".")
-            for members in images.layer_members(images.Image("t", layout, "t"))
-            for m in members
-        )
         diffs = compare(expected, ours, ignore=())
-        if not root_defined:
+        if not images.has_root_entry(images.Image("t", layout, "t")):
             diffs = [d for d in diffs if not d.startswith(".: mtime_ns ")]
         assert diffs == []
         assert images.hardlink_groups(work / "ours") == images.hardlink_groups(
             work / "umoci" / "rootfs"
         )
+
+
+@settings(deadline=None, max_examples=10)
+@given(stack=stacks)
+def test_random_layer_stacks_mount_in_the_kernel_as_umoci_unpacks_them(stack: list[Any]) -> None:
+    # images.native_layers is how mounted-image tests run the kernel beside layerfs: on
+    # random stacks too, the kernel's view of those directories is umoci's tree.
+    require_kernel_overlay()
+    require_tool("umoci")
+    require_tool("tar")
+    with tempfile.TemporaryDirectory(prefix="layerfs-random-") as tmp:
+        work = Path(tmp)
+        problem = images.unsupported_here(work)
+        if problem:
+            pytest.skip(f"cannot build images in {tmp}: {problem}")
+        layout = build_stack(work, stack)
+        img = images.Image("t", layout, "t")
+        expected = image_snapshot(images.umoci_unpack(layout, "t", work / "umoci"))
+        layers = images.native_layers(img, work / "layers")
+        if not layers:
+            return  # umoci new's image has no layer, and overlayfs needs one
+        with overlay_mount("kernel", list(reversed(layers)), work / "mnt") as mnt:
+            kernel = image_snapshot(mnt)
+            groups = images.hardlink_groups(mnt)
+        diffs = compare(expected, kernel, ignore=())
+        if not images.has_root_entry(img):
+            diffs = [d for d in diffs if not d.startswith(".: mtime_ns ")]
+        assert diffs == []
+        assert groups == images.hardlink_groups(work / "umoci" / "rootfs")
