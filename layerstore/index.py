@@ -28,6 +28,8 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     else:
         conn = sqlite3.connect(path, timeout=60, isolation_level=None)
     conn.execute("PRAGMA foreign_keys = OFF")
+    if not readonly:
+        conn.execute("PRAGMA synchronous = NORMAL")  # WAL: durable at checkpoints, never corrupt
     return conn
 
 

@@ -1,5 +1,6 @@
--- layerfs store index (SQLite, schema version 2). One file, STORE/index.db, rollback journal (no WAL), so a
--- failed or killed import leaves it byte-for-byte as it was. Version: PRAGMA user_version.
+-- layerfs store index (SQLite, schema version 2). One file, STORE/index.db, in WAL mode (readers,
+-- such as a mounted image, never wait for an import's commit). A failed import writes nothing
+-- to it; a killed one leaves at most an uncommitted WAL tail that SQLite discards. Version: PRAGMA user_version.
 -- Paths are BLOBs (tar names need not be UTF-8). Digests are TEXT 'sha256:<hex>'.
 
 -- A layer: one DiffID, extracted once whatever number of images use it. A row exists only

@@ -112,6 +112,8 @@ class Store:
                 with self.commit_lock():
                     if user_version(self.conn) == 0:
                         self.conn.executescript("BEGIN IMMEDIATE;\n" + schema_sql() + "\nCOMMIT;")
+                        # WAL: readers (a mounted image) never wait for an import's commit.
+                        self.conn.execute("PRAGMA journal_mode = WAL")
             v = user_version(self.conn)
         except sqlite3.Error as exc:
             raise StoreError(f"{self.db_path}: cannot open the index: {exc}") from None
