@@ -12,9 +12,11 @@ after every workload. Prints a table of medians with ratios to the kernel, and w
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import errno
+import fcntl
 import fnmatch
 import gzip
 import hashlib
@@ -32,10 +34,10 @@ import sys
 import tarfile
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
@@ -469,6 +471,15 @@ def unmount(path: Path, fuse: bool) -> None:
         subprocess.run(["umount", "-l", str(path)], check=False, stderr=subprocess.DEVNULL)
 
 
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a daemon we started in its own session, with whatever it started (py-spy's
+    child, a wrapper's child): killing only the top process could leave the FUSE server."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        proc.kill()
+
+
 class Children:
     """The daemons this process started: reaped after their unmount, and again on the way out."""
 
@@ -485,7 +496,7 @@ class Children:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             log(f"{what} did not exit after unmount; killing pid {proc.pid}")
-            proc.kill()
+            kill_group(proc)
             proc.wait()
         if proc in self.procs:
             self.procs.remove(proc)
@@ -499,6 +510,71 @@ class Children:
 
 
 CHILDREN = Children()
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+FINAL_CLEANUP = threading.Event()
+
+
+def descendants() -> list[int]:
+    """Every process started by this one, directly or not (daemons, py-spy's child, readers)."""
+    parent: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                parent[int(entry)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found: list[int] = []
+    frontier = [os.getpid()]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, pp in parent.items() if pp == pid]
+        found += kids
+        frontier += kids
+    return found
+
+
+def watch_signals() -> None:
+    """Take SIGINT/SIGTERM/SIGHUP in a thread of their own, blocked everywhere else.
+
+    The main thread may sit in a FUSE call that only the daemon's answer (or its death) ends,
+    and a signal aimed at it would wait with it. The watcher kills every process we started,
+    so the call fails at once, and then interrupts the main thread, whose `finally` blocks
+    unmount and reap. Must run before any other thread starts (threads inherit the mask).
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.default_int_handler)  # an ignored signal would be dropped
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def run() -> None:
+        while True:
+            sig = signal.sigwait(STOP_SIGNALS)
+            log(f"signal {sig}: stopping, killing our child processes")
+            for pid in descendants():
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            if not FINAL_CLEANUP.is_set():
+                _thread.interrupt_main()
+
+    threading.Thread(target=run, name="signals", daemon=True).start()
+
+
+def lock_workdir(workdir: Path) -> typing.IO[str]:
+    f = open(workdir / ".lock", "a+")  # noqa: SIM115 - held open until the end of main()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "unknown"
+        f.close()
+        raise SystemExit(
+            f"bench: {workdir} is in use by another bench run ({who}); wait, or use --workdir"
+        ) from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()}, started {time.strftime('%H:%M:%S UTC', time.gmtime())}\n")
+    f.flush()
+    return f
 
 
 @dataclass
@@ -624,8 +700,8 @@ def mounted(
                 # blocked system call then fails with ENOTCONN.
                 def expire(mm: Mounted = m) -> None:
                     mm.timed_out.set()
-                    if mm.proc is not None and mm.proc.poll() is None:
-                        mm.proc.kill()
+                    if mm.proc is not None:
+                        kill_group(mm.proc)
 
                 watchdog = threading.Timer(cfg.timeout, expire)
                 watchdog.daemon = True
@@ -1198,6 +1274,7 @@ def measure(
     error: str | None = None
     timed_out = False
     wrong: str | None = None
+    check_error: str | None = None
     try:
         with mounted(cfg, impl, lowers, upper, work, mnt, label) as m:
             try:
@@ -1207,8 +1284,11 @@ def measure(
                     wl.run(ctx, mnt, rec)
                 except RuntimeError as exc:  # the mount works but answered wrongly
                     wrong = f"WRONG RESULT: {exc}"
-                if want_snap:
-                    snap = snapshot(mnt, wl.touched)
+                if want_snap and wrong is None:
+                    try:
+                        snap = snapshot(mnt, wl.touched)
+                    except OSError as exc:  # the timed part passed, reading the tree back not
+                        check_error = f"{errno.errorcode.get(exc.errno or 0, 'OSError')}: {exc}"
             finally:
                 timed_out = m.timed_out.is_set()
                 res.mount_s.setdefault(wl.name, {}).setdefault(impl, []).append(m.mount_s)
@@ -1225,6 +1305,16 @@ def measure(
         error = f"ERROR {type(exc).__name__}: {exc}"
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+    if timed_out and all(row in rec for row in wl.rows):
+        check_error = f"TIMEOUT after {cfg.timeout:g}s (daemon killed)"
+        timed_out = False
+        error = None
+    if check_error is not None:
+        res.checked[wl.name] = "CHECK-ERR"
+        res.mismatches.append(
+            {"workload": wl.name, "round": rnd + 1, "impl": impl, "check_error": check_error}
+        )
+        loud(f"CHECK FAILED in {wl.name} (round {rnd + 1}): reading {impl}'s tree: {check_error}")
     if timed_out:
         error = f"TIMEOUT after {cfg.timeout:g}s (daemon killed)"
     elif wrong is not None and error is None:
@@ -1287,12 +1377,8 @@ def check_round(
     ref_impl = next((i for i in impls if i in snaps), None)
     if ref_impl is None or len(snaps) < 2:
         return  # nothing to compare (the others failed, and say so in their cells)
-    status = res.checked.get(wl.name, "ok")
-    if status == "WRONG":
-        status = "ok"  # re-derived below; WRONG is restored after the comparison
-        wrong = True
-    else:
-        wrong = False
+    earlier = res.checked.get(wl.name)  # WRONG / CHECK-ERR from measure(), or a past round
+    status = "ok"
     for impl in impls:
         if impl == ref_impl or impl not in snaps:
             continue
@@ -1312,7 +1398,9 @@ def check_round(
                 f"MISMATCH in {wl.name} (round {rnd + 1}): {impl} differs from {ref_impl}:",
                 *diffs,
             )
-    res.checked[wl.name] = "WRONG" if wrong and status == "ok" else status
+    if earlier is not None and earlier != "ok" and status == "ok":
+        status = earlier
+    res.checked[wl.name] = status
 
 
 IMPORT_ROW = "import"
@@ -1580,6 +1668,22 @@ def render(
         )
     if notes:
         lines += ["", "notes and failures (* = some rounds failed):", *notes]
+    depths = sorted(int(w.name[4:]) for w in wls if w.name.startswith("stat"))
+    if len(depths) >= 2:
+        lo, hi = depths[0], depths[-1]
+        lines += ["", f"stack depth cost (stat{hi} / stat{lo}, medians):"]
+        depth_json: dict[str, dict[str, float | None]] = {}
+        for impl in impls:
+            parts = []
+            for temp in ("cold", "warm"):
+                a = table.get(f"stat{hi}-{temp}", {}).get("impls", {}).get(impl, {})
+                b = table.get(f"stat{lo}-{temp}", {}).get("impls", {}).get(impl, {})
+                ma, mb = a.get("median_s"), b.get("median_s")
+                r = ma / mb if ma is not None and mb else None
+                depth_json.setdefault(impl, {})[temp] = r
+                parts.append(f"{temp} {r:.2f}" if r is not None else f"{temp} -")
+            lines.append(f"  {impl:<15}" + "  ".join(parts))
+        table["stack-depth-cost"] = depth_json
     if IMPORT_ROW in res.cells:
         imp = res.cells[IMPORT_ROW]
         meds = {t: statistics.median(c.times) for t, c in imp.items() if c.times}
@@ -1657,6 +1761,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--only", default="", help="comma list of workload names or globs (e.g. stat*,walk)"
     )
+    ap.add_argument("--skip", default="", help="comma list of workload names or globs to leave out")
     ap.add_argument("--list", action="store_true", help="list the workloads and exit")
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     ap.add_argument(
@@ -1666,7 +1771,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="compare the trees after the workload in the first round (default), all, none",
     )
     ap.add_argument("--python", help="interpreter for the layerfs daemon (default: the venv's)")
-    ap.add_argument("--timeout", type=float, default=1800.0, help="per measurement, seconds")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        help="per measurement, seconds; the daemon is killed after it (default 900 x scale, "
+        "at least 120)",
+    )
     ap.add_argument("--mount-timeout", type=float, default=60.0)
     ap.add_argument("--rebuild", action="store_true", help="rebuild the fixtures")
     ap.add_argument(
@@ -1690,19 +1800,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def select(wls: Sequence[Workload], only: str) -> list[Workload]:
-    pats = [p for p in only.split(",") if p]
-    if not pats:
-        return list(wls)
-    chosen = [
+def matches(name: str, rows: Sequence[str], patterns: str) -> bool:
+    """Does a comma list of names/globs name this workload or one of its rows?"""
+    pats = [p for p in patterns.split(",") if p]
+    return any(fnmatch.fnmatch(n, pat) for pat in pats for n in (name, *rows))
+
+
+def select(wls: Sequence[Workload], only: str, skip: str) -> list[Workload]:
+    return [
         w
         for w in wls
-        if any(
-            fnmatch.fnmatch(w.name, pat) or any(fnmatch.fnmatch(r, pat) for r in w.rows)
-            for pat in pats
-        )
+        if (not only or matches(w.name, w.rows, only)) and not matches(w.name, w.rows, skip)
     ]
-    return chosen
 
 
 def resolve_profiler(want: str | None, python: str) -> str | None:
@@ -1731,10 +1840,11 @@ def layerfs_available(python: str, command: str) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     params = Params.at(args.scale)
-    wls = select(all_workloads(params), args.only)
-    pats = [p for p in args.only.split(",") if p]
-    do_import = "layerfs" in args.impls and (
-        not pats or any(fnmatch.fnmatch(IMPORT_ROW, pat) for pat in pats)
+    wls = select(all_workloads(params), args.only, args.skip)
+    do_import = (
+        "layerfs" in args.impls
+        and (not args.only or matches(IMPORT_ROW, (), args.only))
+        and not matches(IMPORT_ROW, (), args.skip)
     )
     if args.list:
         for w in all_workloads(params):
@@ -1742,7 +1852,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{IMPORT_ROW:<12} rows {IMPORT_ROW:<28} {IMPORT_WHAT}, {params.img_files} files")
         return 0
     if not wls and not do_import:
-        log(f"--only {args.only!r} matches no workload (see --list)")
+        log(f"--only {args.only!r} / --skip {args.skip!r} leave no workload (see --list)")
         return 2
     if os.geteuid() != 0:
         log("needs root (mount -t overlay, drop_caches)")
@@ -1786,17 +1896,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir=workdir,
         python=python,
         mount_timeout=args.mount_timeout,
-        timeout=args.timeout,
+        timeout=args.timeout if args.timeout else max(120.0, 900.0 * args.scale),
         profile=resolve_profiler(args.profile, python) if "layerfs" in impls else None,
         profile_dir=workdir / "profiles",
     )
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    signal.signal(signal.SIGINT, on_signal)  # even when started with SIGINT ignored
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = lock_workdir(workdir)  # held until exit: two runs would unmount each other
+    watch_signals()
 
     mnt = workdir / "m"
     if is_mounted(mnt):  # left by an earlier, killed run of this script
@@ -1818,10 +1925,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("interrupted; mounts cleaned up")
         return 130
     finally:
-        # Nothing may interrupt the last cleanup.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
+        FINAL_CLEANUP.set()  # from here a signal kills our children but interrupts nothing
         CHILDREN.cleanup(mnt)
+        lock.close()
     text, doc = render(res, wls, impls, machine, args, cfg.cold_ok)
     if cfg.profile == "py-spy":
         for prof in sorted(cfg.profile_dir.glob("*-r0-layerfs.speedscope.json")):
