@@ -43,6 +43,8 @@ CREATE TABLE entries (
     PRIMARY KEY (layer, parent, name)
 ) WITHOUT ROWID;
 CREATE INDEX entries_by_content ON entries(content) WHERE content IS NOT NULL;
+-- The other names of a hard-linked inode (Store.layer_hardlinks).
+CREATE INDEX entries_by_link ON entries(layer, link) WHERE kind = 4;
 
 -- Extended attributes of entries (from PAX SCHILY.xattr.* / LIBARCHIVE.xattr.*).
 CREATE TABLE xattrs (

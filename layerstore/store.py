@@ -19,7 +19,8 @@ import xxhash
 
 from .errors import ImageNotFound, StoreError
 from .index import ENTRY_COLS, SCHEMA_VERSION, connect, entry_from_row, schema_sql, user_version
-from .model import Entry, ImageInfo, LayerInfo
+from .model import Entry, EntryKind, ImageInfo, LayerInfo
+from .paths import join, split
 
 # On-disk layout of a store directory:
 #   index.db           the SQLite index (schema.sql)
@@ -355,6 +356,21 @@ class Store:
         ):
             out.setdefault(int(r[0]), []).append(self._entry(int(r[0]), r[1:]))
         return out
+
+    def layer_hardlinks(self, layer: int, path: bytes) -> list[bytes]:
+        """Every absolute path of the inode named `path` in one layer, sorted (just [path]
+        for a file that is not hard-linked). `path` may be any of its names."""
+        e = self.layer_lookup(layer, *split(path))
+        if e is None:
+            return []
+        first = e.link if e.kind == EntryKind.HARDLINK and e.link is not None else path
+        rows = self.conn.execute(
+            # kind = 4 (HARDLINK) spelled literally: the partial index requires it.
+            "SELECT parent, name FROM entries INDEXED BY entries_by_link "
+            "WHERE layer = ? AND link = ? AND kind = 4",
+            (layer, first),
+        ).fetchall()
+        return sorted([first, *(join(bytes(p), bytes(n)) for p, n in rows)])
 
     def layer_entries(self, layer: int) -> Iterator[Entry]:
         """Every entry of a layer, each directory before its children (ordered by parent, name)."""

@@ -132,6 +132,10 @@ def test_index_read_api(store: Store, tmp_path: Path) -> None:
     assert sh.kind == EntryKind.HARDLINK and sh.link == b"/bin/busybox" and sh.nlink == 3
     assert sh.content == bb.content and sh.size == bb.size
     assert store.content_path(bb.content or "").read_bytes() == b"\x7fELF" + b"b" * 5000
+    assert store.layer_hardlinks(base, b"/bin/sh") == [b"/bin/busybox", b"/bin/ls", b"/bin/sh"]
+    assert store.layer_hardlinks(base, b"/bin/busybox") == store.layer_hardlinks(base, b"/bin/ls")
+    assert store.layer_hardlinks(base, b"/etc/passwd") == [b"/etc/passwd"]
+    assert store.layer_hardlinks(base, b"/nothing") == []
     names = [e.name for e in store.layer_listdir(base, b"/bin")]
     assert names == [b"busybox", b"ls", b"sh", b"vi"]
     usr = store.layer_lookup(base, b"/", b"usr")
