@@ -1,13 +1,19 @@
 #!/usr/bin/env python3
 """Benchmark layerfs against kernel overlayfs and fuse-overlayfs on the same layer stacks.
 
-Run by hand as root (never a test): every measurement mounts a fresh overlay of the same lower
-layers with each implementation, rounds are interleaved with the order rotated, cold figures
-drop the page cache after a fresh mount, and the trees each implementation shows are compared
-after every workload. Prints a table of medians with ratios to the kernel, and writes JSON.
+Run by hand as root (never a test). Every measurement mounts a fresh overlay of the same lower
+layers (built once under --workdir, reused through a stamp file) with each implementation;
+rounds are interleaved with the order rotated; cold figures drop the page cache after the
+fresh mount (the kernel's FUSE caches die with the mount); the trees the implementations show
+are compared after each workload (first round by default) and a difference is shouted.
+Prints a table of medians with ratios to the kernel and layerfs/fuse-overlayfs, and --json.
 
-    .venv/bin/python scripts/bench.py --scale 0.02 --rounds 3      # quick
-    .venv/bin/python scripts/bench.py --json bench.json            # full size (long)
+    .venv/bin/python scripts/bench.py --scale 0.02                 # quick check, ~1.5 min
+    .venv/bin/python scripts/bench.py --json bench.json            # full size, see README
+    .venv/bin/python scripts/bench.py --only 'walk,stat*' --profile --impls layerfs
+
+Exit status: 0, 1 when trees differ or an implementation answered wrongly, 2 on bad usage,
+130 when interrupted (mounts are always unmounted and our daemons reaped).
 """
 
 from __future__ import annotations
@@ -1754,9 +1760,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="Benchmark layerfs vs kernel overlayfs vs fuse-overlayfs (run as root)."
     )
-    ap.add_argument("--workdir", type=Path, default=Path("/var/tmp/layerfs-bench"))
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp/layerfs-bench"),
+        help="layers, uppers and the mount point (one filesystem for all three; short paths "
+        "keep a 100-layer option string within a page); default %(default)s",
+    )
     ap.add_argument("--scale", type=float, default=1.0, help="shrink sizes/counts, e.g. 0.02")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma list of " + ",".join(IMPLS))
     ap.add_argument(
         "--only", default="", help="comma list of workload names or globs (e.g. stat*,walk)"
@@ -1777,7 +1789,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="per measurement, seconds; the daemon is killed after it (default 900 x scale, "
         "at least 120)",
     )
-    ap.add_argument("--mount-timeout", type=float, default=60.0)
+    ap.add_argument(
+        "--mount-timeout", type=float, default=60.0, help="bounded wait for a FUSE mount, seconds"
+    )
     ap.add_argument("--rebuild", action="store_true", help="rebuild the fixtures")
     ap.add_argument(
         "--profile",
