@@ -54,3 +54,7 @@ def require_kernel_overlay() -> None:
             with open("/proc/filesystems") as g:
                 if not any(line.split()[-1] == "overlay" for line in g if line.strip()):
                     pytest.skip("kernel overlayfs is not available")
+
+
+# Session fixtures with the real-tool test images, shared by tests/store and tests/mount.
+pytest_plugins = ["tests.image_fixtures"]

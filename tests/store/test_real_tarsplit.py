@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests import images
-from tests.store.conftest import BuiltImages
+from tests.image_fixtures import BuiltImages
 from tests.store.test_import import cli
 
 pytestmark = pytest.mark.tools

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests import images
-from tests.store.conftest import BuiltImages, image_snapshot, layerfs_ok
+from tests.image_fixtures import BuiltImages, image_snapshot, layerfs_ok
 from tests.treecmp import compare
 
 pytestmark = pytest.mark.tools

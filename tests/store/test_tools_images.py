@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import images
-from tests.store.conftest import FORMATS, BuiltImages, image_snapshot
+from tests.image_fixtures import FORMATS, BuiltImages, image_snapshot
 from tests.treecmp import compare
 
 pytestmark = pytest.mark.tools

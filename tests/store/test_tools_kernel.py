@@ -16,8 +16,8 @@ import pytest
 
 from tests import images
 from tests.conftest import require_kernel_overlay
+from tests.image_fixtures import BuiltImages, image_snapshot
 from tests.mounting import overlay_mount
-from tests.store.conftest import BuiltImages, image_snapshot
 from tests.treecmp import Node, compare
 
 pytestmark = pytest.mark.tools

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from tests import images
 from tests.conftest import require_kernel_overlay, require_root, require_tool
+from tests.image_fixtures import image_snapshot, layerfs_ok
 from tests.mounting import overlay_mount
-from tests.store.conftest import image_snapshot, layerfs_ok
 from tests.treecmp import compare
 
 pytestmark = pytest.mark.tools

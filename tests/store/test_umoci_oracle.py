@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests import images
-from tests.store.conftest import (
+from tests.image_fixtures import (
     FORMATS,
     BuiltImages,
     image_snapshot,

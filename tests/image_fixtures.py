@@ -1,4 +1,5 @@
-"""Session fixtures: test images built once by real tools, their umoci rootfs and conversions."""
+"""Session fixtures (a pytest plugin loaded by tests/conftest.py): test images built once by
+real tools, their umoci rootfs and conversions, shared by store and mount tests."""
 
 from __future__ import annotations
 
