@@ -193,6 +193,28 @@ class UnionFS:
             made.append(node)
         return node
 
+    def _shows_alias(self, parent: Node, name: bytes, src: Layer, alias: bytes) -> bool:
+        res = self._resolve(parent, name)
+        if res is None or res.upper is not None or res.is_dir or not res.lower:
+            return False
+        return self.lowers[res.lower[0][0]] is src and res.lower[0][1] == alias
+
+    def _alias_parent(
+        self, src: Layer, ppath: bytes, name: bytes, alias: bytes, made: list[Node]
+    ) -> Node | None:
+        """The merged directory showing lower `alias`: at the same path, or a directory
+        renamed in this mount whose lower directory is the alias' parent."""
+        parent = self._walk(ppath, made)
+        if parent is not None and parent.is_dir and self._shows_alias(parent, name, src, alias):
+            return parent
+        for cand in list(self.inodes.nodes.values()):
+            if not cand.is_dir or cand.unlinked or cand is parent:
+                continue
+            below = any(self.lowers[li] is src and lp == ppath for li, lp in cand.lower)
+            if below and self._shows_alias(cand, name, src, alias):
+                return cand
+        return None
+
     def _link_up_aliases(self, node: Node, src: Layer, src_path: bytes, host_ino: int) -> None:
         """After copying up one name of a lower hard link, give every other name of it that
         the merged view shows the same upper inode, as kernel overlayfs with index=on shows
@@ -204,13 +226,8 @@ class UnionFS:
                 if alias == src_path:
                     continue
                 ppath, name = split(alias)
-                parent = self._walk(ppath, made)
-                if parent is None or not parent.is_dir:
-                    continue
-                res = self._resolve(parent, name)
-                if res is None or res.upper is not None or res.is_dir or not res.lower:
-                    continue
-                if self.lowers[res.lower[0][0]] is not src or res.lower[0][1] != alias:
+                parent = self._alias_parent(src, ppath, name, alias, made)
+                if parent is None:
                     continue
                 self.ensure_upper(parent)
                 dfd = upper.dirfd(parent.path())
