@@ -18,6 +18,7 @@ import ctypes
 import ctypes.util
 import errno
 import hashlib
+import mmap
 import os
 import pickle
 import stat
@@ -282,6 +283,30 @@ def _do(op: Op, root: bytes, fds: dict[int, int]) -> Outcome:
         return Outcome(None, stat_summary(os.lstat(P(a[0]))))
     if name == "readlink":
         return Outcome(None, os.readlink(P(a[0])))
+    if name == "access":  # (path, mode): as the caller (see "as" for unprivileged users)
+        path, mode = a
+        return Outcome(None, os.access(P(path), mode, follow_symlinks=False))
+    if name == "statfs":  # what must agree: the name length limit
+        return Outcome(None, os.statvfs(P(a[0])).f_namemax)
+    if name in ("mmapread", "mmapwrite"):  # (path, seed): a shared mapping of the whole file
+        p = P(a[0])
+        if _special(p):
+            return Outcome(None, "special")
+        fd = _open(p, os.O_RDWR if name == "mmapwrite" else os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return Outcome(None, 0)
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if name == "mmapwrite" else 0)
+            with mmap.mmap(fd, size, mmap.MAP_SHARED, prot) as m:
+                if name == "mmapread":
+                    return Outcome(None, data_summary(m[:]))
+                n = min(size, 100)
+                m[size - n :] = pattern(a[1], n)
+                m.flush()
+                return Outcome(None, n)
+        finally:
+            os.close(fd)
     return _fd_op(op, root, fds)
 
 

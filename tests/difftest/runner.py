@@ -89,7 +89,12 @@ def _show(paths: frozenset[bytes]) -> str:
 
 
 def compare_states(k: TreeState, o: TreeState, other: str) -> list[str]:
-    diffs = [f"{d}   [kernel != {other}]" for d in compare(k.nodes, o.nodes, ignore=())]
+    diffs = [
+        d.replace("only in first", "only in kernel").replace("only in second", f"only in {other}")
+        if d.startswith("only in")
+        else f"{d}   [kernel != {other}]"
+        for d in compare(k.nodes, o.nodes, ignore=())
+    ]
     if k.links != o.links:
         for g in sorted(k.links - o.links, key=sorted):
             diffs.append(f"hard-link group only in kernel: {_show(g)}")
@@ -158,11 +163,19 @@ def _remount_check(impl: str, kstate: TreeState, ks: Stack, os_: Stack, base: Pa
     if not diffs:
         return []
     kown = _remount(ks, base, "k-remount")
-    if kown != kstate and not compare_states(kown, ostate, f"kernel-on-{impl}-upper"):
+    if kown == kstate:
+        return [f"kernel mount of {impl}'s upper differs from the kernel's tree:"] + [
+            "    " + d for d in diffs
+        ]
+    odiffs = compare_states(kown, ostate, f"kernel-on-{impl}-upper")
+    if not odiffs:
         return []
-    return [f"kernel mount of {impl}'s upper differs from the kernel's tree:"] + [
-        "    " + d for d in diffs
-    ]
+    return (
+        [f"kernel mount of {impl}'s upper differs from the kernel's live tree:"]
+        + ["    " + d for d in diffs]
+        + ["and from the kernel's mount of its own upper (fresh workdir, index=off):"]
+        + ["    " + d.replace("[kernel !=", "[kernel-on-kernel-upper !=") for d in odiffs]
+    )
 
 
 def _run_ops(

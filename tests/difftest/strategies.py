@@ -30,6 +30,8 @@ NEW_NAMES: tuple[bytes, ...] = (
     b"dirlink/new",
     b"newdir/sub",
     b"newdir/sub/f",
+    b"data/" + b"n" * 255,  # the longest name
+    b"n" * 256,  # one byte too long: ENAMETOOLONG
 )
 
 # Most interesting first: merged dirs and lower files before odd corners.
@@ -159,6 +161,10 @@ def ops(
         _op("fdstat", slots),
         _op("fdtruncate", slots, st.sampled_from((0, 3, 100_000))),
         _op("close", slots),
+        _op("access", any_path, st.sampled_from((os.F_OK, os.R_OK, os.W_OK, os.X_OK, 7))),
+        _op("mmapwrite", paths, st.integers(0, 3)),
+        _op("mmapread", paths, st.just(0)),
+        _op("statfs", any_path),
         _op("listdir", dir_paths),
         _op("lstat", any_path),
         _op("getxattr", any_path, st.sampled_from(XATTR_NAMES + OVERLAY_XATTRS)),
