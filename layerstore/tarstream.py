@@ -63,6 +63,8 @@ def _xattrs(ti: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
 
 Item = tuple[Entry, IO[bytes] | None]
 
+ID_LIMIT = 1 << 32  # uid/gid/device numbers are 32-bit on Linux (-1 means "unchanged")
+
 # tarfile reads a PAX or GNU long-name header's whole body into memory: bound it.
 MAX_META = 16 << 20
 _META_TYPES = (
@@ -158,6 +160,13 @@ def _convert(
             raise LayerError(f"entry {show(raw)}: invalid whiteout name")
         yield Entry(parent, hidden, EntryKind.WHITEOUT, 0, 0, 0, 0, mtime), None
         return
+    for what, value in (("uid", ti.uid), ("gid", ti.gid)):
+        if not 0 <= value < ID_LIMIT:
+            raise LayerError(f"entry {show(raw)}: {what} {value} out of range")
+    if kind in (EntryKind.CHAR, EntryKind.BLOCK) and not (
+        0 <= ti.devmajor < ID_LIMIT and 0 <= ti.devminor < ID_LIMIT
+    ):
+        raise LayerError(f"entry {show(raw)}: device number out of range")
     if path == b"/" and kind != EntryKind.DIR:
         raise LayerError(f"entry {show(raw)}: the layer root must be a directory")
     mode = ti.mode & 0o7777

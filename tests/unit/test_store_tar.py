@@ -199,3 +199,25 @@ def test_huge_metadata_header_is_refused_before_it_is_read() -> None:
     tar = hdr.tobuf(format=tarfile.USTAR_FORMAT) + b"30 path=" + b"a" * 100
     with pytest.raises(LayerError, match="metadata header"):
         entries(tar)
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        f("u", b"x", pax={"uid": str(1 << 40)}),
+        f("g", b"x", pax={"gid": str(1 << 32)}),
+        M("dev", tarfile.CHRTYPE, devmajor=1),
+    ],
+)
+def test_ids_out_of_range_are_refused(member: M) -> None:
+    if member.name == "dev":
+        # ustar can not even carry a big device number: forge one with a GNU base-256 field
+        tar = bytearray(layer_tar([member], fmt=tarfile.GNU_FORMAT))
+        tar[329:337] = b"\x80" + (1 << 40).to_bytes(7, "big")
+        tar[148:156] = b"        "
+        tar[148:156] = b"%06o\0 " % sum(tar[:512])
+        member_tar = bytes(tar)
+    else:
+        member_tar = layer_tar([member])
+    with pytest.raises(LayerError, match="out of range"):
+        entries(member_tar)
