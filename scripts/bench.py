@@ -1569,6 +1569,7 @@ def machine_info(python: str) -> dict[str, Any]:
 
     return {
         "nproc": os.cpu_count(),
+        "loadavg_start": os.getloadavg()[0],
         "cpu": cpu,
         "mem_gib": round(mem_kib / 1024 / 1024, 1),
         "kernel": platform.release(),
@@ -1602,7 +1603,9 @@ def render(
         f"Linux {machine['kernel']}, Python {machine['python']} "
         f"(daemon {machine['daemon_python']}), fuse-overlayfs {machine['fuse_overlayfs']}, "
         f"layerfs {machine['layerfs_commit']}"
-        + (" +local changes" if machine["layerfs_dirty"] else ""),
+        + (" +local changes" if machine["layerfs_dirty"] else "")
+        + f"; load {machine['loadavg_start']:.1f} at start, "
+        f"{machine.get('loadavg_end', 0.0):.1f} at end",
         "cold = fresh mount + page cache dropped"
         + ("" if cold_ok else " (FAILED: cold figures are NOT cold)")
         + "; every measurement mounts fresh (fresh upper for writes)",
@@ -1942,6 +1945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         FINAL_CLEANUP.set()  # from here a signal kills our children but interrupts nothing
         CHILDREN.cleanup(mnt)
         lock.close()
+    machine["loadavg_end"] = os.getloadavg()[0]
     text, doc = render(res, wls, impls, machine, args, cfg.cold_ok)
     if cfg.profile == "py-spy":
         for prof in sorted(cfg.profile_dir.glob("*-r0-layerfs.speedscope.json")):
