@@ -171,6 +171,11 @@ def _convert(
         raise LayerError(f"entry {show(raw)}: the layer root must be a directory")
     mode = ti.mode & 0o7777
     xattrs = _xattrs(ti)
+    if not -(1 << 63) <= mtime < 1 << 63:
+        raise LayerError(f"entry {show(raw)}: modification time out of range")
+    for key, _ in xattrs:
+        if not key or b"\0" in key:
+            raise LayerError(f"entry {show(raw)}: invalid xattr name {show(key)}")
     if kind == EntryKind.HARDLINK:
         target = normalize(_b(ti.linkname), f"hard link {show(raw)} ->")
         if target == path:
@@ -185,6 +190,8 @@ def _convert(
         return
     if kind == EntryKind.SYMLINK:
         target = _b(ti.linkname)
+        if b"\0" in target or not target:
+            raise LayerError(f"entry {show(raw)}: invalid symlink target")
         yield (
             Entry(
                 parent,

@@ -221,3 +221,17 @@ def test_ids_out_of_range_are_refused(member: M) -> None:
         member_tar = layer_tar([member])
     with pytest.raises(LayerError, match="out of range"):
         entries(member_tar)
+
+
+@pytest.mark.parametrize(
+    ("member", "needle"),
+    [
+        (f("t", b"x", pax={"mtime": "1e30"}), "time out of range"),
+        (sym("s", "x", pax={"linkpath": "a\0b"}), "invalid symlink target"),
+        (sym("s", ""), "invalid symlink target"),
+        (f("x", b"x", pax={"SCHILY.xattr.": "v"}), "invalid xattr name"),
+    ],
+)
+def test_values_unpack_could_not_apply_are_refused(member: M, needle: str) -> None:
+    with pytest.raises(LayerError, match=needle):
+        entries(layer_tar([member]))
