@@ -164,7 +164,7 @@ def cmd_history(args: argparse.Namespace, store: Store) -> int:
     image = store.resolve(args.image)
     cfg = store.image_config(image)
     layers = store.image_layers(image)
-    hist = cfg.get("history") or [{} for _ in layers]
+    hist = [h for h in cfg.get("history") or [] if isinstance(h, dict)] or [{} for _ in layers]
     rows = [["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"]]
     li = 0
     entries = []
