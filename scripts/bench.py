@@ -1677,6 +1677,7 @@ def render(
         )
     if notes:
         lines += ["", "notes and failures (* = some rounds failed):", *notes]
+    extra: dict[str, Any] = {}
     depths = sorted(int(w.name[4:]) for w in wls if w.name.startswith("stat"))
     if len(depths) >= 2:
         lo, hi = depths[0], depths[-1]
@@ -1692,7 +1693,7 @@ def render(
                 depth_json.setdefault(impl, {})[temp] = r
                 parts.append(f"{temp} {r:.2f}" if r is not None else f"{temp} -")
             lines.append(f"  {impl:<15}" + "  ".join(parts))
-        table["stack-depth-cost"] = depth_json
+        extra["stack_depth_cost"] = depth_json
     if IMPORT_ROW in res.cells:
         imp = res.cells[IMPORT_ROW]
         meds = {t: statistics.median(c.times) for t, c in imp.items() if c.times}
@@ -1716,7 +1717,7 @@ def render(
             ratio = meds["layerfs"] / meds["umoci"]
             lines.append(f"  layerfs/umoci {ratio:.2f}")
             jimp["layerfs/umoci"] = ratio
-        table[IMPORT_ROW] = jimp
+        extra["import"] = jimp
     if res.mount_s:
         lines += ["", "mount time (start to mount point visible, median), per workload:"]
         for wl in wls:
@@ -1748,6 +1749,7 @@ def render(
         "params": asdict(Params.at(args.scale)),
         "cold_ok": cold_ok,
         "rows": table,
+        **extra,
         "rss_kib": res.rss_kib,
         "mount_s": res.mount_s,
         "mismatches": res.mismatches,
