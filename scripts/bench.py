@@ -1946,6 +1946,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         FINAL_CLEANUP.set()  # from here a signal kills our children but interrupts nothing
         CHILDREN.cleanup(mnt)
+        if not is_mounted(mnt):  # never delete below a live mount
+            shutil.rmtree(workdir / "u", ignore_errors=True)
         lock.close()
     machine["loadavg_end"] = os.getloadavg()[0]
     text, doc = render(res, wls, impls, machine, args, cfg.cold_ok)
