@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 STAMP_SYS := $(VENV)/.system-deps
 STAMP_PY := $(VENV)/.python-deps
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help deps venv demo test check lint typecheck stress bench clean
 
@@ -46,7 +47,7 @@ stress: deps ## Long randomized runs (minutes); not part of `make test`
 	LAYERFS_STRESS=1 $(PY) -m pytest -m "stress or not stress" $(PYTEST_ARGS)
 
 bench: deps ## Benchmark against kernel overlayfs and fuse-overlayfs (by hand, not a test)
-	$(PY) scripts/bench.py
+	$(PY) scripts/bench.py $(BENCH_ARGS)
 
 clean: ## Remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
