@@ -15,7 +15,7 @@ from unionfs.core.copyup import copy_up
 from unionfs.core.errors import FsError
 from unionfs.core.handles import DirHandle, FileHandle, HandleTable
 from unionfs.core.inodes import InodeTable, Key, Node
-from unionfs.core.layers import NAME_MAX, Layer, join, split
+from unionfs.core.layers import NAME_MAX, WH_PREFIX, Layer, join, split
 from unionfs.core.resolve import Resolved, lower_positive, merged_names, resolve_child
 from unionfs.core.types import ROOT_INO, Fh, Ino, Stat
 from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, UpperLayer
@@ -53,6 +53,10 @@ def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError(errno.ENAMETOOLONG)
     if not name or b"/" in name or name in (b".", b".."):
+        raise FsError(errno.EINVAL)
+    if name.startswith(WH_PREFIX):
+        # Whiteout spelling: every layer reads `.wh.NAME` as a whiteout, so such a file
+        # would vanish (and hide NAME) instead of appearing.
         raise FsError(errno.EINVAL)
 
 

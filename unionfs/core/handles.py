@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -48,13 +49,13 @@ class HandleTable:
         try:
             return self.files[fh]
         except KeyError:
-            raise FsError(9) from None  # EBADF
+            raise FsError(errno.EBADF) from None
 
     def dir(self, fh: Fh) -> DirHandle:
         try:
             return self.dirs[fh]
         except KeyError:
-            raise FsError(9) from None
+            raise FsError(errno.EBADF) from None
 
     def pop_file(self, fh: Fh) -> FileHandle:
         h = self.file(fh)
