@@ -162,3 +162,28 @@ def test_failure_inside_the_commit_leaves_the_store_as_it_was(
     with Store(store) as s, pytest.raises(RuntimeError, match="injected"):
         import_source(s, source_images(f"oci:{layout}:one"), [])
     assert fingerprint(store) == before
+
+
+def test_gc_and_rmi_racing_imports(layout: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    cli(store, "import", f"oci:{layout}:two")
+    cli(store, "rmi", "img:two")  # its layers are now garbage, but `one` shares the base
+    procs = [
+        _import(store, f"oci:{layout}:one"),
+        subprocess.Popen(
+            [*LAYERFS, "gc", "--store", str(store)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ),
+        _import(store, f"oci:{layout}:two"),
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert cli(store, "fsck", "--full").returncode == 0
+    for tag in ("one", "two"):
+        rootfs = tmp_path / tag
+        cli(store, "unpack", f"img:{tag}", str(rootfs))
+        assert (rootfs / "base/f0").read_bytes() == b"shared 0\n" * 50
+        assert (rootfs / tag / "top").read_bytes() == tag.encode()
