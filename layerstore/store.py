@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import sqlite3
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -153,7 +154,16 @@ class Store:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        fcntl.flock(self._lockfile(), fcntl.LOCK_EX)
+        """Held by gc and fsck: waits for running imports (and mounts holding shared())."""
+        try:
+            fcntl.flock(self._lockfile(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(
+                "layerfs: waiting for running imports or mounts of this store...",
+                file=sys.stderr,
+                flush=True,
+            )
+            fcntl.flock(self._lockfile(), fcntl.LOCK_EX)
         try:
             yield
         finally:
