@@ -138,6 +138,42 @@ def check_kernel_index(mnt: Path) -> None:
     raise RuntimeError(f"{mnt} is not mounted")
 
 
+def inode_numbers(root: Path) -> dict[bytes, int]:
+    broot = os.fsencode(root)
+    out = {b".": os.lstat(broot).st_ino}
+    for dirpath, dirnames, filenames in os.walk(broot):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            out[os.path.relpath(p, broot)] = os.lstat(p).st_ino
+    return out
+
+
+def _self_remount_check(
+    impl: str,
+    impl_opts: Sequence[str],
+    kstate: TreeState,
+    inos: dict[bytes, int],
+    stack: Stack,
+    base: Path,
+) -> list[str]:
+    """`impl` mounted again on its own upper and workdir: same tree, same st_ino everywhere."""
+    with overlay_mount(
+        impl, stack.lowers, base / "o" / "mnt-again", stack.upper, stack.work, impl_opts
+    ) as mnt:
+        state = tree_state(mnt)
+        again = inode_numbers(mnt)
+    diffs = compare_states(kstate, state, f"{impl}-remounted")
+    diffs += [
+        f"{p.decode(errors='backslashreplace')}: st_ino {inos[p]} before the remount, "
+        f"{again[p]} after"
+        for p in sorted(inos)
+        if p in again and inos[p] != again[p]
+    ]
+    if diffs:
+        return [f"{impl} mounted again on its own upper differs:"] + ["    " + d for d in diffs]
+    return []
+
+
 def _remount(stack: Stack, base: Path, name: str) -> TreeState:
     work = base / f"{name}-work"
     work.mkdir()
@@ -211,10 +247,13 @@ def run_sequence(
     snapshot_each: bool = False,
     impl_opts: Sequence[str] = (),
     known: Callable[[list[str]], list[str]] | None = None,
+    self_remount: bool = True,
 ) -> list[str]:
     """Apply `ops` on the kernel and on `impl`; return the problems found ([] if none).
 
-    `known` may filter out problems that are documented, deliberate differences.
+    `self_remount`: also unmount `impl` and mount it again on the same dirs: the tree must still
+    be the kernel's, and every path must keep its st_ino. `known` may filter out problems
+    that are documented, deliberate differences.
     """
     problems: list[str] = []
     with scratch_dir() as base:
@@ -237,10 +276,13 @@ def run_sequence(
                 close_all(ofds)
             if not problems:
                 kstate = tree_state(kmnt)
+                oinos = inode_numbers(omnt)
                 diffs = compare_states(kstate, tree_state(omnt), impl)
                 if diffs:
                     problems.append("final trees differ:")
                     problems.extend("    " + d for d in diffs)
+        if kstate is not None and not problems and self_remount:
+            problems.extend(_self_remount_check(impl, impl_opts, kstate, oinos, os_, base))
         if kstate is not None and not problems:
             problems.extend(_remount_check(impl, kstate, ks, os_, base))
         for i, (p, before) in enumerate(zip(os_.lowers, lowers_before, strict=True)):
