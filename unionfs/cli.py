@@ -15,7 +15,12 @@ def _registrars() -> list[Registrar]:
     A sub-command sets `func=handler` with `handler(args) -> int` (the exit code).
     """
     found: list[Registrar] = []
-    for modname in ("unionfs.overlay_cli", "layerstore.cli", "unionfs.image_cli"):
+    for modname in (
+        "unionfs.overlay_cli",
+        "layerstore.cli",
+        "unionfs.image_cli",
+        "layerstore.image_cli",
+    ):
         try:
             module = __import__(modname, fromlist=["add_commands"])
         except ModuleNotFoundError as exc:

@@ -1,0 +1,168 @@
+"""CLI verbs that make and ship images from uppers: diff, commit, export."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .errors import StoreError
+from .store import Store, default_store_dir
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _guard(fn: Callable[[argparse.Namespace, Store], int]) -> Handler:
+    """Open the store, run the verb, turn any domain error into one `layerfs: ` line."""
+
+    def handler(args: argparse.Namespace) -> int:
+        try:
+            with Store(Path(args.store) if args.store else default_store_dir()) as store:
+                return fn(args, store)
+        except StoreError as exc:
+            print(f"layerfs: {exc}", file=sys.stderr)
+            return 1
+        except sqlite3.Error as exc:
+            print(f"layerfs: index error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            where = f" {exc.filename!s}" if exc.filename else ""
+            print(f"layerfs: {exc.strerror or exc}{':' if where else ''}{where}", file=sys.stderr)
+            return 1
+
+    return handler
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def resolve_target(store: Store, target: str) -> tuple[Path, str]:
+    """(upper dir, image id) of `NAME|MOUNTPOINT` (notes/ISSUE4-CONTRACT.md): a directory
+    with an active mount record, else a container name kept in the store."""
+    if os.path.isdir(target):
+        for p in {os.path.abspath(target), os.path.realpath(target)}:
+            key = hashlib.sha256(p.encode("utf-8", "surrogateescape")).hexdigest()
+            rec = _read_json(store.root / "mounts" / f"{key}.json")
+            if rec is not None and rec.get("upper") and rec.get("image"):
+                return Path(str(rec["upper"])), str(rec["image"])
+    if "/" not in target and target not in ("", ".", ".."):
+        cdir = store.root / "containers" / target
+        cfg = _read_json(cdir / "config.json")
+        if cfg is not None and cfg.get("image"):
+            return cdir / "upper", str(cfg["image"])
+    raise StoreError(f"{target}: neither a layerfs mount point nor a container name")
+
+
+def _upper_and_image(args: argparse.Namespace, store: Store) -> tuple[Path, str]:
+    if args.upper is not None:
+        if args.image is None:
+            raise StoreError("--upper needs --image (the image the upper was made over)")
+        if args.target is not None:
+            raise StoreError("give either NAME|MOUNTPOINT or --upper DIR --image IMAGE")
+        return Path(args.upper), args.image
+    if args.target is None:
+        raise StoreError("give NAME|MOUNTPOINT or --upper DIR --image IMAGE")
+    return resolve_target(store, args.target)
+
+
+def cmd_diff(args: argparse.Namespace, store: Store) -> int:
+    from .commit import iter_diff
+
+    if args.upper is None and args.target is not None and args.image is not None:
+        raise StoreError("--image goes with --upper")
+    upper, image = _upper_and_image(args, store)
+    out = sys.stdout.buffer
+    for line in iter_diff(store, upper, image):
+        out.write(os.fsencode(line) + b"\n")
+    out.flush()
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace, store: Store) -> int:
+    from .commit import commit_upper
+
+    if args.upper is not None:
+        # `commit --upper U --image I NEWNAME`: the only positional is the new name.
+        if args.newname is not None:
+            raise StoreError("give either NAME|MOUNTPOINT or --upper DIR --image IMAGE")
+        args.newname, args.target = args.target, None
+    if args.newname is None:
+        raise StoreError("missing NEWNAME[:TAG]")
+    upper, image = _upper_and_image(args, store)
+    res = commit_upper(
+        store,
+        upper,
+        image,
+        args.newname,
+        message=args.message,
+        compression="zstd" if args.zstd else "gzip",
+        allow_empty=args.allow_empty,
+    )
+    for w in res.warnings:
+        print(f"layerfs: warning: {w}", file=sys.stderr)
+    if res.image is None:
+        print(
+            "layerfs: nothing to commit: the upper has no changes "
+            "(--allow-empty commits an empty layer)",
+            file=sys.stderr,
+        )
+        return 1
+    if res.empty:
+        print("committed an empty layer (--allow-empty)", file=sys.stderr)
+    for n in res.names:
+        print(f"Committed image: {n}", file=sys.stderr)
+    print(res.image)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, store: Store) -> int:
+    from .export import export_image
+
+    dest = export_image(store, args.image, args.dest)
+    print(f"Exported {args.image} to {dest}", file=sys.stderr)
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register diff, commit and export on the `layerfs` parser."""
+
+    def verb(name: str, fn: Callable[[argparse.Namespace, Store], int], help: str) -> Any:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--store",
+            metavar="DIR",
+            help="store directory (default: $LAYERFS_STORE, else the XDG data dir, "
+            "/var/lib/layerfs as root)",
+        )
+        p.set_defaults(func=_guard(fn))
+        return p
+
+    p = verb("diff", cmd_diff, "list what an upper changed: A added, C changed, D deleted")
+    p.add_argument("target", nargs="?", metavar="NAME|MOUNTPOINT")
+    p.add_argument("--upper", metavar="DIR", help="a plain upper directory (with --image)")
+    p.add_argument("--image", metavar="IMAGE", help="the image the upper was made over")
+
+    p = verb("commit", cmd_commit, "commit an upper's changes as a new layer and image")
+    p.add_argument("target", nargs="?", metavar="NAME|MOUNTPOINT")
+    p.add_argument("newname", nargs="?", metavar="NEWNAME[:TAG]")
+    p.add_argument("--upper", metavar="DIR", help="a plain upper directory (with --image)")
+    p.add_argument("--image", metavar="IMAGE", help="the image the upper was made over")
+    p.add_argument("-m", "--message", metavar="MSG", help="history comment")
+    p.add_argument("--zstd", action="store_true", help="compress the layer with zstd (not gzip)")
+    p.add_argument("--allow-empty", action="store_true", help="commit even with no changes")
+
+    p = verb("export", cmd_export, "write an image as oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
+             "docker-archive:FILE[:NAME:TAG]")  # fmt: skip
+    p.add_argument("image")
+    p.add_argument("dest")
