@@ -1,0 +1,237 @@
+"""Named uppers ("containers") kept in the store, and the records of active image mounts."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import StoreError
+
+# Layout (shared with diff/commit/export, see notes/ISSUE4-CONTRACT.md):
+#   STORE/containers/NAME/upper/       the upper directory (overlayfs native format as root)
+#   STORE/containers/NAME/work/        its workdir (same filesystem)
+#   STORE/containers/NAME/config.json  {"name", "image", "ref", "created"}
+#   STORE/mounts/<sha256 of the absolute mount point>.json   one active mount (MountRecord)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+class ContainerError(StoreError):
+    """A bad container name, a missing container, or one that belongs to another image."""
+
+
+@dataclass(frozen=True)
+class Container:
+    name: str
+    image: str  # image ID, sha256:...
+    ref: str  # what the user typed
+    created: float
+    root: Path  # STORE/containers/NAME
+
+    @property
+    def upper(self) -> Path:
+        return self.root / "upper"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+
+@dataclass(frozen=True)
+class MountRecord:
+    mountpoint: str
+    pid: int
+    image: str
+    name: str | None
+    upper: str | None
+    work: str | None
+    readonly: bool
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.fullmatch(name):
+        raise ContainerError(
+            f"bad container name {name!r}: use letters, digits, '_', '.', '-' "
+            "(first a letter or digit, at most 128)"
+        )
+
+
+def containers_dir(store_root: Path) -> Path:
+    return Path(store_root) / "containers"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic: a reader sees the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def load(store_root: Path, name: str) -> Container | None:
+    check_name(name)
+    root = containers_dir(store_root) / name
+    try:
+        data = json.loads((root / "config.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ContainerError(f"container {name}: unreadable config.json: {exc}") from None
+    return Container(name, str(data["image"]), str(data.get("ref", "")), data["created"], root)
+
+
+def create(store_root: Path, name: str, image: str, ref: str) -> Container:
+    """Make STORE/containers/NAME (upper, work, config.json); ContainerError if it exists."""
+    check_name(name)
+    parent = containers_dir(store_root)
+    parent.mkdir(parents=True, exist_ok=True)
+    root = parent / name
+    try:
+        root.mkdir()
+    except FileExistsError:
+        raise ContainerError(f"container {name} already exists") from None
+    (root / "upper").mkdir()
+    (root / "work").mkdir()
+    created = time.time()
+    _write_json(
+        root / "config.json", {"name": name, "image": image, "ref": ref, "created": created}
+    )
+    return Container(name, image, ref, created, root)
+
+
+def remove(store_root: Path, name: str) -> None:
+    check_name(name)
+    root = containers_dir(store_root) / name
+    if not root.exists():
+        raise ContainerError(f"no such container: {name}")
+    shutil.rmtree(root)
+
+
+def all_containers(store_root: Path) -> list[Container]:
+    out = []
+    parent = containers_dir(store_root)
+    if parent.is_dir():
+        for p in sorted(parent.iterdir()):
+            if NAME_RE.fullmatch(p.name):
+                c = load(store_root, p.name)
+                if c is not None:
+                    out.append(c)
+    return out
+
+
+def fresh_name(store_root: Path, ref: str) -> str:
+    """An unused name from the image's repository name and random hex, e.g. `app-3f9c1a`."""
+    base = ref.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+    base = re.sub(r"[^A-Za-z0-9_.-]", "-", base).lstrip("._-")[:40] or "c"
+    while True:
+        name = f"{base}-{secrets.token_hex(3)}"
+        if not (containers_dir(store_root) / name).exists():
+            return name
+
+
+# ---- mount records ----------------------------------------------------------------------
+
+
+def mounts_dir(store_root: Path) -> Path:
+    return Path(store_root) / "mounts"
+
+
+def record_path(store_root: Path, mountpoint: str) -> Path:
+    digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()
+    return mounts_dir(store_root) / f"{digest}.json"
+
+
+def write_record(store_root: Path, rec: MountRecord) -> None:
+    mounts_dir(store_root).mkdir(parents=True, exist_ok=True)
+    _write_json(record_path(store_root, rec.mountpoint), asdict(rec))
+
+
+def _parse(data: dict[str, Any]) -> MountRecord:
+    return MountRecord(
+        mountpoint=str(data["mountpoint"]),
+        pid=int(data["pid"]),
+        image=str(data["image"]),
+        name=data.get("name"),
+        upper=data.get("upper"),
+        work=data.get("work"),
+        readonly=bool(data.get("readonly", False)),
+    )
+
+
+def read_record(store_root: Path, mountpoint: str) -> MountRecord | None:
+    try:
+        return _parse(json.loads(record_path(store_root, mountpoint).read_text()))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_record(store_root: Path, mountpoint: str, pid: int | None = None) -> None:
+    """Remove the record of `mountpoint` (only if it is `pid`'s, when given)."""
+    path = record_path(store_root, mountpoint)
+    if pid is not None:
+        rec = read_record(store_root, mountpoint)
+        if rec is None or rec.pid != pid:
+            return
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def all_records(store_root: Path) -> Iterator[MountRecord]:
+    d = mounts_dir(store_root)
+    if not d.is_dir():
+        return
+    for p in sorted(d.glob("*.json")):
+        try:
+            yield _parse(json.loads(p.read_text()))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped) serves nothing.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def is_mount_point(path: str) -> bool:
+    target = os.fsencode(os.path.realpath(path))
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            raw = line.split()[4]
+            raw = (
+                raw.replace(b"\\040", b" ")
+                .replace(b"\\011", b"\t")
+                .replace(b"\\012", b"\n")
+                .replace(b"\\134", b"\\")
+            )
+            if raw == target:
+                return True
+    return False
+
+
+def find_mounted(store_root: Path, name: str) -> MountRecord | None:
+    """The live mount of container `name`, if any."""
+    for rec in all_records(store_root):
+        if rec.name == name and pid_alive(rec.pid) and is_mount_point(rec.mountpoint):
+            return rec
+    return None

@@ -1,0 +1,468 @@
+"""`layerfs mount/umount/ps/which`: an image of the store mounted under a (named) upper."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from layerstore import containers
+from layerstore.containers import Container, MountRecord
+from layerstore.errors import StoreError
+from layerstore.model import EntryKind
+from layerstore.store import Store, default_store_dir
+from unionfs.core.layers import DirLayer, Layer
+from unionfs.core.storelayer import StoreView
+
+MOUNT_WAIT = 60.0  # bounded wait for a daemon's mount to appear (or the daemon to exit)
+UMOUNT_WAIT = 10.0  # bounded wait for a daemon to exit after its mount went away
+FUSE_DEFAULTS = ["default_permissions", "fsname=layerfs", "subtype=layerfs"]
+
+
+class CliError(Exception):
+    """One line for the user."""
+
+
+def _store_root(args: argparse.Namespace) -> Path:
+    return Path(args.store) if args.store else default_store_dir()
+
+
+def _open_store(root: Path) -> Store:
+    if not (root / "index.db").exists():
+        raise CliError(f"no layer store at {root} (import an image first)")
+    return Store(root, readonly=True)
+
+
+def _trio_dispatch(fn: Callable[[], Any]) -> Any:
+    """Run `fn` on the trio thread (the core's SQLite connection lives there)."""
+    import trio
+
+    return trio.from_thread.run_sync(fn)
+
+
+def _shared_lock(root: Path) -> int:
+    """Hold the store's lock shared for the mount's life: gc waits instead of removing the
+    layers of a mounted image. The fd is inherited by the daemon."""
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def _init_upper_root(upper: Path, view: StoreView) -> None:
+    """A fresh upper's root takes the image root's attributes (the merged root shows the
+    upper's, as kernel overlayfs does)."""
+    root = view.layers[0].root() if view.layers else None
+    if root is None or root.st is None:
+        return
+    st = root.st
+    with contextlib.suppress(PermissionError):
+        os.chown(upper, st.uid, st.gid)
+    os.chmod(upper, st.mode & 0o7777)
+    os.utime(upper, ns=(st.atime_ns, st.mtime_ns))
+
+
+def _fuse_options(extra: list[str] | None) -> list[str]:
+    fuse = list(FUSE_DEFAULTS)
+    for text in extra or []:
+        for opt in text.split(","):
+            if not opt:
+                continue
+            key = opt.partition("=")[0]
+            if key in ("fsname", "subtype"):
+                fuse = [f for f in fuse if not f.startswith(key + "=")]
+            if opt not in fuse:
+                fuse.append(opt)
+    return fuse
+
+
+def _prepare(
+    args: argparse.Namespace, root: Path
+) -> tuple[str, StoreView, Container | None, Path | None, Path | None]:
+    """Resolve the image and the upper; nothing is created until every check passed."""
+    if args.ro and (args.upper or args.work):
+        raise CliError("--ro takes no --upper/--work")
+    if (args.upper is None) != (args.work is None):
+        raise CliError("--upper and --work go together")
+    if args.name and args.upper:
+        raise CliError("--name and --upper are exclusive")
+    if args.name:
+        containers.check_name(args.name)
+    with _open_store(root) as store:
+        image = store.resolve(args.image)
+        ids = [layer.id for layer in reversed(store.image_layers(image))]
+        view = StoreView.prepare(store, ids, dispatch=_trio_dispatch)
+    container: Container | None = None
+    upper = work = None
+    if args.name:
+        container = containers.load(root, args.name)
+        if container is None and args.ro:
+            raise CliError(f"no such container: {args.name}")
+        if container is not None and container.image != image:
+            raise CliError(
+                f"container {args.name} belongs to image {container.image[:19]} "
+                f"({container.ref}), not {args.image}"
+            )
+        live = containers.find_mounted(root, args.name)
+        if live is not None:
+            raise CliError(f"container {args.name} is already mounted at {live.mountpoint}")
+    elif args.upper:
+        upper, work = Path(args.upper).resolve(), Path(args.work).resolve()
+    return image, view, container, upper, work
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from unionfs.daemon import MountError, check_mountpoint
+
+    root = _store_root(args)
+    mountpoint = os.path.realpath(args.mountpoint)
+    try:
+        image, view, container, upper, work = _prepare(args, root)
+        check_mountpoint(Path(mountpoint))
+        lock_fd = _shared_lock(root)
+        fresh = False
+        if not args.ro and container is None and upper is None:
+            name = args.name or containers.fresh_name(root, args.image)
+            container = containers.create(root, name, image, args.image)
+            fresh = True
+        layers: list[Layer] = list(view.layers)
+        if container is not None:
+            if fresh:
+                _init_upper_root(container.upper, view)
+            if args.ro:
+                # A read-only view of the container: its upper as the top layer.
+                layers.insert(0, DirLayer(os.fsencode(container.upper)))
+            else:
+                upper, work = container.upper, container.work
+        record = MountRecord(
+            mountpoint=mountpoint,
+            pid=0,
+            image=image,
+            name=container.name if container is not None else None,
+            upper=str(upper) if upper is not None and not args.ro else None,
+            work=str(work) if work is not None and not args.ro else None,
+            readonly=bool(args.ro),
+        )
+        if fresh and not args.name and container is not None:
+            print(container.name)
+            sys.stdout.flush()
+        if args.foreground:
+            return _run_foreground(args, root, record, layers, upper, work, lock_fd)
+        return _run_daemon(args, root, record, layers, upper, work)
+    except (CliError, StoreError, MountError) as exc:
+        print(f"layerfs: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(
+    args: argparse.Namespace,
+    layers: list[Layer],
+    upper: Path | None,
+    work: Path | None,
+    mountpoint: str,
+) -> int:
+    from unionfs.daemon import serve
+
+    return serve(
+        layers,
+        None if args.ro else upper,
+        None if args.ro else work,
+        Path(mountpoint),
+        _fuse_options(args.options),
+        True,
+        debug=args.debug,
+    )
+
+
+def _record_when_mounted(root: Path, record: MountRecord, done: threading.Event) -> None:
+    """Write the mount record once the mount is live (polled, bounded)."""
+    deadline = time.monotonic() + MOUNT_WAIT
+    while not done.is_set() and time.monotonic() < deadline:
+        if containers.is_mount_point(record.mountpoint):
+            containers.write_record(root, record)
+            return
+        done.wait(0.02)
+
+
+def _run_foreground(
+    args: argparse.Namespace,
+    root: Path,
+    record: MountRecord,
+    layers: list[Layer],
+    upper: Path | None,
+    work: Path | None,
+    lock_fd: int,
+) -> int:
+    from dataclasses import replace
+
+    from unionfs.daemon import MountError
+
+    rec = replace(record, pid=os.getpid())
+    done = threading.Event()
+    watcher = threading.Thread(target=_record_when_mounted, args=(root, rec, done), daemon=True)
+    watcher.start()
+    try:
+        return _serve(args, layers, upper, work, rec.mountpoint)
+    except MountError as exc:
+        print(f"layerfs: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        done.set()
+        watcher.join()
+        containers.remove_record(root, rec.mountpoint, rec.pid)
+        os.close(lock_fd)
+
+
+def _run_daemon(
+    args: argparse.Namespace,
+    root: Path,
+    record: MountRecord,
+    layers: list[Layer],
+    upper: Path | None,
+    work: Path | None,
+) -> int:
+    """Fork the daemon; return once its mount is live (0) or it failed (1, its reason)."""
+    from dataclasses import replace
+
+    from unionfs.daemon import MountError
+
+    log_dir = containers.mounts_dir(root)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = containers.record_path(root, record.mountpoint).with_suffix(".log")
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            os.dup2(devnull, 0)
+            os.dup2(log_fd, 1)
+            os.dup2(log_fd, 2)
+            os.close(devnull)
+            try:
+                code = _serve(args, layers, upper, work, record.mountpoint)
+            except MountError as exc:
+                print(f"layerfs: {exc}", file=sys.stderr)
+            finally:
+                containers.remove_record(root, record.mountpoint, os.getpid())
+        except BaseException as exc:  # the daemon must never return into the CLI
+            with contextlib.suppress(Exception):
+                print(f"layerfs: daemon failed: {exc!r}", file=sys.stderr)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(log_fd)
+    rec = replace(record, pid=pid)
+    deadline = time.monotonic() + MOUNT_WAIT
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            reason = _last_line(log_path) or f"the daemon exited ({status})"
+            raise CliError(reason.removeprefix("layerfs: "))
+        if containers.is_mount_point(rec.mountpoint):
+            containers.write_record(root, rec)
+            return 0
+        if time.monotonic() > deadline:
+            raise CliError(f"{rec.mountpoint} not mounted after {MOUNT_WAIT:.0f}s (pid {pid})")
+        time.sleep(0.02)
+
+
+def _last_line(path: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return lines[-1].strip()
+    return ""
+
+
+# ---- umount, ps, which -------------------------------------------------------------------
+
+
+def _unmount(mountpoint: str) -> str | None:
+    """Unmount; None when done, else the reason."""
+    err = ""
+    for cmd in (["fusermount3", "-u", "-q", mountpoint], ["umount", mountpoint]):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        except FileNotFoundError:
+            continue
+        if not containers.is_mount_point(mountpoint):
+            return None
+        err = err or proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else err
+    return err or "it is busy"
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    root = _store_root(args)
+    mountpoint = os.path.realpath(args.mountpoint)
+    rec = containers.read_record(root, mountpoint)
+    mounted = containers.is_mount_point(mountpoint)
+    if not mounted and rec is None:
+        print(f"layerfs: {args.mountpoint} is not mounted", file=sys.stderr)
+        return 1
+    if mounted:
+        reason = _unmount(mountpoint)
+        if reason is not None:
+            print(f"layerfs: cannot unmount {args.mountpoint}: {reason}", file=sys.stderr)
+            return 1
+    if rec is not None:
+        # The daemon leaves once its mount is gone; wait for it, bounded, so the upper is
+        # complete when we return.
+        deadline = time.monotonic() + UMOUNT_WAIT
+        while containers.pid_alive(rec.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        containers.remove_record(root, mountpoint)
+    return 0
+
+
+def _status(rec: MountRecord) -> str:
+    alive = containers.pid_alive(rec.pid)
+    mounted = containers.is_mount_point(rec.mountpoint)
+    if alive and mounted:
+        return "running"
+    if mounted:
+        return "dead"  # daemon gone, mount left: `layerfs umount` cleans it
+    return "gone"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    root = _store_root(args)
+    rows = []
+    for rec in containers.all_records(root):
+        status = _status(rec)
+        if status == "gone":
+            # Neither daemon nor mount: nothing left to clean but the record.
+            containers.remove_record(root, rec.mountpoint, rec.pid)
+            if not args.all:
+                continue
+        rows.append((rec, status))
+    if args.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps([{**asdict(r), "status": s} for r, s in rows], indent=2))
+        return 0
+    table = [("IMAGE", "NAME", "MOUNTPOINT", "PID", "STATUS")]
+    for rec, status in rows:
+        table.append(
+            (
+                rec.image.removeprefix("sha256:")[:12],
+                rec.name or "-",
+                rec.mountpoint,
+                str(rec.pid),
+                status + (" (ro)" if rec.readonly else ""),
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
+    return 0
+
+
+def cmd_which(args: argparse.Namespace) -> int:
+    root = _store_root(args)
+    path = os.fsencode(args.path).strip(b"/")
+    try:
+        with _open_store(root) as store:
+            layers = list(reversed(store.image_layers(args.image)))
+            view = StoreView(root, [layer.id for layer in layers])
+            try:
+                found = _which(view, path)
+            finally:
+                view.close()
+    except (CliError, StoreError) as exc:
+        print(f"layerfs: {exc}", file=sys.stderr)
+        return 1
+    if found is None:
+        print(f"layerfs: {args.path}: not in image {args.image}", file=sys.stderr)
+        return 1
+    provider, merged, hidden = found
+    n = len(layers)
+    print(f"{layers[provider].diff_id}  layer {n - provider}/{n}  provides")
+    for li in merged:
+        print(f"{layers[li].diff_id}  layer {n - li}/{n}  merged (directory)")
+    for li in hidden:
+        print(f"{layers[li].diff_id}  layer {n - li}/{n}  shadowed")
+    return 0
+
+
+def _which(view: StoreView, path: bytes) -> tuple[int, list[int], list[int]] | None:
+    """Resolve `path` as the mount would: (the layer index providing it, the lower layers
+    merged into it when it is a directory, the lower layers whose entry it hides)."""
+    from unionfs.core.errors import FsError
+    from unionfs.core.fs import UnionFS
+    from unionfs.core.types import ROOT_INO
+
+    fs = UnionFS(view.layers, None)
+    node = fs.root
+    for comp in path.split(b"/") if path else []:
+        try:
+            node = fs.node(fs.lookup(node.ino, comp).ino)
+        except FsError:
+            return None
+    if not node.lower:
+        return None
+    provider = node.lower[0][0]
+    merged = [li for li, _ in node.lower[1:]]
+    if node.ino == ROOT_INO:
+        return provider, merged, []
+    parent, _, name = path.rpartition(b"/")
+    found = view.entries(b"/" + parent, name)
+    hidden = [
+        li
+        for li, e in sorted(found.items())
+        if li > provider and li not in merged and e.kind is not EntryKind.WHITEOUT
+    ]
+    return provider, merged, hidden
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def store_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--store", metavar="DIR", help="layer store (default: $LAYERFS_STORE)")
+
+    p = subparsers.add_parser(
+        "mount",
+        help="mount an image of the store under a writable upper",
+        description="Mount IMAGE's layers from the store at MOUNTPOINT under a writable upper: "
+        "a named one kept in the store (--name; a fresh name is made and printed when neither "
+        "--name nor --upper is given), or --upper/--work directories; --ro for none.",
+    )
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--name", help="named upper kept in the store (made on first use)")
+    p.add_argument("--upper", metavar="DIR", help="upper directory (with --work)")
+    p.add_argument("--work", metavar="DIR", help="work directory, same filesystem as --upper")
+    p.add_argument("--ro", action="store_true", help="read-only (with --name: the container)")
+    p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="debug log (with -f)")
+    p.add_argument("-o", dest="options", action="append", metavar="OPTS", help="FUSE options")
+    store_opt(p)
+    p.set_defaults(func=cmd_mount)
+
+    p = subparsers.add_parser("umount", help="unmount an image mount (also a dead one)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    store_opt(p)
+    p.set_defaults(func=cmd_umount)
+
+    p = subparsers.add_parser("ps", help="list image mounts (image, name, mount point, pid)")
+    p.add_argument("-a", "--all", action="store_true", help="also records of vanished mounts")
+    p.add_argument("--json", action="store_true", help="JSON output")
+    store_opt(p)
+    p.set_defaults(func=cmd_ps)
+
+    p = subparsers.add_parser("which", help="the layer providing a path, and those it shadows")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("path", metavar="PATH")
+    store_opt(p)
+    p.set_defaults(func=cmd_which)
