@@ -261,6 +261,9 @@ def _run_daemon(
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
+            with contextlib.suppress(OSError):
+                if os.fstat(log_fd).st_size == 0:
+                    log_path.unlink()  # nothing to tell: no file left behind
             os._exit(code)
     os.close(log_fd)
     rec = replace(record, pid=pid)
@@ -323,6 +326,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
         while containers.pid_alive(rec.pid) and time.monotonic() < deadline:
             time.sleep(0.02)
         containers.remove_record(root, mountpoint)
+    containers.record_path(root, mountpoint).with_suffix(".log").unlink(missing_ok=True)
     return 0
 
 

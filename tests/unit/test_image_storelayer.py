@@ -1,0 +1,130 @@
+"""StoreLayer without a mount: entries from the index as the engine sees them, the merged view
+through UnionFS, and index access handed to the main thread from a worker thread."""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layerstore.ingest import import_source
+from layerstore.ocibuild import M, Img, d, f, hard, layer_tar, sym, wh, write_oci
+from layerstore.sources import source_images
+from layerstore.store import Store
+from unionfs.core.errors import FsError
+from unionfs.core.fs import UnionFS
+from unionfs.core.storelayer import StoreView
+from unionfs.core.types import ROOT_INO, Kind
+
+BASE = layer_tar(
+    [
+        d(".", mode=0o750, uid=7, mtime=1_500_000_000),
+        d("etc", mode=0o711, uid=3, gid=4, mtime=1_500_000_001),
+        f("etc/passwd", b"root\n"),
+        f("etc/gone", b"deleted above\n"),
+        d("opq"),
+        f("opq/old", b"hidden by opaque\n"),
+        f("a", b"hard linked\n", mode=0o600),
+        hard("b", "a"),
+        sym("s", "etc/passwd"),
+        M("null", b"3", mode=0o666, devmajor=1, devminor=3),
+        f("x", b"with xattr", pax={"SCHILY.xattr.user.k": "v"}),
+    ]
+)
+TOP = layer_tar(
+    [
+        wh("etc/gone"),
+        f("etc/passwd", b"root v2\n"),  # etc has no entry here: implicit, lower metadata
+        f("opq/.wh..wh..opq"),
+        f("opq/new", b"new\n"),
+    ]
+)
+
+
+@pytest.fixture
+def view(tmp_path: Path) -> Any:
+    write_oci(tmp_path / "img", Img([BASE, TOP], ref="v1"))
+    with Store(tmp_path / "store") as store:
+        import_source(store, source_images(f"oci:{tmp_path / 'img'}:v1"), ["t:v1"])
+        ids = [layer.id for layer in reversed(store.image_layers("t:v1"))]
+        v = StoreView.prepare(store, ids)
+    yield v
+    v.close()
+
+
+def test_entries_as_the_engine_sees_them(view: StoreView) -> None:
+    top, base = view.layers
+    assert top.lookup(b"etc", b"gone") is not None
+    assert top.lookup(b"etc", b"gone").kind is Kind.WHITEOUT  # type: ignore[union-attr]
+    assert top.names(b"etc") == {b"gone": True, b"passwd": False}
+    assert top.names(b"opq") == {b"new": False}
+    opq = top.lookup(b"", b"opq")
+    assert opq is not None and opq.opaque
+    # An implicit directory takes the lower directory's attributes (as umoci keeps them).
+    etc = top.lookup(b"", b"etc")
+    assert etc is not None and etc.st is not None
+    assert (stat.S_IMODE(etc.st.mode), etc.st.uid, etc.st.gid) == (0o711, 3, 4)
+    assert etc.st.mtime_ns == 1_500_000_001 * 10**9
+    a, b = base.lookup(b"", b"a"), base.lookup(b"", b"b")
+    assert a is not None and b is not None and a.st is not None and b.st is not None
+    assert a.st.host_ino == b.st.host_ino and a.st.nlink == b.st.nlink == 2
+    assert sorted(base.hardlinks(a.st.host_ino)) == [b"a", b"b"]
+    null = base.lookup(b"", b"null")
+    assert null is not None and null.st is not None and null.kind is Kind.CHAR
+    assert null.st.rdev == os.makedev(1, 3)
+    assert base.readlink(b"s") == b"etc/passwd"
+    assert base.listxattr(b"x") == [b"user.k"] and base.getxattr(b"x", b"user.k") == b"v"
+    with pytest.raises(FsError):
+        base.getxattr(b"x", b"user.none")
+    fd = top.open(b"etc/passwd", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100, 0) == b"root v2\n"
+    finally:
+        os.close(fd)
+
+
+def test_merged_view(view: StoreView) -> None:
+    fs = UnionFS(view.layers, None)
+    root = fs.getattr(ROOT_INO)
+    assert (stat.S_IMODE(root.st.mode), root.st.uid) == (0o750, 7)
+    etc = fs.lookup(ROOT_INO, b"etc").ino
+    with pytest.raises(FsError):
+        fs.lookup(etc, b"gone")
+    opq = fs.lookup(ROOT_INO, b"opq").ino
+    fh = fs.opendir(opq)
+    assert [n for n, _, _ in fs.readdir(fh, 0)] == [b"new"]
+    fs.releasedir(fh)
+    assert fs.lookup(ROOT_INO, b"a").ino == fs.lookup(ROOT_INO, b"b").ino
+
+
+def test_a_worker_thread_reaches_the_index_through_dispatch(tmp_path: Path) -> None:
+    write_oci(tmp_path / "img", Img([BASE, TOP], ref="v1"))
+    with Store(tmp_path / "store") as store:
+        import_source(store, source_images(f"oci:{tmp_path / 'img'}:v1"), ["t:v1"])
+        ids = [layer.id for layer in reversed(store.image_layers("t:v1"))]
+        jobs: queue.Queue[tuple[Callable[[], Any], queue.Queue[Any]]] = queue.Queue()
+
+        def dispatch(fn: Callable[[], Any]) -> Any:
+            reply: queue.Queue[Any] = queue.Queue()
+            jobs.put((fn, reply))
+            return reply.get()
+
+        v = StoreView.prepare(store, ids, dispatch=dispatch)
+    try:
+        v.layers[0].lookup(b"", b"etc")  # the connection is opened here, on this thread
+        out: list[Any] = []
+        worker = threading.Thread(target=lambda: out.append(v.layers[1].lookup(b"", b"x")))
+        worker.start()
+        fn, reply = jobs.get(timeout=30)  # served here, where the connection lives
+        reply.put(fn())
+        worker.join(timeout=30)
+        assert out and out[0] is not None and out[0].kind is Kind.FILE
+        assert jobs.empty()
+    finally:
+        v.close()
