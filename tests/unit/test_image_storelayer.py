@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from layerstore.ingest import import_source
-from layerstore.ocibuild import M, Img, d, f, hard, layer_tar, sym, wh, write_oci
+from layerstore.ocibuild import Img, M, d, f, hard, layer_tar, sym, wh, write_oci
 from layerstore.sources import source_images
 from layerstore.store import Store
 from unionfs.core.errors import FsError
