@@ -17,6 +17,7 @@ from layerstore.store import Store
 from tests import images
 from tests.conftest import require_fuse
 from tests.image_fixtures import BuiltImages, image_snapshot, layerfs, layerfs_ok
+from tests.mount.test_image_mount import image_mount
 from tests.mounting import overlay_mount
 from tests.treecmp import compare
 
@@ -157,3 +158,25 @@ def test_unchanged_upper_commits_nothing_unless_allowed(
     assert layers[-1]["MediaType"].endswith("+zstd")
     base = json.loads(layerfs_ok(store, "layers", "b:1", "--json").stdout)
     assert len(layers) == len(base) + 1
+
+
+def test_commit_a_named_container_of_layerfs_mount(
+    built_images: BuiltImages, tmp_path: Path, image_source: Callable[[images.Image, str], str]
+) -> None:
+    require_fuse()
+    store = tmp_path / "store"
+    layerfs_ok(store, "import", image_source(built_images.app, "oci"), "--tag", "base/app:1")
+    mnt = tmp_path / "mnt"
+    with image_mount(store, "base/app:1", mnt, "--name", "c1"):
+        change(mnt)
+        expected = image_snapshot(mnt)
+        by_mountpoint = layerfs_ok(store, "diff", str(mnt)).stdout
+    by_name = layerfs_ok(store, "diff", "c1").stdout
+    assert by_name == by_mountpoint
+    assert "A /newhome/opq/added" in by_name.splitlines()
+    layerfs_ok(store, "commit", "c1", NEW, "-m", "from a container")
+    with image_mount(store, NEW, mnt, "--ro"):
+        assert compare(expected, image_snapshot(mnt)) == []
+    bad = layerfs(store, "commit", "no-such-container", "x:1")
+    assert bad.returncode == 1
+    assert bad.stderr.startswith("layerfs: ") and len(bad.stderr.splitlines()) == 1
