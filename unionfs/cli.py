@@ -20,6 +20,7 @@ def _registrars() -> list[Registrar]:
         "layerstore.cli",
         "unionfs.image_cli",
         "layerstore.image_cli",
+        "layerstore.registry_cli",
     ):
         try:
             module = __import__(modname, fromlist=["add_commands"])

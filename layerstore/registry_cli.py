@@ -1,0 +1,63 @@
+"""CLI verbs that talk to an OCI registry: pull."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from .cli import _guard
+from .progress import Progress
+from .store import Store
+
+
+def cmd_pull(args: argparse.Namespace, store: Store) -> int:
+    from .ingest import import_source
+    from .registry import RegistryClient, load_credentials, parse_reference, registry_image
+    from .sources import host_platform, parse_platform
+
+    ref = parse_reference(args.ref)
+    want = parse_platform(args.platform) if args.platform else host_platform()
+    progress = Progress(quiet=args.quiet)
+    with RegistryClient(ref, insecure=args.insecure, credentials=load_credentials(ref.host)) as cl:
+        pulled = registry_image(cl, want)
+        progress.line(f"{ref.tag or pulled.digest}: Pulling from {ref.repo}")
+        res = import_source(store, [pulled.image], [], progress)
+    progress.line(f"Digest: {pulled.digest}")
+    shown = f"{ref.name}:{ref.tag}" if ref.tag else f"{ref.name}@{pulled.digest}"
+    if res.new_layers:
+        progress.line(f"Status: Downloaded newer image for {shown}")
+    else:
+        progress.line(f"Status: Image is up to date for {shown}")
+    progress.line(f"Image ID: {pulled.image.config_digest}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register the registry verbs on the `layerfs` parser."""
+
+    def verb(name: str, fn: Callable[[argparse.Namespace, Store], int], help: str) -> Any:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument(
+            "--store",
+            metavar="DIR",
+            help="store directory (default: $LAYERFS_STORE, else the XDG data dir, "
+            "/var/lib/layerfs as root)",
+        )
+        p.set_defaults(func=_guard(fn))
+        return p
+
+    p = verb(
+        "pull",
+        cmd_pull,
+        "pull an image from a registry ([HOST[:PORT]/]REPO[:TAG|@sha256:DIGEST]); "
+        "credentials from $REGISTRY_AUTH_FILE or ~/.docker/config.json",
+    )
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="pick from an image index")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP (the default only for localhost and 127.0.0.1)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
