@@ -66,8 +66,10 @@ def _needs_mounts() -> None:
 IMPL_OPTS = ("allow_other",)
 
 
-def check(ops: list[Op], snapshot_each: bool = False) -> None:
-    problems = run_sequence(IMPL, ops, snapshot_each=snapshot_each, impl_opts=IMPL_OPTS)
+def check(ops: list[Op], snapshot_each: bool = False, self_remount: bool = True) -> None:
+    problems = run_sequence(
+        IMPL, ops, snapshot_each=snapshot_each, impl_opts=IMPL_OPTS, self_remount=self_remount
+    )
     assert not problems, "layerfs differs from kernel overlayfs:\n" + "\n".join(problems)
 
 
@@ -361,21 +363,37 @@ def test_scenario(name: str) -> None:
 # --- random sequences -------------------------------------------------------------------------
 
 
-@settings(deadline=None, max_examples=400 if STRESS else 40)
-@given(ops=op_sequences(20 if STRESS else 10), snapshot_each=st.booleans())
-def test_random_sequences(ops: list[Op], snapshot_each: bool) -> None:
-    check(ops, snapshot_each)
+# Sized for CI (2 cores, the whole file within about 3 minutes): a layerfs mount costs about
+# a second, and each example mounts layerfs once or twice (self_remount).
+@settings(deadline=None, max_examples=400 if STRESS else 30)
+@given(
+    ops=op_sequences(20 if STRESS else 10),
+    snapshot_each=st.booleans(),
+    self_remount=st.booleans(),
+)
+def test_random_sequences(ops: list[Op], snapshot_each: bool, self_remount: bool) -> None:
+    check(ops, snapshot_each, self_remount)
 
 
-@settings(deadline=None, max_examples=300 if STRESS else 25)
+@settings(deadline=None, max_examples=300 if STRESS else 15)
 @given(
     spec=random_stacks(),
     ops=op_sequences(12 if STRESS else 8, RANDOM_PATHS, RANDOM_DIRS),
     snapshot_each=st.booleans(),
+    self_remount=st.booleans(),
 )
-def test_random_stacks(spec: StackSpec, ops: list[Op], snapshot_each: bool) -> None:
+def test_random_stacks(
+    spec: StackSpec, ops: list[Op], snapshot_each: bool, self_remount: bool
+) -> None:
     """Random layer stacks (any kind over any kind, whiteouts, opaque dirs) and random ops."""
-    problems = run_sequence(IMPL, ops, spec=spec, snapshot_each=snapshot_each, impl_opts=IMPL_OPTS)
+    problems = run_sequence(
+        IMPL,
+        ops,
+        spec=spec,
+        snapshot_each=snapshot_each,
+        impl_opts=IMPL_OPTS,
+        self_remount=self_remount,
+    )
     assert not problems, "layerfs differs from kernel overlayfs:\n" + "\n".join(problems)
 
 
