@@ -1,7 +1,7 @@
 """Export an image from the store as an OCI layout, an OCI archive or a docker-archive.
 
 Each layer's tar is rebuilt byte for byte from its tar-split (Store.layer_tar, so its DiffID
-is verified again) and compressed as its media type says (OCI layouts) or left uncompressed
+is verified again) and compressed as the image's manifest says (OCI layouts) or left uncompressed
 (docker-archive, as `docker save` writes it). The config is written exactly as imported (the
 image ID does not change). The manifest is written as imported when every rebuilt blob has the
 digest and size it lists and it is an OCI manifest; otherwise a new OCI manifest lists the new
@@ -103,9 +103,11 @@ def _oci_layout(store: Store, image: str, root: Path, tag: str | None) -> dict[s
     same = mtype == OCI_MANIFEST and len(old) == len(layers)
     descs: list[dict[str, Any]] = []
     for i, lay in enumerate(layers):
-        comp = compression_of(lay.media_type)
-        digest, size = blobs.put_layer(store, lay, comp)
         prev = old[i] if i < len(old) and isinstance(old[i], dict) else {}
+        # The image's own manifest says how it wants this layer; the store keeps one record
+        # per DiffID (as first imported), which another image may have compressed otherwise.
+        comp = compression_of(str(prev.get("mediaType") or lay.media_type))
+        digest, size = blobs.put_layer(store, lay, comp)
         mt = LAYER_TYPES[comp]
         desc: dict[str, Any] = {"mediaType": mt, "digest": digest, "size": size}
         if isinstance(prev.get("annotations"), dict):
