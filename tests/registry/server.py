@@ -120,3 +120,5 @@ def running_registry(work: Path, htpasswd: Path | None = None) -> Iterator[Regis
     finally:
         reg.stop()
         t.join(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()

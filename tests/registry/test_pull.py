@@ -1,0 +1,281 @@
+"""`layerfs pull` from a real registry (Debian's docker-registry) equals `layerfs import` of the
+same image from an archive; faults leave the store unchanged, byte for byte."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import re
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layerstore.ocibuild import Img, d, f, layer_tar, write_oci
+from tests import images
+from tests.image_fixtures import BuiltImages, image_snapshot, layerfs, layerfs_ok
+from tests.registry.server import Registry, htpasswd_line, running_registry
+from tests.store.test_import import fingerprint
+from tests.treecmp import compare
+
+pytestmark = pytest.mark.tools
+
+
+@dataclass(frozen=True)
+class Pushed:
+    """What the module's registry holds: repo -> (the source it was pushed from, platform)."""
+
+    reg: Registry
+    sources: dict[str, tuple[str, str | None]]
+
+
+# repo in the registry -> (image, format of image_source, skopeo opts, platform to pull)
+CASES = {
+    "oci/app": ("app", "oci", (), None),
+    "docker/app": ("app", "docker-archive", (), None),
+    "zstd/app": ("app", "oci-zstd", (), None),
+    "multi/index-arm64": ("buildah_index", "oci", ("--all",), "linux/arm64"),
+    "multi/index-amd64": ("buildah_index", "oci", ("--all",), "linux/amd64"),
+}
+# The image each case must equal when imported from its archive.
+EXPECT = {
+    "multi/index-arm64": ("buildah_arm64", "oci"),
+    "multi/index-amd64": ("buildah_amd64", "oci"),
+}
+
+
+@pytest.fixture(scope="module")
+def pushed(
+    built_images: BuiltImages,
+    image_source: Callable[[images.Image, str], str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Pushed]:
+    """One registry for the module, every case pushed to it with skopeo."""
+    work = tmp_path_factory.mktemp("registry")
+    with running_registry(work) as reg:
+        sources: dict[str, tuple[str, str | None]] = {}
+        for repo, (name, fmt, opts, plat) in CASES.items():
+            src = image_source(built_images.by_name(name), fmt)
+            reg.push(src, f"{repo}:v1", *opts)
+            ename, efmt = EXPECT.get(repo, (name, fmt))
+            sources[repo] = (image_source(built_images.by_name(ename), efmt), plat)
+        yield Pushed(reg, sources)
+
+
+def inspect(store: Path, ref: str) -> dict[str, Any]:
+    out: list[dict[str, Any]] = json.loads(layerfs_ok(store, "inspect", ref).stdout)
+    return out[0]
+
+
+def pulled_digest(stdout: str) -> str:
+    m = re.search(r"^Digest: (sha256:[0-9a-f]{64})$", stdout, re.M)
+    assert m, stdout
+    return m.group(1)
+
+
+def blob_gets(reg: Registry) -> list[str]:
+    """Blob digests the registry served (from its request log), in order."""
+    return re.findall(
+        r"http\.request\.method=GET [^\n]*?/blobs/(sha256:[0-9a-f]{64})", "".join(reg.log)
+    )
+
+
+def manifest_json(reg: Registry, repo: str, ref: str) -> dict[str, Any]:
+    raw = images.run(
+        ["skopeo", "inspect", "--raw", "--tls-verify=false", f"docker://{reg.ref(repo)}:{ref}"]
+    )
+    data: dict[str, Any] = json.loads(raw)
+    return data
+
+
+@pytest.mark.parametrize("repo", list(CASES))
+def test_pull_equals_archive_import(pushed: Pushed, repo: str, tmp_path: Path) -> None:
+    source, plat = pushed.sources[repo]
+    ref = pushed.reg.ref(f"{repo}:v1")
+    popts = ("--platform", plat) if plat else ()
+    p = layerfs_ok(tmp_path / "pulled", "pull", ref, *popts)
+    assert "Pull complete" in p.stdout
+    layerfs_ok(tmp_path / "imported", "import", source, "--tag", "from/archive:v1")
+    ours = inspect(tmp_path / "pulled", ref)
+    want = inspect(tmp_path / "imported", "from/archive:v1")
+    assert ours["Id"] == want["Id"]
+    assert ours["RootFS"]["Layers"] == want["RootFS"]["Layers"]
+    assert ours["RepoTags"] == [ref]
+    digest = pulled_digest(p.stdout)
+    assert ours["RepoDigests"] == [f"{pushed.reg.ref(repo)}@{digest}"]
+    layerfs_ok(tmp_path / "pulled", "unpack", ref, str(tmp_path / "t1"))
+    layerfs_ok(tmp_path / "imported", "unpack", "from/archive:v1", str(tmp_path / "t2"))
+    assert compare(image_snapshot(tmp_path / "t1"), image_snapshot(tmp_path / "t2"), ()) == []
+    assert layerfs_ok(tmp_path / "pulled", "fsck").returncode == 0
+
+
+def test_zstd_layers_stay_zstd_in_the_registry(pushed: Pushed) -> None:
+    man = manifest_json(pushed.reg, "zstd/app", "v1")
+    assert man["layers"] and all(ly["mediaType"].endswith("+zstd") for ly in man["layers"])
+
+
+def test_docker_archive_is_served_as_docker_schema2(pushed: Pushed) -> None:
+    man = manifest_json(pushed.reg, "docker/app", "v1")
+    assert man["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def test_pull_by_digest_reuses_layers(pushed: Pushed, tmp_path: Path) -> None:
+    reg = pushed.reg
+    store = tmp_path / "s"
+    first = layerfs_ok(store, "pull", reg.ref("oci/app:v1"))
+    digest = pulled_digest(first.stdout)
+    before = len(blob_gets(reg))
+    again = layerfs_ok(store, "pull", f"{reg.ref('oci/app')}@{digest}")
+    layers = inspect(store, reg.ref("oci/app:v1"))["RootFS"]["Layers"]
+    assert again.stdout.count("Already exists") == len(layers)
+    assert "Pull complete" not in again.stdout
+    # Only the config blob is fetched again; no layer blob is downloaded twice.
+    assert len(blob_gets(reg)) - before == 1
+    by_digest = inspect(store, f"{reg.ref('oci/app')}@{digest}")
+    assert by_digest["Id"] == inspect(store, reg.ref("oci/app:v1"))["Id"]
+
+
+def test_pull_index_by_digest_picks_platform(pushed: Pushed, tmp_path: Path) -> None:
+    reg = pushed.reg
+    index = manifest_json(reg, "multi/index-arm64", "v1")
+    assert {m["platform"]["architecture"] for m in index["manifests"]} == {"amd64", "arm64"}
+    p = layerfs_ok(
+        tmp_path / "s", "pull", reg.ref("multi/index-arm64:v1"), "--platform", "linux/arm64"
+    )
+    digest = pulled_digest(p.stdout)
+    q = layerfs_ok(
+        tmp_path / "s2",
+        "pull",
+        f"{reg.ref('multi/index-arm64')}@{digest}",
+        "--platform",
+        "linux/amd64",
+    )
+    assert pulled_digest(q.stdout) == digest  # the index digest, as docker reports it
+    arm = inspect(tmp_path / "s", reg.ref("multi/index-arm64:v1"))
+    amd = inspect(tmp_path / "s2", f"{reg.ref('multi/index-arm64')}@{digest}")
+    assert (arm["Architecture"], amd["Architecture"]) == ("arm64", "amd64")
+    r = layerfs(
+        tmp_path / "s3", "pull", reg.ref("multi/index-arm64:v1"), "--platform", "linux/s390x"
+    )
+    assert r.returncode != 0 and r.stderr.startswith("layerfs: ") and "s390x" in r.stderr
+
+
+# ---- faults ---------------------------------------------------------------------------------
+
+
+def seeded_store(tmp_path: Path) -> Path:
+    """A store holding one small image, so "unchanged" means something."""
+    write_oci(tmp_path / "seed", Img([layer_tar([d("etc"), f("etc/seed", b"seed\n")])], ref="s"))
+    store = tmp_path / "store"
+    layerfs_ok(store, "import", f"oci:{tmp_path / 'seed'}:s", "--tag", "seed:1")
+    return store
+
+
+def one_error(p: subprocess.CompletedProcess[str], needle: str) -> None:
+    lines = p.stderr.splitlines()
+    assert p.returncode != 0, p.stdout
+    assert len(lines) == 1 and lines[0].startswith("layerfs: "), p.stderr
+    assert needle in lines[0], lines[0]
+
+
+def unique_image(root: Path, tag: str) -> Path:
+    """A two-layer OCI layout whose blobs no other test pushes (the registry shares blobs)."""
+    write_oci(
+        root,
+        Img(
+            [
+                layer_tar([d("opt"), f("opt/first", tag.encode() * 100)]),
+                layer_tar([f("opt/second", b"second-" + tag.encode() * 5000)]),
+            ],
+            ref="u",
+        ),
+    )
+    return root
+
+
+def test_unknown_repo_is_404(pushed: Pushed, tmp_path: Path) -> None:
+    store = seeded_store(tmp_path)
+    before = fingerprint(store)
+    p = layerfs(store, "pull", pushed.reg.ref("no/such-repo:v1"))
+    one_error(p, "not found")
+    assert "404" in p.stderr
+    p = layerfs(store, "pull", pushed.reg.ref("oci/app:no-such-tag"))
+    one_error(p, "not found")
+    assert fingerprint(store) == before
+
+
+def test_connection_refused(tmp_path: Path) -> None:
+    store = seeded_store(tmp_path)
+    with running_registry(tmp_path / "reg") as reg:
+        pass  # started and stopped: nothing listens on its port now
+    before = fingerprint(store)
+    one_error(layerfs(store, "pull", reg.ref("oci/app:v1")), "refused")
+    assert fingerprint(store) == before
+
+
+@pytest.mark.parametrize("how", ["recompressed", "flipped"])
+def test_tampered_blob_leaves_store_unchanged(pushed: Pushed, tmp_path: Path, how: str) -> None:
+    """The top layer's blob in the registry's storage is replaced: by the same tar compressed
+    differently (the DiffID still matches, only the blob digest does not), or with one byte
+    flipped (the tar or its compression breaks). The first layer is fine and gets staged."""
+    reg = pushed.reg
+    layout = unique_image(tmp_path / "img", f"tamper-{how}")
+    reg.push(f"oci:{layout}:u", f"fault/{how}:v1")
+    man = manifest_json(reg, f"fault/{how}", "v1")
+    top = man["layers"][-1]["digest"].removeprefix("sha256:")
+    data = reg.storage / "docker/registry/v2/blobs/sha256" / top[:2] / top / "data"
+    raw = data.read_bytes()
+    if how == "recompressed":
+        plain = gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+        tampered = gzip.compress(plain, compresslevel=1, mtime=1)
+        assert tampered != raw
+        needle = "blob digest mismatch"
+    else:
+        flipped = bytearray(raw)
+        flipped[len(raw) // 2] ^= 0x55
+        tampered = bytes(flipped)
+        needle = "(2/2)"
+    data.write_bytes(tampered)
+    store = seeded_store(tmp_path)
+    before = fingerprint(store)
+    p = layerfs(store, "pull", reg.ref(f"fault/{how}:v1"))
+    assert "Pull complete" in p.stdout  # the first layer was fine and staged...
+    one_error(p, needle)
+    assert fingerprint(store) == before  # ...and nothing of it was committed
+    assert layerfs_ok(store, "fsck").returncode == 0
+
+
+def write_auth(path: Path, host: str, user: str, password: str) -> Path:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {host: {"auth": token}}}))
+    return path
+
+
+def test_basic_auth_htpasswd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(htpasswd_line("tester", "s3cret"))
+    layout = unique_image(tmp_path / "img", "auth")
+    store = seeded_store(tmp_path)
+    with running_registry(tmp_path / "reg", htpasswd=htpasswd) as reg:
+        reg.push(f"oci:{layout}:u", "auth/img:v1", "--dest-creds", "tester:s3cret")
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "none.json"))
+        before = fingerprint(store)
+        one_error(layerfs(store, "pull", reg.ref("auth/img:v1")), "authentication required")
+        assert fingerprint(store) == before
+        monkeypatch.setenv(
+            "REGISTRY_AUTH_FILE", str(write_auth(tmp_path / "bad.json", reg.host, "tester", "nope"))
+        )
+        one_error(layerfs(store, "pull", reg.ref("auth/img:v1")), "401")
+        assert fingerprint(store) == before
+        monkeypatch.setenv(
+            "REGISTRY_AUTH_FILE",
+            str(write_auth(tmp_path / "good.json", f"http://{reg.host}", "tester", "s3cret")),
+        )
+        p = layerfs_ok(store, "pull", reg.ref("auth/img:v1"))
+        assert p.stdout.count("Pull complete") == 2
+    layerfs_ok(store, "import", f"oci:{layout}:u", "--tag", "local/auth:v1")
+    assert inspect(store, "local/auth:v1")["Id"] == inspect(store, reg.ref("auth/img:v1"))["Id"]
