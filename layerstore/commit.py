@@ -505,86 +505,99 @@ def commit_upper(
 ) -> CommitResult:
     """Write the upper's changes as a new layer over `image_ref` and import the image
     `new_name` (tag `latest` if none) through the store's verified import path."""
+    name = with_tag(new_name)
+    if "@" in name:
+        raise StoreError(f"invalid image name {new_name!r}")
+    upper_b = os.fsencode(str(upper))
+    if not os.path.isdir(upper_b):
+        raise StoreError(f"upper directory {upper}: not a directory")
+    # Shared lock from the walk to the end of the import (whose own shared() is the same
+    # flock): gc cannot remove the base layers or contents the layer is copied from meanwhile.
+    with store.shared():
+        return _commit_locked(store, upper_b, image_ref, name, message, compression, allow_empty)
+
+
+def _commit_locked(
+    store: Store,
+    upper_b: bytes,
+    image_ref: str,
+    name: str,
+    message: str | None,
+    compression: str,
+    allow_empty: bool,
+) -> CommitResult:
     from .ingest import import_source
 
     image = store.resolve(image_ref)
     base_layers = store.image_layers(image)
     view = LowerView(store, [lay.id for lay in reversed(base_layers)])
-    upper_b = os.fsencode(str(upper))
-    if not os.path.isdir(upper_b):
-        raise StoreError(f"upper directory {upper}: not a directory")
     items = Walker(view, upper_b).walk()
-    name = with_tag(new_name)
-    if "@" in name:
-        raise StoreError(f"invalid image name {new_name!r}")
     if not items and not allow_empty:
         return CommitResult(None, [name], empty=True)
     warnings: list[str] = []
-    with store.shared():
-        blob_path = store.tmp_dir / f"commit-{os.getpid()}-{secrets.token_hex(4)}.blob"
-        try:
-            with open(blob_path, "xb") as fh:
-                bw = BlobWriter(fh, compression)
-                tw = LayerTarWriter(store, bw, warnings.append)
-                for it in items:
-                    tw.add(it)
-                tw.close()
-                bw.close()
-            cfg = store.image_config(image)
-            rootfs = cfg.setdefault("rootfs", {"type": "layers", "diff_ids": []})
-            rootfs.setdefault("diff_ids", []).append(bw.diff_id)
-            created = _now()
-            cfg["created"] = created
-            hist: dict[str, object] = {"created": created, "created_by": "layerfs commit"}
-            if message:
-                hist["comment"] = message
-            cfg.setdefault("history", []).append(hist)
-            config = json.dumps(cfg, separators=(",", ":")).encode()
-            layers = [
-                LayerRef(
-                    lay.blob_digest,
-                    TO_OCI.get(lay.media_type, lay.media_type),
-                    lay.blob_size,
-                    lay.diff_id,
-                    _never,
-                )
-                for lay in base_layers
-            ]
-            layers.append(
-                LayerRef(
-                    bw.digest,
-                    bw.media_type,
-                    bw.size,
-                    bw.diff_id,
-                    lambda: open(blob_path, "rb"),  # noqa: SIM115 - the importer closes it
-                )
+    blob_path = store.tmp_dir / f"commit-{os.getpid()}-{secrets.token_hex(4)}.blob"
+    try:
+        with open(blob_path, "xb") as fh:
+            bw = BlobWriter(fh, compression)
+            tw = LayerTarWriter(store, bw, warnings.append)
+            for it in items:
+                tw.add(it)
+            tw.close()
+            bw.close()
+        cfg = store.image_config(image)
+        rootfs = cfg.setdefault("rootfs", {"type": "layers", "diff_ids": []})
+        rootfs.setdefault("diff_ids", []).append(bw.diff_id)
+        created = _now()
+        cfg["created"] = created
+        hist: dict[str, object] = {"created": created, "created_by": "layerfs commit"}
+        if message:
+            hist["comment"] = message
+        cfg.setdefault("history", []).append(hist)
+        config = json.dumps(cfg, separators=(",", ":")).encode()
+        layers = [
+            LayerRef(
+                lay.blob_digest,
+                TO_OCI.get(lay.media_type, lay.media_type),
+                lay.blob_size,
+                lay.diff_id,
+                _never,
             )
-            manifest_obj = {
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {
-                    "mediaType": OCI_CONFIG,
-                    "digest": sha256_digest(config),
-                    "size": len(config),
-                },
-                "layers": [
-                    {"mediaType": lr.media_type, "digest": lr.digest, "size": lr.size}
-                    for lr in layers
-                ],
-            }
-            manifest = json.dumps(manifest_obj, separators=(",", ":")).encode()
-            src = SourceImage(
-                config=config,
-                config_digest=sha256_digest(config),
-                manifest=manifest,
-                manifest_digest=sha256_digest(manifest),
-                media_type=OCI_MANIFEST,
-                layers=layers,
-                names=[name],
+            for lay in base_layers
+        ]
+        layers.append(
+            LayerRef(
+                bw.digest,
+                bw.media_type,
+                bw.size,
+                bw.diff_id,
+                lambda: open(blob_path, "rb"),  # noqa: SIM115 - the importer closes it
             )
-            res = import_source(store, [src], [])
-        finally:
-            blob_path.unlink(missing_ok=True)
+        )
+        manifest_obj = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {
+                "mediaType": OCI_CONFIG,
+                "digest": sha256_digest(config),
+                "size": len(config),
+            },
+            "layers": [
+                {"mediaType": lr.media_type, "digest": lr.digest, "size": lr.size} for lr in layers
+            ],
+        }
+        manifest = json.dumps(manifest_obj, separators=(",", ":")).encode()
+        src = SourceImage(
+            config=config,
+            config_digest=sha256_digest(config),
+            manifest=manifest,
+            manifest_digest=sha256_digest(manifest),
+            media_type=OCI_MANIFEST,
+            layers=layers,
+            names=[name],
+        )
+        res = import_source(store, [src], [])
+    finally:
+        blob_path.unlink(missing_ok=True)
     new_image, names = res.images[0]
     return CommitResult(new_image, names, bw.diff_id, bw.digest, not items, warnings)
 
