@@ -214,7 +214,8 @@ def _describe(exc: httpx.HTTPError) -> str:
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, httpx.ConnectError) and cause is not None:
         msg = str(cause)
-    return msg.splitlines()[0] if msg else type(exc).__name__
+    msg = re.sub(r"^\[Errno -?\d+\] ", "", msg.splitlines()[0] if msg else "")
+    return msg or type(exc).__name__
 
 
 class RegistryClient:
@@ -429,7 +430,7 @@ class _BlobStream(io.RawIOBase):
         if self.offset and resp.status_code != 206:
             skip = self.offset  # the server ignored Range: drop what we already have
         self.resp = resp
-        self.it = resp.iter_bytes(CHUNK)
+        self.it = resp.iter_bytes()  # as received: a chunk size would hold back a cut tail
         while skip:
             chunk = self._next()
             if chunk is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import random
 import re
 import subprocess
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 from layerstore.ocibuild import Img, d, f, layer_tar, write_oci
 from tests import images
 from tests.image_fixtures import BuiltImages, image_snapshot, layerfs, layerfs_ok
+from tests.registry.proxy import ProxyState, running_proxy
 from tests.registry.server import Registry, htpasswd_line, running_registry
 from tests.store.test_import import fingerprint
 from tests.treecmp import compare
@@ -279,3 +281,65 @@ def test_basic_auth_htpasswd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         assert p.stdout.count("Pull complete") == 2
     layerfs_ok(store, "import", f"oci:{layout}:u", "--tag", "local/auth:v1")
     assert inspect(store, "local/auth:v1")["Id"] == inspect(store, reg.ref("auth/img:v1"))["Id"]
+
+
+# ---- through a front: bearer tokens, cut connections -----------------------------------------
+
+
+def random_image(root: Path, tag: str) -> Path:
+    """Two layers of incompressible bytes (blobs of ~200 kB, big enough to cut in the middle)."""
+    rnd = random.Random(tag)
+    write_oci(
+        root,
+        Img(
+            [
+                layer_tar([d("data"), f("data/a", rnd.randbytes(200_000))]),
+                layer_tar([f("data/b", rnd.randbytes(200_000))]),
+            ],
+            ref="r",
+        ),
+    )
+    return root
+
+
+def test_bearer_token_flow(pushed: Pushed, tmp_path: Path) -> None:
+    state = ProxyState(pushed.reg.host)
+    with running_proxy(state) as front:
+        p = layerfs_ok(tmp_path / "s", "pull", f"{front}/oci/app:v1")
+    assert p.stdout.count("Pull complete") >= 1
+    assert any(x.startswith("GET /token?") for x in state.log), state.log
+    layerfs_ok(tmp_path / "s2", "pull", pushed.reg.ref("oci/app:v1"))
+    assert (
+        inspect(tmp_path / "s", f"{front}/oci/app:v1")["Id"]
+        == (inspect(tmp_path / "s2", pushed.reg.ref("oci/app:v1"))["Id"])
+    )
+
+
+def test_cut_connection_resumes_with_range(pushed: Pushed, tmp_path: Path) -> None:
+    layout = random_image(tmp_path / "img", "resume")
+    pushed.reg.push(f"oci:{layout}:r", "cut/resume:v1")
+    state = ProxyState(pushed.reg.host, token_auth=False, cut_after=50_000, cut_times=2)
+    with running_proxy(state) as front:
+        p = layerfs_ok(tmp_path / "s", "pull", f"{front}/cut/resume:v1")
+    assert p.stdout.count("Pull complete") == 2
+    assert state.cut_times == 0
+    # Cut at 50000 bytes, resumed from there, that response cut 50000 bytes later too.
+    ranged = [x.rsplit(" ", 1)[1] for x in state.log if " bytes=" in x]
+    assert ranged == ["bytes=50000-", "bytes=100000-"], "\n".join(state.log)
+    layerfs_ok(tmp_path / "s", "import", f"oci:{layout}:r", "--tag", "local/resume:v1")
+    assert (
+        inspect(tmp_path / "s", "local/resume:v1")["Id"]
+        == (inspect(tmp_path / "s", f"{front}/cut/resume:v1")["Id"])
+    )
+
+
+def test_connection_cut_for_good_fails_cleanly(pushed: Pushed, tmp_path: Path) -> None:
+    layout = random_image(tmp_path / "img", "dead")
+    pushed.reg.push(f"oci:{layout}:r", "cut/dead:v1")
+    store = seeded_store(tmp_path)
+    before = fingerprint(store)
+    state = ProxyState(pushed.reg.host, token_auth=False, cut_after=50_000, cut_times=100)
+    with running_proxy(state) as front:
+        p = layerfs(store, "pull", f"{front}/cut/dead:v1")
+    one_error(p, "retries")
+    assert fingerprint(store) == before
