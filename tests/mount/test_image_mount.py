@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -180,7 +181,12 @@ def test_explicit_upper_and_work(store: Path, tmp_path: Path) -> None:
     mnt = tmp_path / "mnt"
     with image_mount(store, "t/base", mnt, "--upper", str(upper), "--work", str(work)):
         (mnt / "root" / "note").write_bytes(b"n")
+        # The daemon holds the store's lock shared: gc (exclusive) cannot remove its layers.
+        with open(store / "lock", "rb") as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert (upper / "root" / "note").read_bytes() == b"n"
+    with open(store / "lock", "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the mount
 
 
 def test_ps_notices_a_killed_daemon_and_umount_cleans_it(store: Path, tmp_path: Path) -> None:
