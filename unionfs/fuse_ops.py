@@ -138,7 +138,7 @@ class Operations(pyfuse3.Operations):
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fh=Fh(fh) if fh is not None else None,
         )
-        return entry_attributes(await self._core(call, thread=True))
+        return entry_attributes(await self._core(call, thread=self.fs.needs_copy_up(Ino(inode))))
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -202,7 +202,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fh, keep = await self._core(self.fs.open, Ino(inode), flags, thread=True)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        copy = bool(writing) and self.fs.needs_copy_up(Ino(inode))
+        fh, keep = await self._core(self.fs.open, Ino(inode), flags, thread=copy)
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_guard
@@ -300,7 +302,9 @@ class Operations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        await self._core(self.fs.setxattr, Ino(inode), name, value, thread=True)
+        await self._core(
+            self.fs.setxattr, Ino(inode), name, value, thread=self.fs.needs_copy_up(Ino(inode))
+        )
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -312,7 +316,9 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._core(self.fs.removexattr, Ino(inode), name, thread=True)
+        await self._core(
+            self.fs.removexattr, Ino(inode), name, thread=self.fs.needs_copy_up(Ino(inode))
+        )
 
     @_guard
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:

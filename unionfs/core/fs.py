@@ -271,6 +271,12 @@ class UnionFS:
     def attributes(self, node: Node) -> Attributes:
         return Attributes(node.ino, self._stat(node), not node.upper and not node.unlinked)
 
+    def needs_copy_up(self, ino: Ino) -> bool:
+        """Would changing `ino` copy data up first? (The adapter then runs the call in a
+        worker thread.)"""
+        node = self.inodes.get(ino)
+        return node is not None and not node.upper and self.upper is not None
+
     def incref(self, ino: Ino, n: int = 1) -> None:
         self.node(ino).lookups += n
 

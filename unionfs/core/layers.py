@@ -14,9 +14,6 @@ from unionfs.core.types import Entry, Kind, Stat, kind_of_mode
 NAME_MAX = 255
 WH_PREFIX = b".wh."
 WH_OPAQUE = b".wh..wh..opq"
-OPAQUE_XATTRS = (b"trusted.overlay.opaque", b"user.overlay.opaque")
-REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
-ORIGIN_XATTRS = (b"trusted.overlay.layerfs.origin", b"user.overlay.layerfs.origin")
 
 ENTRY_CACHE = 65536
 LISTING_CACHE = 1024
@@ -104,6 +101,13 @@ class DirLayer:
         self.immutable = True
         self._entries: OrderedDict[tuple[bytes, bytes], Entry | None] = OrderedDict()
         self._listings: OrderedDict[bytes, dict[bytes, bool]] = OrderedDict()
+        self.set_spellings((b"trusted.overlay.", b"user.overlay."))
+
+    def set_spellings(self, prefixes: tuple[bytes, ...]) -> None:
+        """Which overlay xattr namespaces to read (a lower layer reads both)."""
+        self._opaque_attrs = tuple(p + b"opaque" for p in prefixes)
+        self._redirect_attrs = tuple(p + b"redirect" for p in prefixes)
+        self._origin_attrs = tuple(p + b"layerfs.origin" for p in prefixes)
 
     def close(self) -> None:
         for fd in self._cache.values():
@@ -160,7 +164,7 @@ class DirLayer:
         opaque = False
         redirect = None
         if kind is Kind.DIR:
-            for attr in OPAQUE_XATTRS:
+            for attr in self._opaque_attrs:
                 if _getxattr(dfd, name, attr) == b"y":
                     opaque = True
                     break
@@ -177,12 +181,12 @@ class DirLayer:
                         pass
                     finally:
                         os.close(cfd)
-            for attr in REDIRECT_XATTRS:
+            for attr in self._redirect_attrs:
                 redirect = _getxattr(dfd, name, attr)
                 if redirect:
                     break
         origin = None
-        for attr in ORIGIN_XATTRS if not self.immutable else ():
+        for attr in self._origin_attrs if not self.immutable else ():
             origin = parse_origin(_getxattr(dfd, name, attr))
             if origin:
                 break

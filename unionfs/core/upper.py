@@ -48,6 +48,7 @@ class UpperLayer(DirLayer):
         self.immutable = False
         self.native = native
         self.xprefix = b"trusted.overlay." if native else b"user.overlay."
+        self.set_spellings((self.xprefix,))
         if isinstance(work, int):
             self.work_root = work
         else:
