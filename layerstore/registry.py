@@ -14,7 +14,7 @@ import binascii
 import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -233,6 +233,7 @@ class RegistryClient:
         self.base = f"{scheme}://{ref.api_host}"
         self.credentials = credentials
         self.authorization: str | None = None
+        self.actions = "pull"  # scope asked for when a bearer challenge names none
         self._tried: set[str] = set()  # challenges already answered
         self.http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
@@ -252,19 +253,26 @@ class RegistryClient:
     # -- requests --
 
     def request(
-        self, method: str, path: str, headers: dict[str, str] | None = None, stream: bool = False
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str] | None = None,
+        stream: bool = False,
+        content: Callable[[], bytes | IO[bytes]] | None = None,
     ) -> httpx.Response:
         """One request with auth (answering a 401 challenge once); transport errors become
-        RegistryError. The caller checks the status (see `check`) and closes a stream."""
+        RegistryError. The caller checks the status (see `check`) and closes a stream.
+        `content` makes the body (called again when the request is repeated after a 401)."""
         url = path if "://" in path else self.base + path
         while True:
             hdrs = dict(headers or {})
             if self.authorization:
                 hdrs["Authorization"] = self.authorization
             try:
-                resp = self.http.send(
-                    self.http.build_request(method, url, headers=hdrs), stream=stream
+                req = self.http.build_request(
+                    method, url, headers=hdrs, content=content() if content else None
                 )
+                resp = self.http.send(req, stream=stream)
             except httpx.HTTPError as exc:
                 raise RegistryError(
                     f"{self.ref.api_host}: cannot {method} {path}: {_describe(exc)}"
@@ -293,7 +301,7 @@ class RegistryClient:
         if not realm or not realm.startswith(("http://", "https://")):
             raise RegistryError(f"{where}: bearer challenge without a usable realm")
         query = {"service": params.get("service", "")}
-        query["scope"] = params.get("scope") or f"repository:{self.ref.repo}:pull"
+        query["scope"] = params.get("scope") or f"repository:{self.ref.repo}:{self.actions}"
         hdrs = {"Authorization": _basic(*self.credentials)} if self.credentials else {}
         try:
             resp = self.http.get(realm, params=query, headers=hdrs)

@@ -1,4 +1,4 @@
-"""CLI verbs that talk to an OCI registry: pull."""
+"""CLI verbs that talk to an OCI registry: pull, push."""
 
 from __future__ import annotations
 
@@ -33,6 +33,21 @@ def cmd_pull(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace, store: Store) -> int:
+    from .registry import RegistryClient, load_credentials, parse_reference
+    from .registry_push import push_image
+
+    ref = parse_reference(args.ref)
+    progress = Progress(quiet=args.quiet)
+    creds = load_credentials(ref.host)
+    with RegistryClient(ref, insecure=args.insecure, credentials=creds) as client:
+        client.actions = "pull,push"
+        progress.line(f"The push refers to repository [{ref.name}]")
+        res = push_image(store, args.image, client, progress.line)
+    progress.line(f"{ref.tag}: digest: {res.digest} size: {res.size}")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the registry verbs on the `layerfs` parser."""
 
@@ -55,6 +70,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     p.add_argument("ref", metavar="REF")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="pick from an image index")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP (the default only for localhost and 127.0.0.1)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+
+    p = verb("push", cmd_push, "push an image to a registry as [HOST[:PORT]/]REPO[:TAG]")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("ref", metavar="REF")
     p.add_argument(
         "--insecure",
         action="store_true",
