@@ -365,7 +365,7 @@ def test_scenario(name: str) -> None:
 
 # Sized for CI (2 cores, the whole file within about 3 minutes): a layerfs mount costs about
 # a second, and each example mounts layerfs once or twice (self_remount).
-@settings(deadline=None, max_examples=400 if STRESS else 30)
+@settings(deadline=None, max_examples=400 if STRESS else 40)
 @given(
     ops=op_sequences(20 if STRESS else 10),
     snapshot_each=st.booleans(),
@@ -375,7 +375,7 @@ def test_random_sequences(ops: list[Op], snapshot_each: bool, self_remount: bool
     check(ops, snapshot_each, self_remount)
 
 
-@settings(deadline=None, max_examples=300 if STRESS else 15)
+@settings(deadline=None, max_examples=300 if STRESS else 20)
 @given(
     spec=random_stacks(),
     ops=op_sequences(12 if STRESS else 8, RANDOM_PATHS, RANDOM_DIRS),
