@@ -279,6 +279,11 @@ def test_basic_auth_htpasswd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         )
         p = layerfs_ok(store, "pull", reg.ref("auth/img:v1"))
         assert p.stdout.count("Pull complete") == 2
+        # push with basic auth too: the layers are there already, the manifest is new
+        p = layerfs_ok(store, "push", reg.ref("auth/img:v1"), reg.ref("auth/again:v1"))
+        assert "v1: digest: sha256:" in p.stdout
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(tmp_path / "bad.json"))
+        one_error(layerfs(store, "push", "seed:1", reg.ref("auth/again:v2")), "401")
     layerfs_ok(store, "import", f"oci:{layout}:u", "--tag", "local/auth:v1")
     assert inspect(store, "local/auth:v1")["Id"] == inspect(store, reg.ref("auth/img:v1"))["Id"]
 
@@ -343,3 +348,50 @@ def test_connection_cut_for_good_fails_cleanly(pushed: Pushed, tmp_path: Path) -
         p = layerfs(store, "pull", f"{front}/cut/dead:v1")
     one_error(p, "retries")
     assert fingerprint(store) == before
+
+
+# ---- push -------------------------------------------------------------------------------------
+
+
+def test_push_round_trip(
+    pushed: Pushed,
+    built_images: BuiltImages,
+    image_source: Callable[[images.Image, str], str],
+    tmp_path: Path,
+) -> None:
+    """import -> push -> rmi -> gc -> pull: same image ID, DiffIDs and tree; skopeo reads it;
+    a second push uploads nothing."""
+    reg = pushed.reg
+    store = tmp_path / "s"
+    layerfs_ok(store, "import", image_source(built_images.app, "docker-archive"), "-t", "rt:1")
+    before = inspect(store, "rt:1")
+    layerfs_ok(store, "unpack", "rt:1", str(tmp_path / "t1"))
+    dest = reg.ref("round/app:v1")
+    p = layerfs_ok(store, "push", "rt:1", dest)
+    m = re.search(r"^v1: digest: (sha256:[0-9a-f]{64}) size: (\d+)$", p.stdout, re.M)
+    assert m, p.stdout
+    raw = images.run(["skopeo", "inspect", "--tls-verify=false", f"docker://{dest}"])
+    info = json.loads(raw)
+    assert info["Digest"] == m.group(1)
+    assert len(info["Layers"]) == len(before["RootFS"]["Layers"])
+    again = layerfs_ok(store, "push", "rt:1", reg.ref("round/app:v2"))
+    assert again.stdout.count("Layer already exists") == len(info["Layers"])
+    assert "Pushed" not in again.stdout
+    layerfs_ok(store, "rmi", *before["RepoTags"])  # the archive named it too
+    layerfs_ok(store, "gc")
+    assert layerfs_ok(store, "layers", "--json").stdout.strip() in ("[]", "")
+    q = layerfs_ok(store, "pull", dest)
+    assert pulled_digest(q.stdout) == m.group(1)
+    after = inspect(store, dest)
+    assert after["Id"] == before["Id"]
+    assert after["RootFS"]["Layers"] == before["RootFS"]["Layers"]
+    layerfs_ok(store, "unpack", dest, str(tmp_path / "t2"))
+    assert compare(image_snapshot(tmp_path / "t1"), image_snapshot(tmp_path / "t2"), ()) == []
+
+
+def test_push_to_unreachable_registry(tmp_path: Path) -> None:
+    store = seeded_store(tmp_path)
+    with running_registry(tmp_path / "reg") as reg:
+        pass
+    one_error(layerfs(store, "push", "seed:1", reg.ref("x/y:1")), "refused")
+    one_error(layerfs(store, "push", "no-such:image", reg.ref("x/y:1")), "no such image")
