@@ -56,6 +56,7 @@ class MountRecord:
     upper: str | None
     work: str | None
     readonly: bool
+    ref: str = ""  # the image as the user named it (beyond the contract; for `ps`)
 
 
 def check_name(name: str) -> None:
@@ -164,6 +165,7 @@ def _parse(data: dict[str, Any]) -> MountRecord:
         upper=data.get("upper"),
         work=data.get("work"),
         readonly=bool(data.get("readonly", False)),
+        ref=str(data.get("ref", "")),
     )
 
 

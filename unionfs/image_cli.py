@@ -149,6 +149,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             upper=str(upper) if upper is not None and not args.ro else None,
             work=str(work) if work is not None and not args.ro else None,
             readonly=bool(args.ro),
+            ref=args.image,
         )
         if fresh and not args.name and container is not None:
             print(container.name)
@@ -361,7 +362,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for rec, status in rows:
         table.append(
             (
-                rec.image.removeprefix("sha256:")[:12],
+                rec.ref or rec.image.removeprefix("sha256:")[:12],
                 rec.name or "-",
                 rec.mountpoint,
                 str(rec.pid),

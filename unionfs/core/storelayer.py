@@ -76,6 +76,7 @@ class StoreView:
         self.dispatch = dispatch or _direct
         self._store: Store | None = None
         self._lookups: OrderedDict[tuple[bytes, bytes], dict[int, StoreEntry]] = OrderedDict()
+        self._converted: OrderedDict[tuple[bytes, bytes], dict[int, Entry | None]] = OrderedDict()
         self._listings: OrderedDict[tuple[int, bytes], dict[bytes, bool]] = OrderedDict()
         self._inos: dict[tuple[int, bytes], int] = {}
         self._paths: dict[tuple[int, int], bytes] = {}
@@ -129,6 +130,23 @@ class StoreView:
         self._lookups[key] = found
         if len(self._lookups) > LOOKUP_CACHE:
             self._lookups.popitem(last=False)
+        self._converted.pop(key, None)
+
+    def entry(self, li: int, parent: bytes, name: bytes) -> Entry | None:
+        """Layer `li`'s entry for `name` in `parent` as the engine's Entry (cached)."""
+        key = (parent, name)
+        conv = self._converted.get(key)
+        if conv is None:
+            conv = {}
+            self._converted[key] = conv
+            if len(self._converted) > LOOKUP_CACHE:
+                self._converted.popitem(last=False)
+        elif li in conv:
+            return conv[li]
+        e = self.entries(parent, name).get(li)
+        out = None if e is None else self.convert(li, e)
+        conv[li] = out
+        return out
 
     def listing(self, li: int, parent: bytes) -> dict[bytes, bool]:
         key = (li, parent)
@@ -256,8 +274,7 @@ class StoreLayer:
         return self.view.layer_ids[self.index]
 
     def lookup(self, dir_path: bytes, name: bytes) -> Entry | None:
-        e = self.view.entries(store_parent(dir_path), name).get(self.index)
-        return None if e is None else self.view.convert(self.index, e)
+        return self.view.entry(self.index, store_parent(dir_path), name)
 
     def root(self) -> Entry | None:
         e = self.view.root_entry(self.index)
