@@ -419,9 +419,10 @@ class LayerTarWriter:
         xattrs = _upper_xattrs(src)
         if xattrs:
             ti.pax_headers = _pax_xattrs(xattrs)
-        if fmt != stat.S_IFDIR and st.st_nlink > 1:  # symlinks, devices, fifos too
-            if self._hardlink(("u", st.st_dev, st.st_ino), ti):
-                return
+        # Hard links of symlinks, devices and fifos are kept too (tar can say so).
+        multi = fmt != stat.S_IFDIR and st.st_nlink > 1
+        if multi and self._hardlink(("u", st.st_dev, st.st_ino), ti):
+            return
         if fmt == stat.S_IFREG:
             ti.type = tarfile.REGTYPE
             with open(src, "rb") as fh:
