@@ -237,3 +237,24 @@ def find_mounted(store_root: Path, name: str) -> MountRecord | None:
         if rec.name == name and pid_alive(rec.pid) and is_mount_point(rec.mountpoint):
             return rec
     return None
+
+
+def resolve_target(store_root: Path, arg: str) -> tuple[Container, MountRecord | None]:
+    """A `NAME|MOUNTPOINT` argument (contract): an existing directory with a mount record ->
+    that mount's container and record; else the container NAME. ContainerError otherwise
+    (also for a mount with no named upper, e.g. `--ro` or `--upper DIR`)."""
+    if os.path.isdir(arg):
+        rec = read_record(store_root, os.path.realpath(arg))
+        if rec is not None:
+            if rec.name is None:
+                raise ContainerError(f"{arg}: mounted without a named upper (no container)")
+            c = load(store_root, rec.name)
+            if c is None:
+                raise ContainerError(f"{arg}: its container {rec.name} no longer exists")
+            return c, rec
+    if not NAME_RE.fullmatch(arg):
+        raise ContainerError(f"{arg}: neither an image mount point nor a container name")
+    c = load(store_root, arg)
+    if c is None:
+        raise ContainerError(f"no such container: {arg}")
+    return c, find_mounted(store_root, arg)

@@ -20,7 +20,7 @@ from tests.image_fixtures import BuiltImages, layerfs_ok
 from tests.mount.test_image_mount import image_mount
 from tests.mounting import overlay_mount
 
-pytestmark = pytest.mark.tools
+pytestmark = [pytest.mark.tools, pytest.mark.mount]
 
 # Paths of the app image: lower files with hard links and xattrs, an opaque directory, a
 # directory re-made over a whiteout, implied parents, symlinks, devices, new names.

@@ -22,7 +22,7 @@ from tests.image_fixtures import BuiltImages, image_snapshot, layerfs, layerfs_o
 from tests.mounting import force_unmount, is_mounted, overlay_mount
 from tests.treecmp import Node, compare
 
-pytestmark = pytest.mark.tools
+pytestmark = [pytest.mark.tools, pytest.mark.mount]
 
 Tree = Mapping[bytes, Node]
 IMAGES = ("base", "app", "other", "retype", "symwh", "buildah-amd64")

@@ -128,3 +128,28 @@ def test_a_worker_thread_reaches_the_index_through_dispatch(tmp_path: Path) -> N
         assert jobs.empty()
     finally:
         v.close()
+
+
+def test_container_records_and_targets(tmp_path: Path) -> None:
+    from layerstore import containers
+
+    with pytest.raises(containers.ContainerError):
+        containers.check_name("../x")
+    c = containers.create(tmp_path, "c1", "sha256:" + "a" * 64, "t:v1")
+    assert c.upper.is_dir() and c.work.is_dir()
+    with pytest.raises(containers.ContainerError):
+        containers.create(tmp_path, "c1", "sha256:" + "a" * 64, "t:v1")
+    assert [x.name for x in containers.all_containers(tmp_path)] == ["c1"]
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    rec = containers.MountRecord(str(mnt), os.getpid(), c.image, "c1", str(c.upper), None, False)
+    containers.write_record(tmp_path, rec)
+    assert containers.read_record(tmp_path, str(mnt)) == rec
+    assert containers.resolve_target(tmp_path, str(mnt)) == (c, rec)
+    assert containers.resolve_target(tmp_path, "c1") == (c, None)  # not really mounted
+    with pytest.raises(containers.ContainerError):
+        containers.resolve_target(tmp_path, "nope")
+    containers.remove_record(tmp_path, str(mnt), pid=os.getpid() + 1)  # not its record
+    assert containers.read_record(tmp_path, str(mnt)) == rec
+    containers.remove_record(tmp_path, str(mnt), pid=os.getpid())
+    assert containers.read_record(tmp_path, str(mnt)) is None
