@@ -334,21 +334,21 @@ class RegistryClient:
             errs = body.get("errors") if isinstance(body, dict) else None
             if isinstance(errs, list) and errs and isinstance(errs[0], dict):
                 code, msg = errs[0].get("code", ""), errs[0].get("message", "")
-                detail = f": {code} {msg}".rstrip() if code or msg else ""
+                detail = f", {code}: {msg}" if code and msg else f", {code or msg}"
         except (ValueError, httpx.HTTPError):
             pass
         finally:
             resp.close()
-        code = resp.status_code
-        where = f"{self.ref.host}/{self.ref.repo}"
-        if code == 401:
-            why = "authentication failed" if self.authorization else "authentication required"
-            raise RegistryError(f"{what}: {why} at {where} (401 Unauthorized){detail}")
-        if code == 403:
-            raise RegistryError(f"{what}: access denied at {where} (403 Forbidden){detail}")
-        if code == 404:
-            raise RegistryError(f"{what}: not found at {where} (404){detail}")
-        raise RegistryError(f"{what}: {where} answered {code} {resp.reason_phrase}{detail}")
+        status = f"({resp.status_code} {resp.reason_phrase}{detail.rstrip(', ')})"
+        if resp.status_code == 401:
+            who = f" as {self.credentials[0]!r}" if self.credentials else ""
+            why = f"authentication failed{who}" if self.authorization else "authentication required"
+            raise RegistryError(f"{what}: {why} {status}")
+        if resp.status_code == 403:
+            raise RegistryError(f"{what}: access denied {status}")
+        if resp.status_code == 404:
+            raise RegistryError(f"{what}: not found {status}")
+        raise RegistryError(f"{what}: registry error {status}")
 
     def _small(self, resp: httpx.Response, what: str) -> bytes:
         """The body of a JSON document, at most MAX_JSON bytes."""
@@ -433,7 +433,7 @@ class _BlobStream(io.RawIOBase):
         if self.offset:
             headers["Range"] = f"bytes={self.offset}-"
         resp = self.client.request("GET", self.path, headers, stream=True)
-        self.client.check(resp, f"blob {self.digest}")
+        self.client.check(resp, f"blob {self.digest} of {self.client.ref.name}")
         skip = 0
         if self.offset and resp.status_code != 206:
             skip = self.offset  # the server ignored Range: drop what we already have

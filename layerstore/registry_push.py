@@ -44,7 +44,7 @@ def blob_exists(client: RegistryClient, digest: str) -> bool:
     resp.close()
     if resp.status_code == 404:
         return False
-    client.check(resp, f"blob {digest}")
+    client.check(resp, f"blob {digest} of {client.ref.name}")
     return True
 
 
@@ -52,7 +52,7 @@ def upload_blob(client: RegistryClient, digest: str, path: Path) -> None:
     """Monolithic upload: POST /blobs/uploads/, then PUT <location>?digest= with the bytes."""
     repo = client.ref.repo
     resp = client.request("POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"})
-    client.check(resp, f"upload of {digest}")
+    client.check(resp, f"upload of {digest} to {client.ref.name}")
     url = _location(client, resp.headers.get("Location", ""))
     resp.close()
     url += ("&" if "?" in url else "?") + f"digest={digest}"
@@ -69,7 +69,7 @@ def upload_blob(client: RegistryClient, digest: str, path: Path) -> None:
             {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
             content=body,
         )
-    client.check(resp, f"upload of {digest}")
+    client.check(resp, f"upload of {digest} to {client.ref.name}")
     resp.close()
 
 

@@ -219,11 +219,12 @@ def test_connection_refused(tmp_path: Path) -> None:
     assert fingerprint(store) == before
 
 
-@pytest.mark.parametrize("how", ["recompressed", "flipped"])
+@pytest.mark.parametrize("how", ["recompressed", "flipped", "deleted"])
 def test_tampered_blob_leaves_store_unchanged(pushed: Pushed, tmp_path: Path, how: str) -> None:
     """The top layer's blob in the registry's storage is replaced: by the same tar compressed
     differently (the DiffID still matches, only the blob digest does not), or with one byte
-    flipped (the tar or its compression breaks). The first layer is fine and gets staged."""
+    flipped (the tar or its compression breaks), or deleted (404). The first layer is fine and
+    gets staged."""
     reg = pushed.reg
     layout = unique_image(tmp_path / "img", f"tamper-{how}")
     reg.push(f"oci:{layout}:u", f"fault/{how}:v1")
@@ -236,12 +237,18 @@ def test_tampered_blob_leaves_store_unchanged(pushed: Pushed, tmp_path: Path, ho
         tampered = gzip.compress(plain, compresslevel=1, mtime=1)
         assert tampered != raw
         needle = "blob digest mismatch"
+    elif how == "deleted":
+        tampered = b""
+        needle = "not found (404"
     else:
         flipped = bytearray(raw)
         flipped[len(raw) // 2] ^= 0x55
         tampered = bytes(flipped)
         needle = "(2/2)"
-    data.write_bytes(tampered)
+    if tampered:
+        data.write_bytes(tampered)
+    else:
+        data.unlink()
     store = seeded_store(tmp_path)
     before = fingerprint(store)
     p = layerfs(store, "pull", reg.ref(f"fault/{how}:v1"))
