@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import fcntl
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -151,12 +152,21 @@ def cmd_mount(args: argparse.Namespace) -> int:
             readonly=bool(args.ro),
             ref=args.image,
         )
-        if fresh and not args.name and container is not None:
-            print(container.name)
-            sys.stdout.flush()
-        if args.foreground:
-            return _run_foreground(args, root, record, layers, upper, work, lock_fd)
-        return _run_daemon(args, root, record, layers, upper, work)
+        announce = fresh and not args.name and container is not None
+        try:
+            if args.foreground:
+                if announce:
+                    print(record.name, flush=True)
+                return _run_foreground(args, root, record, layers, upper, work, lock_fd)
+            code = _run_daemon(args, root, record, layers, upper, work)
+            if announce:
+                print(record.name)  # once the mount is live
+            return code
+        except (CliError, MountError):
+            if fresh and container is not None:
+                # Never mounted: do not leave an unused container behind.
+                shutil.rmtree(container.root, ignore_errors=True)
+            raise
     except (CliError, StoreError, MountError) as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
         return 1
@@ -203,17 +213,12 @@ def _run_foreground(
 ) -> int:
     from dataclasses import replace
 
-    from unionfs.daemon import MountError
-
     rec = replace(record, pid=os.getpid())
     done = threading.Event()
     watcher = threading.Thread(target=_record_when_mounted, args=(root, rec, done), daemon=True)
     watcher.start()
     try:
         return _serve(args, layers, upper, work, rec.mountpoint)
-    except MountError as exc:
-        print(f"layerfs: {exc}", file=sys.stderr)
-        return 1
     finally:
         done.set()
         watcher.join()

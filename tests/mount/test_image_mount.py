@@ -224,6 +224,10 @@ def test_errors_are_one_line(store: Path, tmp_path: Path) -> None:
     _one_line_error(layerfs(store, "mount", "t/base", str(mnt), "--name", "bad/name"), "name")
     _one_line_error(layerfs(store, "mount", "t/base", str(tmp_path / "absent")), "not exist")
     _one_line_error(layerfs(store, "umount", str(mnt)), "not mounted")
+    (store / "containers").mkdir(exist_ok=True)
+    before = sorted((store / "containers").iterdir())
+    _one_line_error(layerfs(store, "mount", "t/base", str(mnt), "-o", "no_such_fuse_option"))
+    assert sorted((store / "containers").iterdir()) == before  # no container left behind
     with image_mount(store, "t/base", mnt, "--name", "busy"):
         other = tmp_path / "other"
         other.mkdir()
