@@ -285,3 +285,21 @@ def test_unprivileged_spelling(tmp_path: Path) -> None:
     s.unmount()
     fs = s.mount()
     assert names(fs, b"") == [b"d"] and names(fs, b"d") == [b"e2"]
+
+
+def test_one_directory_in_two_places_keeps_the_tree_a_tree(stack: Stack) -> None:
+    """Two places showing the same directory identity (here an upper dir and its own child
+    recorded as copies of one lower dir) get a node each: paths stay finite."""
+    (stack.lowers[0] / "a" / "x").mkdir(parents=True)
+    origin = b"1:%d" % os.lstat(stack.lowers[0] / "a").st_ino
+    (stack.upper / "a" / "sub").mkdir(parents=True)
+    for d in (stack.upper / "a", stack.upper / "a" / "sub"):
+        os.setxattr(d, XPREFIX + b"layerfs.origin", origin)
+    fs = stack.mount()
+    outer, inner = walk(fs, b"a"), walk(fs, b"a/sub")
+    assert outer != inner
+    assert names(fs, b"a") == [b"sub", b"x"]
+    fs.mkdir(inner, b"new", 0o755, 0, 0)
+    assert (stack.upper / "a" / "sub" / "new").is_dir()
+    assert names(fs, b"a/sub") == [b"new"]
+    assert walk(fs, b"a") == outer and walk(fs, b"a/sub") == inner

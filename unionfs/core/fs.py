@@ -125,6 +125,13 @@ class UnionFS:
         node = self.inodes.find(key, res.is_dir)
         if node is None:
             node = self.inodes.new(key, res.is_dir, parent, name)
+        elif (
+            res.is_dir
+            and node.parent is not None
+            and (node.parent is not parent or node.name != name)
+            and (node.is_ancestor_of(parent) or self._still_shown(node))
+        ):
+            node = self.inodes.new_secondary(key, parent, name)
         if res.is_dir:
             node.parent, node.name = parent, name
             node.upper = res.upper is not None
@@ -141,6 +148,14 @@ class UnionFS:
                     self._add_alias(node, node.parent, node.name)
                 node.parent, node.name = parent, name
         return node
+
+    def _still_shown(self, node: Node) -> bool:
+        """Does the directory's recorded place still show it?"""
+        parent = node.parent
+        if parent is None or parent.unlinked or self.inodes.get(parent.ino) is not parent:
+            return False
+        res = self._resolve(parent, node.name)
+        return res is not None and res.is_dir and self._key(res) == node.key
 
     def _alias_valid(self, node: Node, parent: Node, name: bytes) -> bool:
         return self.inodes.get(parent.ino) is parent and not parent.unlinked

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 from dataclasses import dataclass, field
 
+from unionfs.core.errors import FsError
 from unionfs.core.resolve import Source
 from unionfs.core.types import ROOT_INO, Entry, Ino
 
 Key = tuple[int, int]  # (layer number: 0 upper, i+1 lower i; host st_ino)
 
+# Deeper than any real tree (PATH_MAX allows 2048 levels): a longer parent chain is a bug.
+MAX_DEPTH = 1 << 16
 _LAYER_SHIFT = 48
 _MAX_LAYER = (1 << 14) - 2
 _FRESH_BASE = 1 << 62
@@ -48,15 +52,19 @@ class Node:
         while node is not None and node.parent is not None:
             parts.append(node.name)
             node = node.parent
+            if len(parts) > MAX_DEPTH:
+                raise FsError(errno.ELOOP, "directory loop")
         return b"/".join(reversed(parts))
 
     def is_ancestor_of(self, other: Node) -> bool:
         node: Node | None = other
-        while node is not None:
+        for _ in range(MAX_DEPTH):
+            if node is None:
+                return False
             if node is self:
                 return True
             node = node.parent
-        return False
+        raise FsError(errno.ELOOP, "directory loop")
 
 
 class InodeTable:
@@ -67,6 +75,7 @@ class InodeTable:
     def __init__(self) -> None:
         self.nodes: dict[Ino, Node] = {}
         self.by_key: dict[Key, Ino] = {}
+        self.secondary: dict[tuple[Key, Ino, bytes], Ino] = {}
         self._fresh = itertools.count(_FRESH_BASE)
 
     def get(self, ino: Ino) -> Node | None:
@@ -95,6 +104,19 @@ class InodeTable:
         node = Node(ino=ino, key=key, is_dir=is_dir, parent=parent, name=name)
         self.nodes[ino] = node
         self.by_key[key] = ino
+        return node
+
+    def new_secondary(self, key: Key, parent: Node, name: bytes) -> Node:
+        """A second place showing the directory `key` (a lower directory that a redirect
+        also shows elsewhere): its own node and number, so that the tree stays a tree."""
+        where = (key, parent.ino, name)
+        ino = self.secondary.get(where)
+        node = self.nodes.get(ino) if ino is not None else None
+        if node is None or node.unlinked:
+            ino = Ino(next(self._fresh))
+            node = Node(ino=ino, key=key, is_dir=True, parent=parent, name=name)
+            self.nodes[ino] = node
+            self.secondary[where] = ino
         return node
 
     def drop_if_unused(self, node: Node) -> None:
