@@ -170,6 +170,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except (CliError, StoreError, MountError) as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"layerfs: {exc.filename or args.mountpoint}: {exc.strerror}", file=sys.stderr)
+        return 1
 
 
 def _serve(
