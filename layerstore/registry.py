@@ -14,6 +14,7 @@ import binascii
 import io
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,7 @@ class RegistryClient:
         self.authorization: str | None = None
         self.actions = "pull"  # scope asked for when a bearer challenge names none
         self._tried: set[str] = set()  # challenges already answered
+        self._auth_lock = threading.Lock()
         self.http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
             follow_redirects=True,  # blob redirects to storage; httpx drops auth cross-origin
@@ -266,8 +268,9 @@ class RegistryClient:
         url = path if "://" in path else self.base + path
         while True:
             hdrs = dict(headers or {})
-            if self.authorization:
-                hdrs["Authorization"] = self.authorization
+            sent = self.authorization
+            if sent:
+                hdrs["Authorization"] = sent
             try:
                 req = self.http.build_request(
                     method, url, headers=hdrs, content=content() if content else None
@@ -278,11 +281,17 @@ class RegistryClient:
                     f"{self.ref.api_host}: cannot {method} {path}: {_describe(exc)}"
                 ) from None
             challenge = resp.headers.get("WWW-Authenticate", "")
-            if resp.status_code != 401 or not challenge or challenge in self._tried:
+            if resp.status_code != 401 or not challenge:
                 return resp
-            resp.close()
-            self._tried.add(challenge)
-            self._authenticate(challenge)
+            with self._auth_lock:  # downloads run in threads: one of them answers
+                if self.authorization != sent:
+                    resp.close()
+                    continue  # another thread authenticated meanwhile: retry with that
+                if challenge in self._tried:
+                    return resp
+                resp.close()
+                self._tried.add(challenge)
+                self._authenticate(challenge)
 
     def _authenticate(self, challenge: str) -> None:
         scheme, params = parse_challenge(challenge)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .cli import _guard
+from .errors import StoreError
 from .progress import Progress
 from .store import Store
 
@@ -14,15 +15,23 @@ from .store import Store
 def cmd_pull(args: argparse.Namespace, store: Store) -> int:
     from .ingest import import_source
     from .registry import RegistryClient, load_credentials, parse_reference, registry_image
+    from .registry_fetch import Prefetcher
     from .sources import host_platform, parse_platform
 
+    if args.jobs < 1:
+        raise StoreError("--jobs must be at least 1")
     ref = parse_reference(args.ref)
     want = parse_platform(args.platform) if args.platform else host_platform()
     progress = Progress(quiet=args.quiet)
-    with RegistryClient(ref, insecure=args.insecure, credentials=load_credentials(ref.host)) as cl:
-        pulled = registry_image(cl, want)
+    creds = load_credentials(ref.host)
+    with RegistryClient(ref, insecure=args.insecure, credentials=creds) as client:
+        pulled = registry_image(client, want)
         progress.line(f"{ref.tag or pulled.digest}: Pulling from {ref.repo}")
-        res = import_source(store, [pulled.image], [], progress)
+        have = {lr.diff_id for lr in pulled.image.layers if store.layer_by_diff_id(lr.diff_id)}
+        # shared(): gc/recovery leave the spool dir alone (the importer takes it again)
+        with store.shared(), Prefetcher(client, store.tmp_dir, args.jobs) as fetch:
+            fetch.start(pulled.image, have)
+            res = import_source(store, [pulled.image], [], progress)
     progress.line(f"Digest: {pulled.digest}")
     shown = f"{ref.name}:{ref.tag}" if ref.tag else f"{ref.name}@{pulled.digest}"
     if res.new_layers:
@@ -76,6 +85,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="plain HTTP (the default only for localhost and 127.0.0.1)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    p.add_argument(
+        "--jobs",
+        "-j",
+        type=int,
+        default=3,
+        metavar="N",
+        help="download at most N layers at once (default 3)",
+    )
 
     p = verb("push", cmd_push, "push an image to a registry as [HOST[:PORT]/]REPO[:TAG]")
     p.add_argument("image", metavar="IMAGE")

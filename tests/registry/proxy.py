@@ -24,6 +24,8 @@ class ProxyState:
     token_auth: bool = True
     cut_after: int | None = None  # cut blob bodies after this many bytes...
     cut_times: int = 0  # ...this many times (then serve them whole)
+    # blob bodies over `cut_after`... wait here until this many are requested at once
+    barrier: threading.Barrier | None = None
     log: list[str] = field(default_factory=list)  # "METHOD path [range]" per request
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -69,6 +71,12 @@ class _Handler(BaseHTTPRequestHandler):
                 if "/blobs/" in url.path and cuttable and st.cut_times > 0:
                     st.cut_times -= 1
                     cut = st.cut_after
+            if st.barrier is not None and "/blobs/" in url.path and len(body) > (st.cut_after or 0):
+                try:
+                    st.barrier.wait()
+                except threading.BrokenBarrierError:
+                    self._send(503, b'{"errors":[{"code":"UNAVAILABLE","message":"not parallel"}]}')
+                    return
             self.send_response(up.status)
             for k in FORWARD:
                 v = up.getheader(k)

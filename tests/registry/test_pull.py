@@ -9,6 +9,7 @@ import json
 import random
 import re
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,7 +333,7 @@ def test_cut_connection_resumes_with_range(pushed: Pushed, tmp_path: Path) -> No
     pushed.reg.push(f"oci:{layout}:r", "cut/resume:v1")
     state = ProxyState(pushed.reg.host, token_auth=False, cut_after=50_000, cut_times=2)
     with running_proxy(state) as front:
-        p = layerfs_ok(tmp_path / "s", "pull", f"{front}/cut/resume:v1")
+        p = layerfs_ok(tmp_path / "s", "pull", f"{front}/cut/resume:v1", "--jobs", "1")
     assert p.stdout.count("Pull complete") == 2
     assert state.cut_times == 0
     # Cut at 50000 bytes, resumed from there, that response cut 50000 bytes later too.
@@ -402,3 +403,21 @@ def test_push_to_unreachable_registry(tmp_path: Path) -> None:
         pass
     one_error(layerfs(store, "push", "seed:1", reg.ref("x/y:1")), "refused")
     one_error(layerfs(store, "push", "no-such:image", reg.ref("x/y:1")), "no such image")
+
+
+def test_layers_download_in_parallel(pushed: Pushed, tmp_path: Path) -> None:
+    """The front holds each layer blob until two are requested at once: a pull that fetched
+    one blob after another would get a 503 when the wait gives up."""
+    layout = random_image(tmp_path / "img", "parallel")
+    pushed.reg.push(f"oci:{layout}:r", "par/img:v1")
+    state = ProxyState(
+        pushed.reg.host,
+        token_auth=False,
+        cut_after=10_000,
+        barrier=threading.Barrier(2, timeout=30),
+    )
+    with running_proxy(state) as front:
+        p = layerfs_ok(tmp_path / "s", "pull", f"{front}/par/img:v1", "--jobs", "2")
+    assert p.stdout.count("Pull complete") == 2
+    q = layerfs(tmp_path / "s2", "pull", f"{front}/par/img:v1", "--jobs", "0")
+    one_error(q, "--jobs")
