@@ -315,6 +315,21 @@ def _unmount(mountpoint: str) -> str | None:
     return err or "it is busy"
 
 
+def _fstype(mountpoint: str) -> str:
+    """The filesystem type of the mount at `mountpoint` ('' if none), from mountinfo."""
+    target = os.fsencode(mountpoint)
+    found = ""
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            raw = fields[4]
+            for esc, ch in ((b"\\040", b" "), (b"\\011", b"\t"), (b"\\012", b"\n")):
+                raw = raw.replace(esc, ch)
+            if raw.replace(b"\\134", b"\\") == target and b"-" in fields[5:]:
+                found = fields[fields.index(b"-", 5) + 1].decode(errors="replace")
+    return found  # the last one: the mount on top
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     root = _store_root(args)
     mountpoint = os.path.realpath(args.mountpoint)
@@ -322,6 +337,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mounted = containers.is_mount_point(mountpoint)
     if not mounted and rec is None:
         print(f"layerfs: {args.mountpoint} is not mounted", file=sys.stderr)
+        return 1
+    if mounted and rec is None and _fstype(mountpoint) != "fuse.layerfs":
+        print(f"layerfs: {args.mountpoint} is not a layerfs mount", file=sys.stderr)
         return 1
     if mounted:
         reason = _unmount(mountpoint)

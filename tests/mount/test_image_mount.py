@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -207,7 +208,7 @@ def test_ps_notices_a_killed_daemon_and_umount_cleans_it(store: Path, tmp_path: 
 
 
 def _one_line_error(proc: object, *words: str) -> None:
-    assert isinstance(proc, __import__("subprocess").CompletedProcess)
+    assert isinstance(proc, subprocess.CompletedProcess)
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -238,6 +239,13 @@ def test_errors_are_one_line(store: Path, tmp_path: Path) -> None:
         layerfs(store, "mount", "t/other", str(mnt), "--name", "busy"), "belongs to image"
     )
     assert not is_mounted(mnt)
+    # Not ours: `layerfs umount` leaves a mount it did not make alone.
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(mnt)], check=True)
+    try:
+        _one_line_error(layerfs(store, "umount", str(mnt)), "not a layerfs mount")
+        assert is_mounted(mnt)
+    finally:
+        force_unmount(mnt)
 
 
 def test_which_names_the_layer_and_what_it_shadows(store: Path) -> None:
