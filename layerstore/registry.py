@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
 import os
 import re
 import threading
@@ -234,7 +235,7 @@ class RegistryClient:
         self.base = f"{scheme}://{ref.api_host}"
         self.credentials = credentials
         self.authorization: str | None = None
-        self.actions = "pull"  # scope asked for when a bearer challenge names none
+        self.actions = "pull"  # scope asked for when a bearer challenge names none ("": none)
         self._tried: set[str] = set()  # challenges already answered
         self._auth_lock = threading.Lock()
         self.http = httpx.Client(
@@ -310,7 +311,11 @@ class RegistryClient:
         if not realm or not realm.startswith(("http://", "https://")):
             raise RegistryError(f"{where}: bearer challenge without a usable realm")
         query = {"service": params.get("service", "")}
-        query["scope"] = params.get("scope") or f"repository:{self.ref.repo}:{self.actions}"
+        scope = params.get("scope") or (
+            f"repository:{self.ref.repo}:{self.actions}" if self.actions else ""
+        )
+        if scope:
+            query["scope"] = scope
         hdrs = {"Authorization": _basic(*self.credentials)} if self.credentials else {}
         try:
             resp = self.http.get(realm, params=query, headers=hdrs)
@@ -581,3 +586,35 @@ def registry_image(client: RegistryClient, want: tuple[str, str, str | None]) ->
         repo_digests=[f"{ref.name}@{top}"],
     )
     return Pulled(image, top)
+
+
+def save_credentials(host: str, user: str, password: str, path: Path | None = None) -> Path:
+    """Record `auths[host].auth` in the auth file (other keys kept), atomically, mode 0600."""
+    path = path or auth_file()
+    data: dict[str, Any] = {}
+    if path.exists():
+        data = _json(path.read_bytes(), str(path))
+    auths = data.get("auths")
+    if not isinstance(auths, dict):
+        auths = data["auths"] = {}
+    want = _auth_key(host)
+    for key in [k for k in auths if isinstance(k, str) and _auth_key(k) == want]:
+        del auths[key]
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    auths["https://index.docker.io/v1/" if want == DOCKER_HUB else want] = {"auth": token}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def check_login(client: RegistryClient) -> None:
+    """GET /v2/ with the client's credentials; RegistryError unless the registry accepts."""
+    client.actions = ""
+    resp = client.request("GET", "/v2/")
+    client.check(resp, f"login to {client.ref.host}")
+    resp.close()

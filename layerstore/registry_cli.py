@@ -1,8 +1,10 @@
-"""CLI verbs that talk to an OCI registry: pull, push."""
+"""CLI verbs that talk to an OCI registry: pull, push, login."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +59,43 @@ def cmd_push(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def cmd_login(args: argparse.Namespace) -> int:
+    from .registry import (
+        _HOST_RE,
+        DOCKER_HUB,
+        Reference,
+        RegistryClient,
+        _auth_key,
+        check_login,
+        save_credentials,
+    )
+
+    try:
+        host = _auth_key(args.server) if args.server else DOCKER_HUB
+        if not _HOST_RE.fullmatch(host):
+            raise StoreError(f"login: bad registry host {args.server!r}")
+        if args.password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        elif args.password is not None:
+            password = args.password
+        else:
+            password = getpass.getpass("Password: ")
+        if not args.username or not password:
+            raise StoreError("login needs a username and a password")
+        ref = Reference(host, "library/x", None, None)
+        with RegistryClient(ref, args.insecure, (args.username, password)) as client:
+            check_login(client)
+        path = save_credentials(host, args.username, password)
+    except StoreError as exc:
+        print(f"layerfs: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"layerfs: {exc.strerror or exc}: {exc.filename or ''}", file=sys.stderr)
+        return 1
+    print(f"Login Succeeded (credentials saved in {path})")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the registry verbs on the `layerfs` parser."""
 
@@ -103,3 +142,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="plain HTTP (the default only for localhost and 127.0.0.1)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+
+    p = sub.add_parser(
+        "login",
+        help="check credentials with a registry and save them in the auth file",
+        description="check credentials with a registry and save them in $REGISTRY_AUTH_FILE "
+        "(else $DOCKER_CONFIG/config.json, else ~/.docker/config.json)",
+    )
+    p.add_argument("server", nargs="?", metavar="HOST[:PORT]", help="default: docker.io")
+    p.add_argument("--username", "-u", required=True)
+    p.add_argument("--password", "-p", help="(visible to other users: prefer --password-stdin)")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP")
+    p.set_defaults(func=cmd_login)

@@ -18,8 +18,10 @@ from typing import Any
 import pytest
 
 from layerstore.ocibuild import Img, d, f, layer_tar, write_oci
+from layerstore.registry import load_credentials
 from tests import images
 from tests.image_fixtures import BuiltImages, image_snapshot, layerfs, layerfs_ok
+from tests.mounting import LAYERFS
 from tests.registry.proxy import ProxyState, running_proxy
 from tests.registry.server import Registry, htpasswd_line, running_registry
 from tests.store.test_import import fingerprint
@@ -287,6 +289,17 @@ def test_basic_auth_htpasswd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         )
         p = layerfs_ok(store, "pull", reg.ref("auth/img:v1"))
         assert p.stdout.count("Pull complete") == 2
+        # layerfs login: a wrong password is refused and saves nothing; a right one is saved
+        auth = tmp_path / "login" / "auth.json"
+        monkeypatch.setenv("REGISTRY_AUTH_FILE", str(auth))
+        login = [*LAYERFS, "login", reg.host, "-u", "tester", "--password-stdin"]
+        bad = subprocess.run(login, input="wrong\n", capture_output=True, text=True, check=False)
+        one_error(bad, "authentication failed")
+        assert not auth.exists()
+        good = subprocess.run(login, input="s3cret\n", capture_output=True, text=True, check=False)
+        assert good.returncode == 0, good.stderr
+        assert auth.stat().st_mode & 0o777 == 0o600
+        assert load_credentials(reg.host, auth) == ("tester", "s3cret")
         # push with basic auth too: the layers are there already, the manifest is new
         p = layerfs_ok(store, "push", reg.ref("auth/img:v1"), reg.ref("auth/again:v1"))
         assert "v1: digest: sha256:" in p.stdout
