@@ -1,12 +1,11 @@
-"""Random changes through kernel overlayfs (redirect_dir=on) over an unpacked image, committed:
-the committed image unpacks to the changed mount's tree (the kernel is the oracle)."""
+"""Random changes through kernel overlayfs (redirect_dir=on) and layerfs over an unpacked image,
+committed: the committed image unpacks to the changed mount's tree."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +20,9 @@ from layerstore.ingest import import_source
 from layerstore.sources import source_images
 from layerstore.store import Store
 from layerstore.unpack import unpack
-from tests.conftest import require_kernel_overlay
+from tests.conftest import require_fuse, require_kernel_overlay
 from tests.image_fixtures import image_snapshot
-from tests.mounting import force_unmount
+from tests.mounting import overlay_mount
 from tests.treecmp import compare
 
 pytestmark = pytest.mark.mount
@@ -90,25 +89,18 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Store, Path
 _n = itertools.count()
 
 
-@settings(deadline=None, max_examples=60)
-@given(ops=st.lists(OPS, min_size=1, max_size=10))
-def test_committed_random_changes_unpack_to_the_mount(
-    base: tuple[Store, Path, Path], ops: list[Op]
-) -> None:
-    store, lower, scratch = base
+def check_round_trip(store: Store, lower: Path, scratch: Path, impl: str, ops: list[Op]) -> None:
+    """Apply `ops` through an `impl` overlay of `lower`, commit its upper, unpack, compare."""
     with tempfile.TemporaryDirectory(dir=scratch) as tmp:
         t = Path(tmp)
         upper, work, mnt, out = t / "upper", t / "work", t / "mnt", t / "out"
-        for d in (upper, work, mnt):
+        for d in (upper, work):
             d.mkdir()
-        opts = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=on"
-        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True)
-        try:
+        opts = ("redirect_dir=on",) if impl == "kernel" else ()
+        with overlay_mount(impl, [lower], mnt, upper, work, opts):
             for op in ops:
                 apply(os.fsencode(mnt), op)
             expected = image_snapshot(mnt)
-        finally:
-            force_unmount(mnt)
         name = f"rand/new:{next(_n)}"
         res = commit_upper(store, upper, IMAGE, name, allow_empty=True)
         assert res.image is not None
@@ -117,6 +109,23 @@ def test_committed_random_changes_unpack_to_the_mount(
             d for d in compare(expected, image_snapshot(out)) if not _stale_lower_nlink(d, upper)
         ]
         assert diffs == [], ops
+
+
+@settings(deadline=None, max_examples=60)
+@given(ops=st.lists(OPS, min_size=1, max_size=10))
+def test_kernel_changes_committed_unpack_to_the_mount(
+    base: tuple[Store, Path, Path], ops: list[Op]
+) -> None:
+    check_round_trip(*base, "kernel", ops)
+
+
+@settings(deadline=None, max_examples=8)
+@given(ops=st.lists(OPS, min_size=1, max_size=10))
+def test_layerfs_changes_committed_unpack_to_the_mount(
+    base: tuple[Store, Path, Path], ops: list[Op]
+) -> None:
+    require_fuse()
+    check_round_trip(*base, "layerfs", ops)
 
 
 def _stale_lower_nlink(diff: str, upper: Path) -> bool:
