@@ -153,3 +153,22 @@ def test_container_records_and_targets(tmp_path: Path) -> None:
     assert containers.read_record(tmp_path, str(mnt)) == rec
     containers.remove_record(tmp_path, str(mnt), pid=os.getpid())
     assert containers.read_record(tmp_path, str(mnt)) is None
+
+
+def test_a_layer_listed_twice_counts_at_both_positions(tmp_path: Path) -> None:
+    write_oci(tmp_path / "img", Img([BASE, TOP, BASE], ref="v1"))
+    with Store(tmp_path / "store") as store:
+        import_source(store, source_images(f"oci:{tmp_path / 'img'}:v1"), ["t:v1"])
+        ids = [layer.id for layer in reversed(store.image_layers("t:v1"))]
+        assert ids[0] == ids[2]
+        v = StoreView.prepare(store, ids)
+    try:
+        fs = UnionFS(v.layers, None)
+        etc = fs.lookup(ROOT_INO, b"etc").ino
+        assert fs.lookup(etc, b"gone").st.size == len(b"deleted above\n")  # made again on top
+        opq = fs.lookup(ROOT_INO, b"opq").ino
+        fh = fs.opendir(opq)
+        assert sorted(n for n, _, _ in fs.readdir(fh, 0)) == [b"new", b"old"]
+        fs.releasedir(fh)
+    finally:
+        v.close()

@@ -121,8 +121,8 @@ class StoreView:
             self._lookups.move_to_end(key)
             return found
         rows = self.run(lambda: self.store().lookup_many(self.layer_ids, parent, name))
-        index = {lid: i for i, lid in enumerate(self.layer_ids)}
-        found = {index[lid]: e for lid, e in rows.items()}
+        # By position: an image may list one layer (e.g. an empty one) more than once.
+        found = {i: rows[lid] for i, lid in enumerate(self.layer_ids) if lid in rows}
         self._remember(key, found)
         return found
 
