@@ -470,6 +470,26 @@ class LayerTarWriter:
         self.tar.addfile(ti)
 
 
+def retar_layer(
+    store: Store, layer: int, out: IO[bytes] | BlobWriter, warn: Callable[[str], None]
+) -> None:
+    """Write one stored layer as a tar from its entries (for a layer without a tar-split): the
+    same tree when applied, not the same bytes. Implicit directories are left out, as the
+    original tar had them; whiteouts and opaque markers are spelled the OCI way."""
+    tw = LayerTarWriter(store, out, warn)
+    for e in store.layer_entries(layer):
+        if e.parent == b"" or e.implicit:
+            continue
+        path = e.path
+        if e.kind == EntryKind.WHITEOUT:
+            tw.add(Item(path, "whiteout"))
+            continue
+        tw.add(Item(path, "lower", lower=LowerNode(path, e, layer, None)))
+        if e.opaque:
+            tw.add(Item(path, "opaque"))
+    tw.close()
+
+
 # ---- commit ----------------------------------------------------------------------------------
 
 

@@ -15,10 +15,12 @@ import os
 import secrets
 import shutil
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .blobwriter import LAYER_TYPES, BlobWriter, compression_of
+from .commit import retar_layer
 from .errors import StoreError
 from .model import LayerInfo
 from .sources import OCI_INDEX, OCI_MANIFEST, REF_NAME, sha256_digest
@@ -59,23 +61,47 @@ class _Blobs:
             os.replace(tmp, path)
         return digest
 
-    def put_layer(self, store: Store, layer: LayerInfo, compression: str) -> tuple[str, int]:
-        """Rebuild a layer, compress it, verify its DiffID; (digest, size) of the blob."""
+    def put_layer(
+        self, store: Store, layer: LayerInfo, compression: str, warn: Callable[[str], None]
+    ) -> tuple[str, int, str]:
+        """Rebuild a layer, compress it, verify its DiffID; (digest, size, DiffID) of the blob.
+
+        A layer without a tar-split (see layerstore/README.md) is re-tarred from its entries:
+        the same tree, a new DiffID (the caller rewrites the config)."""
+        row = store.conn.execute("SELECT tarsplit FROM layers WHERE id = ?", (layer.id,)).fetchone()
+        exact = bool(row and row[0])
         tmp = self.dir / f".tmp-{secrets.token_hex(6)}"
         try:
             with open(tmp, "xb") as fh:
                 bw = BlobWriter(fh, compression)
-                for chunk in store.layer_tar(layer.id):
-                    bw.write(chunk)
+                if exact:
+                    for chunk in store.layer_tar(layer.id):
+                        bw.write(chunk)
+                else:
+                    retar_layer(store, layer.id, bw, warn)
                 bw.close()
-            if bw.diff_id != layer.diff_id:
+            if exact and bw.diff_id != layer.diff_id:
                 raise StoreError(
                     f"layer {layer.diff_id}: rebuilt tar has DiffID {bw.diff_id} (store damaged?)"
+                )
+            if not exact:
+                warn(
+                    f"layer {layer.diff_id} cannot be rebuilt byte for byte (no tar-split): "
+                    f"re-tarred as {bw.diff_id}; the exported image gets a new ID"
                 )
             os.replace(tmp, self.dir / bw.digest.removeprefix("sha256:"))
         finally:
             tmp.unlink(missing_ok=True)
-        return bw.digest, bw.size
+        return bw.digest, bw.size, bw.diff_id
+
+
+def _config_with(config: bytes, diff_ids: list[str]) -> bytes:
+    """`config` as is, or with new rootfs.diff_ids when a layer had to be re-tarred."""
+    cfg = json.loads(config)
+    if (cfg.get("rootfs") or {}).get("diff_ids") == diff_ids:
+        return config
+    cfg.setdefault("rootfs", {"type": "layers"})["diff_ids"] = diff_ids
+    return json.dumps(cfg, separators=(",", ":")).encode()
 
 
 def _default_ref(store: Store, ref: str, image: str) -> tuple[str | None, str | None]:
@@ -91,7 +117,9 @@ def _default_ref(store: Store, ref: str, image: str) -> tuple[str | None, str | 
     return repo, tag
 
 
-def _oci_layout(store: Store, image: str, root: Path, tag: str | None) -> dict[str, Any]:
+def _oci_layout(
+    store: Store, image: str, root: Path, tag: str | None, warn: Callable[[str], None]
+) -> dict[str, Any]:
     """Write the image's blobs into an OCI layout at `root`; its index.json gets the manifest
     (named `tag`, replacing an entry of the same name). Returns the manifest descriptor."""
     root.mkdir(parents=True, exist_ok=True)
@@ -102,12 +130,14 @@ def _oci_layout(store: Store, image: str, root: Path, tag: str | None) -> dict[s
     old = mobj.get("layers") or []
     same = mtype == OCI_MANIFEST and len(old) == len(layers)
     descs: list[dict[str, Any]] = []
+    diff_ids: list[str] = []
     for i, lay in enumerate(layers):
         prev = old[i] if i < len(old) and isinstance(old[i], dict) else {}
         # The image's own manifest says how it wants this layer; the store keeps one record
         # per DiffID (as first imported), which another image may have compressed otherwise.
         comp = compression_of(str(prev.get("mediaType") or lay.media_type))
-        digest, size = blobs.put_layer(store, lay, comp)
+        digest, size, diff_id = blobs.put_layer(store, lay, comp, warn)
+        diff_ids.append(diff_id)
         mt = LAYER_TYPES[comp]
         desc: dict[str, Any] = {"mediaType": mt, "digest": digest, "size": size}
         if isinstance(prev.get("annotations"), dict):
@@ -115,6 +145,9 @@ def _oci_layout(store: Store, image: str, root: Path, tag: str | None) -> dict[s
         descs.append(desc)
         if (prev.get("mediaType"), prev.get("digest"), prev.get("size")) != (mt, digest, size):
             same = False
+    new_config = _config_with(config, diff_ids)
+    same = same and new_config == config
+    config = new_config
     config_digest = blobs.put_bytes(config)
     if not same:
         new: dict[str, Any] = {
@@ -159,15 +192,19 @@ def _oci_layout(store: Store, image: str, root: Path, tag: str | None) -> dict[s
     return mdesc
 
 
-def _docker_dir(store: Store, image: str, root: Path, repo_tag: str | None) -> None:
+def _docker_dir(
+    store: Store, image: str, root: Path, repo_tag: str | None, warn: Callable[[str], None]
+) -> None:
     """A `docker save` tree (manifest.json, blobs/sha256/: config, uncompressed layers)."""
     blobs = _Blobs(root)
     config, _, _ = store.image_blobs(image)
-    config_digest = blobs.put_bytes(config)
     paths = []
+    diff_ids = []
     for lay in store.image_layers(image):
-        digest, _ = blobs.put_layer(store, lay, "none")
+        digest, _, diff_id = blobs.put_layer(store, lay, "none", warn)
+        diff_ids.append(diff_id)
         paths.append(f"blobs/sha256/{digest.removeprefix('sha256:')}")
+    config_digest = blobs.put_bytes(_config_with(config, diff_ids))
     entry = {
         "Config": f"blobs/sha256/{config_digest.removeprefix('sha256:')}",
         "RepoTags": [repo_tag] if repo_tag else [],
@@ -206,7 +243,9 @@ def _tar_tree(src: Path, out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def export_image(store: Store, ref: str, dest: str) -> str:
+def export_image(
+    store: Store, ref: str, dest: str, warn: Callable[[str], None] = lambda msg: None
+) -> str:
     """Write image `ref` to `dest` (see parse_dest); returns a description of what was written."""
     transport, path, given = parse_dest(dest)
     image = store.resolve(ref)
@@ -214,7 +253,7 @@ def export_image(store: Store, ref: str, dest: str) -> str:
     out = Path(path)
     if transport == "oci":
         name = given or tag or "latest"
-        _oci_layout(store, image, out, name)
+        _oci_layout(store, image, out, name, warn)
         return f"oci:{out}:{name}"
     if out.is_dir():
         raise StoreError(f"{out}: is a directory (an archive file is expected)")
@@ -222,7 +261,7 @@ def export_image(store: Store, ref: str, dest: str) -> str:
     try:
         if transport == "oci-archive":
             name = given or tag or "latest"
-            _oci_layout(store, image, work, name)
+            _oci_layout(store, image, work, name, warn)
             _tar_tree(work, out)
             return f"oci-archive:{out}:{name}"
         repo_tag: str | None = None
@@ -231,7 +270,7 @@ def export_image(store: Store, ref: str, dest: str) -> str:
         elif repo:
             repo_tag = f"{repo}:{tag}"
         work.mkdir()
-        _docker_dir(store, image, work, repo_tag)
+        _docker_dir(store, image, work, repo_tag, warn)
         _tar_tree(work, out)
         return f"docker-archive:{out}" + (f":{repo_tag}" if repo_tag else "")
     finally:

@@ -129,7 +129,10 @@ def cmd_commit(args: argparse.Namespace, store: Store) -> int:
 def cmd_export(args: argparse.Namespace, store: Store) -> int:
     from .export import export_image
 
-    dest = export_image(store, args.image, args.dest)
+    def warn(msg: str) -> None:
+        print(f"layerfs: warning: {msg}", file=sys.stderr)
+
+    dest = export_image(store, args.image, args.dest, warn)
     print(f"Exported {args.image} to {dest}", file=sys.stderr)
     return 0
 

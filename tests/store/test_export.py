@@ -101,3 +101,26 @@ def test_export_errors_are_one_line(tmp_path: Path) -> None:
         proc = layerfs(store, "export", *args)
         assert proc.returncode == 1, args
         assert proc.stderr.startswith("layerfs: ") and len(proc.stderr.splitlines()) == 1, args
+
+
+def test_a_layer_without_tar_split_is_re_tarred(tmp_path: Path) -> None:
+    # A path twice with different contents: the store keeps no tar-split for the layer.
+    first = [ob.d("d"), ob.f("d/x", b"first"), ob.f("d/x", b"second"), ob.f("h", b"h"),
+             ob.hard("h2", "h"), ob.f("gone", b"g")]  # fmt: skip
+    second = [ob.wh("gone"), ob.d("d"), ob.f("d/.wh..wh..opq"), ob.f("d/y", b"y")]
+    ob.write_oci(tmp_path / "src", ob.Img([ob.layer_tar(first), ob.layer_tar(second)], ref="v1"))
+    store = tmp_path / "store"
+    layerfs_ok(store, "import", f"oci:{tmp_path / 'src'}:v1", "--tag", "dup:1")
+    layerfs_ok(store, "unpack", "dup:1", str(tmp_path / "want"))
+    for i, dest in enumerate(
+        (f"oci:{tmp_path / 'out'}:v1", f"docker-archive:{tmp_path / 'd.tar'}")
+    ):
+        proc = layerfs_ok(store, "export", "dup:1", dest)
+        assert "no tar-split" in proc.stderr and "new ID" in proc.stderr
+        other = tmp_path / f"other{i}"
+        layerfs_ok(other, "import", dest, "--tag", "back:1")
+        layerfs_ok(other, "unpack", "back:1", str(tmp_path / f"got{i}"))
+        got = image_snapshot(tmp_path / f"got{i}")
+        assert compare(image_snapshot(tmp_path / "want"), got) == []
+        assert diff_ids(other, "back:1")[1] == diff_ids(store, "dup:1")[1]  # exact one kept
+        assert diff_ids(other, "back:1")[0] != diff_ids(store, "dup:1")[0]
