@@ -48,13 +48,16 @@ def cmd_push(args: argparse.Namespace, store: Store) -> int:
     from .registry import RegistryClient, load_credentials, parse_reference
     from .registry_push import push_image
 
+    if args.chunk_size is not None and args.chunk_size < 1:
+        raise StoreError("--chunk-size must be at least 1 (KiB)")
     ref = parse_reference(args.ref)
     progress = Progress(quiet=args.quiet)
     creds = load_credentials(ref.host)
     with RegistryClient(ref, insecure=args.insecure, credentials=creds) as client:
         client.actions = "pull,push"
         progress.line(f"The push refers to repository [{ref.name}]")
-        res = push_image(store, args.image, client, progress.line)
+        chunk = args.chunk_size * 1024 if args.chunk_size else None
+        res = push_image(store, args.image, client, progress.line, chunk)
     progress.line(f"{ref.tag}: digest: {res.digest} size: {res.size}")
     return 0
 
@@ -136,6 +139,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = verb("push", cmd_push, "push an image to a registry as [HOST[:PORT]/]REPO[:TAG]")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("ref", metavar="REF")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        metavar="KIB",
+        help="upload blobs in chunks of KIB KiB (default: each blob in one request)",
+    )
     p.add_argument(
         "--insecure",
         action="store_true",

@@ -5,7 +5,9 @@ from its tar-split (DiffID verified again) and compressed as the image's manifes
 config exactly as imported (the image ID does not change), the manifest as imported when
 every rebuilt blob matches it, else a new OCI manifest. They are staged in STORE/tmp (held
 under the store's shared lock, so gc waits; a killed push is cleaned by the next recovery),
-and each is uploaded monolithically (POST, then PUT ?digest=) unless a HEAD finds it.
+and each is uploaded unless a HEAD finds it or the registry mounts it from a repository the
+image was pulled from (same registry): monolithically (POST, PUT ?digest=) or, with a chunk
+size, in chunks (PATCH with Content-Range, then PUT ?digest=).
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import StoreError
-from .export import _oci_layout
+from .export import export_image
 from .registry import RegistryClient, RegistryError
+from .sources import REF_NAME
 from .store import Store
 
 
@@ -48,28 +51,67 @@ def blob_exists(client: RegistryClient, digest: str) -> bool:
     return True
 
 
-def upload_blob(client: RegistryClient, digest: str, path: Path) -> None:
-    """Monolithic upload: POST /blobs/uploads/, then PUT <location>?digest= with the bytes."""
+def try_mount(client: RegistryClient, digest: str, source_repo: str) -> bool:
+    """Cross-repository mount (POST ?mount=&from=): True when the registry linked the blob;
+    a registry that declines starts an upload instead, which is simply abandoned."""
     repo = client.ref.repo
+    resp = client.request(
+        "POST",
+        f"/v2/{repo}/blobs/uploads/?mount={digest}&from={source_repo}",
+        {"Content-Length": "0"},
+    )
+    resp.close()
+    return resp.status_code == 201
+
+
+def upload_blob(
+    client: RegistryClient, digest: str, path: Path, chunk_size: int | None = None
+) -> None:
+    """Monolithic upload (POST, then PUT <location>?digest= with the bytes), or with
+    `chunk_size` a chunked one (PATCH each chunk with its Content-Range, then PUT ?digest=)."""
+    repo = client.ref.repo
+    what = f"upload of {digest} to {client.ref.name}"
     resp = client.request("POST", f"/v2/{repo}/blobs/uploads/", {"Content-Length": "0"})
-    client.check(resp, f"upload of {digest} to {client.ref.name}")
+    client.check(resp, what)
     url = _location(client, resp.headers.get("Location", ""))
     resp.close()
-    url += ("&" if "?" in url else "?") + f"digest={digest}"
     size = path.stat().st_size
     with open(path, "rb") as fh:
+        if chunk_size is not None:
+            offset = 0
+            while offset < size:
+                data = fh.read(chunk_size)
+                end = offset + len(data) - 1
+                resp = client.request(
+                    "PATCH",
+                    url,
+                    {
+                        "Content-Type": "application/octet-stream",
+                        "Content-Length": str(len(data)),
+                        "Content-Range": f"{offset}-{end}",
+                    },
+                    content=lambda data=data: data,  # type: ignore[misc]
+                )
+                client.check(resp, what)
+                url = _location(client, resp.headers.get("Location", ""))
+                resp.close()
+                offset += len(data)
+            url += ("&" if "?" in url else "?") + f"digest={digest}"
+            resp = client.request("PUT", url, {"Content-Length": "0"}, content=lambda: b"")
+        else:
 
-        def body() -> IO[bytes]:
-            fh.seek(0)
-            return fh
+            def body() -> IO[bytes]:
+                fh.seek(0)
+                return fh
 
-        resp = client.request(
-            "PUT",
-            url,
-            {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
-            content=body,
-        )
-    client.check(resp, f"upload of {digest} to {client.ref.name}")
+            url += ("&" if "?" in url else "?") + f"digest={digest}"
+            resp = client.request(
+                "PUT",
+                url,
+                {"Content-Type": "application/octet-stream", "Content-Length": str(size)},
+                content=body,
+            )
+    client.check(resp, what)
     resp.close()
 
 
@@ -85,17 +127,45 @@ def put_manifest(client: RegistryClient, tag: str, body: bytes, media_type: str)
     return str(resp.headers.get("Docker-Content-Digest", ""))
 
 
+def _manifest_desc(root: Path, tag: str) -> dict[str, Any]:
+    """The descriptor named `tag` in the index.json of the layout export_image wrote."""
+    index = json.loads((root / "index.json").read_bytes())
+    for m in index.get("manifests") or []:
+        if (m.get("annotations") or {}).get(REF_NAME) == tag:
+            found: dict[str, Any] = m
+            return found
+    raise StoreError(f"export wrote no manifest named {tag!r}")
+
+
+def mount_sources(store: Store, image: str, client: RegistryClient) -> list[str]:
+    """Other repositories of the same registry the image was pulled from (its RepoDigests)."""
+    out = []
+    for name in store.image_info(image).repo_digests:
+        repo_name = name.split("@", 1)[0]
+        host, sep, repo = repo_name.partition("/")
+        if sep and host == client.ref.host and repo != client.ref.repo and repo not in out:
+            out.append(repo)
+    return out
+
+
 def push_image(
-    store: Store, image_ref: str, client: RegistryClient, say: Callable[[str], None]
+    store: Store,
+    image_ref: str,
+    client: RegistryClient,
+    say: Callable[[str], None],
+    chunk_size: int | None = None,
 ) -> PushResult:
     """Push `image_ref` from `store` to the client's repository under its tag."""
     ref = client.ref
     if ref.digest is not None or ref.tag is None:
         raise StoreError(f"push to {ref}: name a tag, not a digest")
     image = store.resolve(image_ref)
+    sources = mount_sources(store, image, client)
     with store.shared(), tempfile.TemporaryDirectory(prefix="push-", dir=store.tmp_dir) as tmp:
         root = Path(tmp)
-        mdesc = _oci_layout(store, image, root, ref.tag)
+        # The public export entry point (its private helpers are still changing).
+        export_image(store, image, f"oci:{root}:{ref.tag}")
+        mdesc = _manifest_desc(root, ref.tag)
         blobs = root / "blobs" / "sha256"
         manifest = (blobs / str(mdesc["digest"]).removeprefix("sha256:")).read_bytes()
         mobj: dict[str, Any] = json.loads(manifest)
@@ -109,7 +179,13 @@ def push_image(
                 if i:
                     say(f"{short}: Layer already exists")
                 continue
-            upload_blob(client, digest, blobs / digest.removeprefix("sha256:"))
+            mounted = next((src for src in sources if try_mount(client, digest, src)), None)
+            if mounted is not None:
+                existed += 1
+                if i:
+                    say(f"{short}: Mounted from {mounted}")
+                continue
+            upload_blob(client, digest, blobs / digest.removeprefix("sha256:"), chunk_size)
             pushed += 1
             if i:
                 say(f"{short}: Pushed")

@@ -434,3 +434,41 @@ def test_layers_download_in_parallel(pushed: Pushed, tmp_path: Path) -> None:
     assert p.stdout.count("Pull complete") == 2
     q = layerfs(tmp_path / "s2", "pull", f"{front}/par/img:v1", "--jobs", "0")
     one_error(q, "--jobs")
+
+
+def test_push_mounts_from_the_pulled_repo(pushed: Pushed, tmp_path: Path) -> None:
+    """An image pulled from src/ and pushed to dst/ of the same registry: its blobs (rebuilt
+    exactly as layerfs pushed them to src/) are mounted across repositories, not uploaded."""
+    reg = pushed.reg
+    layout = random_image(tmp_path / "img", "mount")
+    a, b = tmp_path / "a", tmp_path / "b"
+    layerfs_ok(a, "import", f"oci:{layout}:r", "--tag", "mnt:1")
+    first = layerfs_ok(a, "push", "mnt:1", reg.ref("src/mnt:v1"))
+    assert first.stdout.count("Pushed") == 2
+    layerfs_ok(b, "pull", reg.ref("src/mnt:v1"))
+    p = layerfs_ok(b, "push", reg.ref("src/mnt:v1"), reg.ref("dst/mnt:v1"))
+    assert p.stdout.count("Mounted from src/mnt") == 2, p.stdout
+    assert "Pushed" not in p.stdout
+    c = tmp_path / "c"
+    layerfs_ok(c, "pull", reg.ref("dst/mnt:v1"))
+    assert inspect(c, reg.ref("dst/mnt:v1"))["Id"] == inspect(a, "mnt:1")["Id"]
+
+
+def test_chunked_push(pushed: Pushed, tmp_path: Path) -> None:
+    reg = pushed.reg
+    layout = random_image(tmp_path / "img", "chunked")
+    store = tmp_path / "s"
+    layerfs_ok(store, "import", f"oci:{layout}:r", "--tag", "chunky:1")
+    patches = "".join(reg.log).count("http.request.method=PATCH")
+    p = layerfs_ok(store, "push", "chunky:1", reg.ref("chunked/img:v1"), "--chunk-size", "64")
+    assert p.stdout.count("Pushed") == 2
+    # two ~200 kB blobs in 64 KiB chunks: at least 4 PATCH requests each
+    assert "".join(reg.log).count("http.request.method=PATCH") - patches >= 8
+    layerfs_ok(tmp_path / "s2", "pull", reg.ref("chunked/img:v1"))
+    assert (
+        inspect(tmp_path / "s2", reg.ref("chunked/img:v1"))["Id"]
+        == inspect(store, "chunky:1")["Id"]
+    )
+    one_error(
+        layerfs(store, "push", "chunky:1", reg.ref("chunked/img:v2"), "--chunk-size", "0"), "chunk"
+    )
