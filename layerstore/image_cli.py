@@ -54,8 +54,12 @@ def resolve_target(store: Store, target: str) -> tuple[Path, str]:
         for p in {os.path.abspath(target), os.path.realpath(target)}:
             key = hashlib.sha256(p.encode("utf-8", "surrogateescape")).hexdigest()
             rec = _read_json(store.root / "mounts" / f"{key}.json")
-            if rec is not None and rec.get("upper") and rec.get("image"):
-                return Path(str(rec["upper"])), str(rec["image"])
+            if rec is not None and rec.get("image"):
+                if rec.get("upper"):
+                    return Path(str(rec["upper"])), str(rec["image"])
+                if rec.get("name"):  # a read-only mount of a container: its upper
+                    return store.root / "containers" / str(rec["name"]) / "upper", str(rec["image"])
+                raise StoreError(f"{target}: a read-only mount with no upper: nothing changed")
     if "/" not in target and target not in ("", ".", ".."):
         cdir = store.root / "containers" / target
         cfg = _read_json(cdir / "config.json")

@@ -175,8 +175,12 @@ def test_commit_a_named_container_of_layerfs_mount(
     assert by_name == by_mountpoint
     assert "A /newhome/opq/added" in by_name.splitlines()
     layerfs_ok(store, "commit", "c1", NEW, "-m", "from a container")
+    with image_mount(store, "base/app:1", mnt, "--name", "c1", "--ro"):
+        assert layerfs_ok(store, "diff", str(mnt)).stdout == by_name
     with image_mount(store, NEW, mnt, "--ro"):
         assert compare(expected, image_snapshot(mnt)) == []
+        nothing = layerfs(store, "diff", str(mnt))
+        assert nothing.returncode == 1 and "read-only mount" in nothing.stderr
     bad = layerfs(store, "commit", "no-such-container", "x:1")
     assert bad.returncode == 1
     assert bad.stderr.startswith("layerfs: ") and len(bad.stderr.splitlines()) == 1
