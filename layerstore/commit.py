@@ -220,8 +220,32 @@ class Walker:
 
     def walk(self) -> list[Item]:
         self.items = []
+        st = os.lstat(self.upper)
+        if self._root_changed(st):
+            self.items.append(Item(b"/", "upper", self.upper, st))
         self._diff(b"/", self.upper, self.view.root)
         return self.items
+
+    def _root_changed(self, st: os.stat_result) -> bool:
+        """True if the mount's root (the upper root's attributes, as overlayfs shows them)
+        differs from the image's root in mode, owner or xattrs."""
+        root = None
+        for lid in self.view.root.layers:
+            e = self.view.store.layer_lookup(lid, b"", b"")
+            if e is not None and not e.implicit:
+                root = e
+                break
+        xattrs: tuple[tuple[bytes, bytes], ...] = ()
+        mode, uid, gid = 0o755, 0, 0
+        if root is not None:
+            mode, uid, gid, xattrs = root.mode, root.uid, root.gid, root.xattrs
+        ours = (
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+            tuple(sorted(_upper_xattrs(self.upper))),
+        )
+        return ours != (mode, uid, gid, tuple(sorted(xattrs)))
 
     def _redirected(self, parent: LowerDir | None, redirect: bytes) -> LowerDir | None:
         if redirect.startswith(b"/"):
@@ -295,6 +319,8 @@ def diff_lines(view: LowerView, items: list[Item]) -> list[tuple[str, bytes]]:
     out: dict[bytes, str] = {}
     emitted = {it.path for it in items if it.op in ("upper", "lower")}
     for it in items:
+        if it.path == b"/":
+            continue  # the root's own attributes: docker diff never lists it
         if it.op == "whiteout":
             out[it.path] = "D"
         elif it.op == "opaque":
@@ -313,7 +339,7 @@ def diff_lines(view: LowerView, items: list[Item]) -> list[tuple[str, bytes]]:
 
 
 def _name(path: bytes) -> str:
-    return os.fsdecode(path.lstrip(b"/"))
+    return os.fsdecode(path.lstrip(b"/")) if path != b"/" else "."
 
 
 def _pax_xattrs(xattrs: list[tuple[bytes, bytes]]) -> dict[str, str]:

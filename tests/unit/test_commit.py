@@ -17,6 +17,7 @@ from layerstore.commit import commit_upper, iter_diff
 from layerstore.ingest import import_source
 from layerstore.sources import source_images
 from layerstore.store import Store
+from layerstore.unpack import unpack
 from tests.conftest import require_root
 
 IMAGE = "t/small:1"
@@ -138,3 +139,20 @@ def test_names_only_in_the_upper_get_no_whiteouts(store: Store, tmp_path: Path) 
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         assert tar.getnames() == ["newdir", "newdir/sub", "newdir/sub/f"]
     assert res.image is not None
+
+
+def test_the_roots_attributes_are_committed_when_changed(store: Store, tmp_path: Path) -> None:
+    up = tmp_path / "up"
+    up.mkdir()
+    up.chmod(0o755)
+    res = commit_upper(store, up, IMAGE, "same:1")
+    assert res.image is None  # the same attributes as the image's root: nothing to commit
+    up.chmod(0o700)
+    assert list(iter_diff(store, up, IMAGE)) == []  # docker diff never lists the root
+    commit_upper(store, up, IMAGE, "root:1")
+    data = b"".join(store.layer_tar(store.image_layers("root:1")[-1].id))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        [member] = tar.getmembers()
+    assert member.name in (".", "./") and member.isdir() and member.mode == 0o700
+    unpack(store, "root:1", tmp_path / "out", lambda msg: None)
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o700
