@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
+
 REGISTRY = "/usr/bin/docker-registry"
 START_TIMEOUT = 20.0
 
@@ -85,6 +87,7 @@ def running_registry(work: Path, htpasswd: Path | None = None) -> Iterator[Regis
     """Start `docker-registry serve` on a free port with storage and config under `work`;
     wait until it logs that it listens; always stop it (by its pid) on the way out."""
     require_registry()
+    require_tool("skopeo")  # every user pushes its images with it
     work.mkdir(parents=True, exist_ok=True)
     storage = work / "storage"
     storage.mkdir(exist_ok=True)

@@ -44,12 +44,10 @@ CASES = {
     "docker/app": ("app", "docker-archive", (), None),
     "zstd/app": ("app", "oci-zstd", (), None),
     "multi/index-arm64": ("buildah_index", "oci", ("--all",), "linux/arm64"),
-    "multi/index-amd64": ("buildah_index", "oci", ("--all",), "linux/amd64"),
 }
 # The image each case must equal when imported from its archive.
 EXPECT = {
     "multi/index-arm64": ("buildah_arm64", "oci"),
-    "multi/index-amd64": ("buildah_amd64", "oci"),
 }
 
 
@@ -115,7 +113,6 @@ def test_pull_equals_archive_import(pushed: Pushed, repo: str, tmp_path: Path) -
     layerfs_ok(tmp_path / "pulled", "unpack", ref, str(tmp_path / "t1"))
     layerfs_ok(tmp_path / "imported", "unpack", "from/archive:v1", str(tmp_path / "t2"))
     assert compare(image_snapshot(tmp_path / "t1"), image_snapshot(tmp_path / "t2"), ()) == []
-    assert layerfs_ok(tmp_path / "pulled", "fsck").returncode == 0
 
 
 def test_zstd_layers_stay_zstd_in_the_registry(pushed: Pushed) -> None:
@@ -144,7 +141,9 @@ def test_pull_by_digest_reuses_layers(pushed: Pushed, tmp_path: Path) -> None:
     assert by_digest["Id"] == inspect(store, reg.ref("oci/app:v1"))["Id"]
 
 
-def test_pull_index_by_digest_picks_platform(pushed: Pushed, tmp_path: Path) -> None:
+def test_pull_index_by_digest_picks_platform(
+    pushed: Pushed, built_images: BuiltImages, tmp_path: Path
+) -> None:
     reg = pushed.reg
     index = manifest_json(reg, "multi/index-arm64", "v1")
     assert {m["platform"]["architecture"] for m in index["manifests"]} == {"amd64", "arm64"}
@@ -163,6 +162,9 @@ def test_pull_index_by_digest_picks_platform(pushed: Pushed, tmp_path: Path) -> 
     arm = inspect(tmp_path / "s", reg.ref("multi/index-arm64:v1"))
     amd = inspect(tmp_path / "s2", f"{reg.ref('multi/index-arm64')}@{digest}")
     assert (arm["Architecture"], amd["Architecture"]) == ("arm64", "amd64")
+    layerfs_ok(tmp_path / "s2", "import", built_images.buildah_amd64.source, "-t", "amd:1")
+    want = inspect(tmp_path / "s2", "amd:1")
+    assert (amd["Id"], amd["RootFS"]) == (want["Id"], want["RootFS"])
     r = layerfs(
         tmp_path / "s3", "pull", reg.ref("multi/index-arm64:v1"), "--platform", "linux/s390x"
     )
@@ -219,6 +221,15 @@ def test_connection_refused(tmp_path: Path) -> None:
         pass  # started and stopped: nothing listens on its port now
     before = fingerprint(store)
     one_error(layerfs(store, "pull", reg.ref("oci/app:v1")), "refused")
+    assert fingerprint(store) == before
+
+
+def test_unknown_host(tmp_path: Path) -> None:
+    store = seeded_store(tmp_path)
+    before = fingerprint(store)
+    # .invalid never resolves (RFC 2606); --insecure: no TLS needed to get that far
+    p = layerfs(store, "pull", "no-such-host.invalid/x/y:1", "--insecure")
+    one_error(p, "no-such-host.invalid")
     assert fingerprint(store) == before
 
 
