@@ -1,10 +1,13 @@
 """Pull from an OCI distribution registry (HTTP API v2): references, auth, manifests, blobs.
 
-The registry is one more image source: `registry_images()` fetches and verifies the manifest
+The registry is one more image source: `registry_image()` fetches and verifies the manifest
 (following an image index to one platform) and the config, and returns a `SourceImage` whose
 `LayerRef.opener`s stream each blob from the registry. `ingest.import_source` then verifies
 every blob digest and DiffID while streaming and commits all layers in one transaction, so a
 failed pull leaves the store as it was; layers the store already has are never requested.
+`registry_fetch.Prefetcher` downloads the missing blobs in parallel ahead of the importer;
+`registry_push` pushes. Auth: anonymous, basic (credentials from the auth file) and the
+bearer-token challenge; a broken blob download is resumed with a Range request.
 """
 
 from __future__ import annotations
@@ -518,7 +521,7 @@ class _BlobStream(io.RawIOBase):
 
 @dataclass
 class Pulled:
-    """What `registry_images` resolved: the image and the digest the reference named."""
+    """What `registry_image` resolved: the image and the digest the reference named."""
 
     image: SourceImage
     digest: str  # digest of the manifest or index the reference resolved to
