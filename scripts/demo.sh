@@ -8,10 +8,12 @@ export LAYERFS_STORE=$work/store
 mnt=$work/mnt
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$ %s\n' "$*"; "$@"; }
+run() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
 
 cleanup() {
-    if mountpoint -q "$mnt" 2>/dev/null; then "$LAYERFS" umount "$mnt" 2>/dev/null || umount "$mnt" || true; fi
+    if mountpoint -q "$mnt" 2>/dev/null; then
+        "$LAYERFS" umount "$mnt" 2>/dev/null || umount "$mnt" || true
+    fi
 }
 trap cleanup EXIT
 
@@ -28,35 +30,38 @@ run "$LAYERFS" images
 run "$LAYERFS" layers sample:latest
 run "$LAYERFS" history sample:latest
 
-if "$LAYERFS" mount --help >/dev/null 2>&1; then
-    step "Mount the image with a writable upper"
-    run "$LAYERFS" mount sample:latest "$mnt" --name demo
-    run ls -l "$mnt" "$mnt/srv/www"
-    run cat "$mnt/etc/motd"
-    step "Write to it: copy-up, a new file, a deletion"
-    echo "changed in the mount" >>"$mnt/etc/motd"
-    echo "new" >"$mnt/srv/www/new.html"
-    rm "$mnt/srv/www/robots.txt"
-    run cat "$mnt/etc/motd"
-    run "$LAYERFS" diff "$mnt"
-    run "$LAYERFS" umount "$mnt"
-else
-    step "Unpack the image and stack a writable upper over it with layerfs overlay"
-    run "$LAYERFS" unpack sample:latest "$work/rootfs"
-    mkdir -p "$work/upper" "$work/work"
-    run "$LAYERFS" overlay -o "lowerdir=$work/rootfs,upperdir=$work/upper,workdir=$work/work" "$mnt"
-    run ls -l "$mnt" "$mnt/srv/www"
-    step "Write to it: copy-up of /etc/motd, a new file, a deletion (whiteout)"
-    echo "changed in the mount" >>"$mnt/etc/motd"
-    echo "new" >"$mnt/srv/www/new.html"
-    rm "$mnt/srv/www/robots.txt"
-    run cat "$mnt/etc/motd"
-    run ls -l "$mnt/srv/www"
-    step "The upper holds only the changes, in overlayfs' own format"
-    run find "$work/upper" -printf '%M %p\n'
-    run umount "$mnt"
-    step "The image itself is untouched"
-    run cat "$work/rootfs/etc/motd"
-fi
+step "Mount the image: its layers from the store under a writable upper named 'demo'"
+run "$LAYERFS" mount sample:latest "$mnt" --name demo
+run "$LAYERFS" ps
+run ls -l "$mnt" "$mnt/srv/www"
+run cat "$mnt/etc/motd"
+run "$LAYERFS" which sample:latest /srv/www/index.html
+
+step "Write to it: copy-up of /etc/motd, a new file, a deletion (whiteout)"
+printf '$ echo "changed in the mount" >> %s\n' "$mnt/etc/motd"
+echo "changed in the mount" >>"$mnt/etc/motd"
+printf '$ echo new > %s\n' "$mnt/srv/www/new.html"
+echo "new" >"$mnt/srv/www/new.html"
+run rm "$mnt/srv/www/robots.txt"
+run cat "$mnt/etc/motd"
+run "$LAYERFS" diff demo
+
+step "The upper holds only the changes, in overlayfs' own format"
+run find "$LAYERFS_STORE/containers/demo/upper" -printf '%M %p\n'
+
+step "Commit the changes as a new layer and image, then unmount"
+run "$LAYERFS" commit demo sample:changed -m "demo changes"
+run "$LAYERFS" umount "$mnt"
+run "$LAYERFS" history sample:changed
+
+step "Mount the committed image read-only: the changes are in it"
+run "$LAYERFS" mount sample:changed "$mnt" --ro
+run ls -l "$mnt/srv/www"
+run cat "$mnt/etc/motd"
+run "$LAYERFS" umount "$mnt"
+
+step "Export it as an OCI archive that skopeo and umoci read"
+run "$LAYERFS" export sample:changed "oci-archive:$work/sample-changed.tar:changed"
+run skopeo inspect "oci-archive:$work/sample-changed.tar:changed" --format '{{.Digest}} {{len .Layers}} layers'
 echo
 echo "demo finished; everything is under $work"
