@@ -8,7 +8,14 @@ export LAYERFS_STORE=$work/store
 mnt=$work/mnt
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-run() { printf '$'; printf ' %q' "$@"; printf '\n'; "$@"; }
+run() {
+    local out="\$" a
+    for a in "$@"; do
+        if [[ $a =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=" $a"; else out+=" '$a'"; fi
+    done
+    printf '%s\n' "$out"
+    "$@"
+}
 
 cleanup() {
     if mountpoint -q "$mnt" 2>/dev/null; then
