@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import random
 import re
 import subprocess
@@ -483,3 +484,23 @@ def test_chunked_push(pushed: Pushed, tmp_path: Path) -> None:
     one_error(
         layerfs(store, "push", "chunky:1", reg.ref("chunked/img:v2"), "--chunk-size", "0"), "chunk"
     )
+
+
+def test_kill_9_mid_pull_then_recovery(pushed: Pushed, tmp_path: Path) -> None:
+    """A pull killed (-9) after its first layer was staged, while the second may still be
+    downloading into its spool: the next open cleans STORE/tmp, fsck passes, and the pull
+    then completes."""
+    layout = random_image(tmp_path / "img", "killed")
+    pushed.reg.push(f"oci:{layout}:r", "kill/img:v1")
+    store = seeded_store(tmp_path)
+    ref = pushed.reg.ref("kill/img:v1")
+    env = {**os.environ, "LAYERFS_TEST_CRASH": "layer-staged"}
+    cmd = [*LAYERFS, "pull", "--store", str(store), ref]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=120)
+    assert p.returncode == -9, p.stderr
+    assert list((store / "tmp").iterdir()) != []  # staging and spool left behind
+    assert layerfs_ok(store, "fsck", "--full").returncode == 0
+    assert list((store / "tmp").iterdir()) == []
+    assert layerfs(store, "inspect", ref).returncode != 0
+    layerfs_ok(store, "pull", ref)
+    assert layerfs_ok(store, "fsck", "--full").returncode == 0
