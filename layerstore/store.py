@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import xxhash
 
+from . import containers
 from .errors import ImageNotFound, StoreError
 from .index import ENTRY_COLS, SCHEMA_VERSION, connect, entry_from_row, schema_sql, user_version
 from .model import Entry, EntryKind, ImageInfo, LayerInfo
@@ -496,6 +497,20 @@ class Store:
                     f"Untagged: {r[0]}"
                     for r in c.execute("SELECT name FROM repo_digests WHERE image = ?", (image,))
                 ]
+                # A container (named upper) pins its image: deleting the image would let gc
+                # take the layers its upper sits on. As docker does, refuse; --force only
+                # untags, keeping the image (by ID) for its containers.
+                users = [k.name for k in containers.all_containers(self.root) if k.image == image]
+                if users:
+                    if not force:
+                        raise StoreError(
+                            f"image {image[7:19]} is used by container(s) {', '.join(users)}: "
+                            "remove them first, or use --force to untag only"
+                        )
+                    for table in ("tags", "repo_digests"):
+                        c.execute(f"DELETE FROM {table} WHERE image = ?", (image,))
+                    c.execute("COMMIT")
+                    return out
                 for table in ("tags", "repo_digests", "image_layers"):
                     c.execute(f"DELETE FROM {table} WHERE image = ?", (image,))
                 c.execute("DELETE FROM images WHERE id = ?", (image,))
