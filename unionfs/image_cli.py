@@ -357,6 +357,26 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rm(args: argparse.Namespace) -> int:
+    """Remove named uppers (containers) and their changes; a mounted one is refused."""
+    root = _store_root(args)
+    status = 0
+    for name in args.names:
+        try:
+            if containers.load(root, name) is None:
+                raise CliError(f"no such container: {name}")
+            rec = containers.find_mounted(root, name)
+            if rec is not None:
+                raise CliError(f"container {name} is mounted at {rec.mountpoint}: umount it first")
+            containers.remove(root, name)
+        except (CliError, StoreError) as exc:
+            print(f"layerfs: {exc}", file=sys.stderr)
+            status = 1
+            continue
+        print(name)
+    return status
+
+
 def _status(rec: MountRecord) -> str:
     alive = containers.pid_alive(rec.pid)
     mounted = containers.is_mount_point(rec.mountpoint)
@@ -491,6 +511,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--json", action="store_true", help="JSON output")
     store_opt(p)
     p.set_defaults(func=cmd_ps)
+
+    p = subparsers.add_parser("rm", help="remove named uppers (containers) and their changes")
+    p.add_argument("names", metavar="NAME", nargs="+")
+    store_opt(p)
+    p.set_defaults(func=cmd_rm)
 
     p = subparsers.add_parser("which", help="the layer providing a path, and those it shadows")
     p.add_argument("image", metavar="IMAGE")

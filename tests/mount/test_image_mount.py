@@ -260,3 +260,17 @@ def test_which_names_the_layer_and_what_it_shadows(store: Path) -> None:
     out = layerfs_ok(store, "which", "t/app", "bin/busybox").stdout.splitlines()
     assert len(out) == 1 and out[0].startswith(layers[0])
     _one_line_error(layerfs(store, "which", "t/app", "data/gone.txt"), "not in image")
+
+
+def test_rm_removes_a_container_but_not_a_mounted_one(store: Path, tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    with image_mount(store, "t/base", mnt, "--name", "gone-soon"):
+        (mnt / "root" / "note").write_bytes(b"n")
+        busy = layerfs(store, "rm", "gone-soon")
+        assert busy.returncode != 0 and busy.stderr.count("\n") == 1
+        assert "umount it first" in busy.stderr
+        assert (store / "containers" / "gone-soon" / "upper" / "root" / "note").exists()
+    assert layerfs_ok(store, "rm", "gone-soon").stdout == "gone-soon\n"
+    assert not (store / "containers" / "gone-soon").exists()
+    missing = layerfs(store, "rm", "gone-soon")
+    assert missing.returncode != 0 and "no such container" in missing.stderr
