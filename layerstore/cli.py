@@ -315,7 +315,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = verb("rmi", cmd_rmi, "remove image names (the image with its last name); gc frees space")
     p.add_argument("image", nargs="+")
-    p.add_argument("--force", "-f", action="store_true", help="remove even if several tags; untag only if a container uses it")
+    p.add_argument(
+        "--force",
+        "-f",
+        action="store_true",
+        help="remove even if several tags; untag only if a container uses it",
+    )
 
     p = verb("layers", cmd_layers, "list layers (all, or one image's, bottom first)")
     p.add_argument("image", nargs="?")
