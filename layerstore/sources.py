@@ -91,7 +91,8 @@ def sha256_digest(data: bytes) -> str:
 def _json(data: bytes, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: hostile nesting ([[[[...) deeper than the parser's stack
         raise SourceError(f"{what}: invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise SourceError(f"{what}: expected a JSON object")
@@ -365,7 +366,7 @@ class DockerArchiveSource:
         raw = self.files.read("manifest.json", f"{self.label}: manifest.json")
         try:
             entries = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise SourceError(f"{self.label}: manifest.json: invalid JSON: {exc}") from None
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise SourceError(f"{self.label}: manifest.json: expected a list of objects")

@@ -67,6 +67,9 @@ ID_LIMIT = 1 << 32  # uid/gid/device numbers are 32-bit on Linux (-1 means "unch
 
 # tarfile reads a PAX or GNU long-name header's whole body into memory: bound it.
 MAX_META = 16 << 20
+# A sparse member declares its expanded size; the store keeps contents expanded, so a few bytes
+# of tar could otherwise make it hash and write a terabyte of zeros: bound it.
+MAX_SPARSE = 1 << 30
 _META_TYPES = (
     tarfile.XHDTYPE,
     tarfile.XGLTYPE,
@@ -183,6 +186,10 @@ def _convert(
         yield Entry(parent, name, kind, mode, ti.uid, ti.gid, 0, mtime, link=target), None
         return
     if kind == EntryKind.FILE:
+        if ti.sparse is not None and ti.size > MAX_SPARSE:
+            raise LayerError(
+                f"entry {show(raw)}: sparse file of {ti.size} bytes (the limit is {MAX_SPARSE})"
+            )
         fobj = tf.extractfile(ti)
         if on_data is not None and ti.size > 0 and ti.sparse is None:
             on_data(ti.offset_data, ti.size)
