@@ -184,6 +184,12 @@ def _read_blob(files: _Files, desc: dict[str, Any], what: str) -> bytes:
     return data
 
 
+def _annotations(desc: dict[str, Any]) -> dict[str, Any]:
+    """A descriptor's annotations; a hostile non-object value counts as none."""
+    ann = desc.get("annotations")
+    return ann if isinstance(ann, dict) else {}
+
+
 def _platform_of(desc: dict[str, Any]) -> tuple[str, str, str | None] | None:
     p = desc.get("platform")
     if not isinstance(p, dict):
@@ -241,7 +247,7 @@ class OciSource:
         if not isinstance(descs, list) or not all(isinstance(d, dict) for d in descs):
             raise SourceError(f"{self.label}: index.json: 'manifests' is not a list of objects")
         if self.ref is not None:
-            descs = [d for d in descs if (d.get("annotations") or {}).get(REF_NAME) == self.ref]
+            descs = [d for d in descs if _annotations(d).get(REF_NAME) == self.ref]
             if not descs:
                 raise SourceError(f"{self.label}: no image named {self.ref!r} in index.json")
         if not descs:
@@ -254,7 +260,7 @@ class OciSource:
         out = []
         for group in groups:
             desc = group[0] if len(group) == 1 else _pick_platform(group, want, self.label)
-            name = self._name(group[0].get("annotations") or {})
+            name = self._name(_annotations(group[0]))
             names = [name] if name else []
             out.append(self._resolve(desc, want, names, depth=0))
         return out
@@ -372,7 +378,8 @@ class DockerArchiveSource:
             raise SourceError(f"{self.label}: manifest.json: expected a list of objects")
         chosen: list[tuple[dict[str, Any], list[str]]] = []
         for i, e in enumerate(entries):
-            tags = [t for t in (e.get("RepoTags") or []) if isinstance(t, str)]
+            rtags = e.get("RepoTags")
+            tags = [t for t in rtags if isinstance(t, str)] if isinstance(rtags, list) else []
             if self.ref is None:
                 chosen.append((e, tags))
             elif self.ref.startswith("@"):

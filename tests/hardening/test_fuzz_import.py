@@ -25,10 +25,23 @@ from hypothesis import strategies as st
 from layerstore.errors import StoreError
 from layerstore.ingest import import_source
 from layerstore.model import EntryKind
-from layerstore.ocibuild import LAYER_MT, M, compress, d, f, hard, layer_tar, sym, wh
+from layerstore.ocibuild import (
+    LAYER_MT,
+    Img,
+    M,
+    compress,
+    d,
+    f,
+    hard,
+    layer_tar,
+    sym,
+    wh,
+    write_docker_archive,
+)
 from layerstore.sources import source_images
 from layerstore.store import Store
 from layerstore.unpack import unpack
+from tests.store.test_import import cli
 
 STRESS = bool(os.environ.get("LAYERFS_STRESS"))
 BOMB = 200_000 if STRESS else 20_000  # repeated JSON items in the count bombs
@@ -574,3 +587,37 @@ def test_huge_counts_in_json(what: str) -> None:
     assert peak < 512 << 20, f"peak {peak} bytes"
     if what in ("diff_ids", "layers", "desc-size", "deep-nesting"):
         assert not ok and err
+
+
+# --- regressions found by the fuzzer (fixed in layerstore/sources.py) ----------------------
+
+
+@pytest.mark.parametrize("value", [True, 3, "x", ["a"]])
+def test_index_annotations_not_an_object(value: object) -> None:
+    """Found by the fuzzer: `annotations: true` in index.json raised AttributeError."""
+    s = Src([TOP], ["gzip"])
+    s.build_manifest()
+    s.build_index()
+    s.index["manifests"][0]["annotations"] = value
+    ok, err = attempt(s)
+    assert ok, err
+
+
+@pytest.mark.parametrize("value", [7, True, {"a": 1}])
+def test_docker_archive_repotags_not_a_list(tmp_path: Path, value: object) -> None:
+    """`RepoTags: 7` in a docker-archive's manifest.json raised TypeError."""
+    arch = tmp_path / "d.tar"
+    write_docker_archive(arch, [(Img([TOP]), ["fz:1"])], new_style=True)
+    with tarfile.open(arch) as tf:
+        members = [(ti, tf.extractfile(ti)) for ti in tf.getmembers()]
+        files = {ti.name: (ti, fo.read() if fo else b"") for ti, fo in members}
+    man = json.loads(files["manifest.json"][1])
+    man[0]["RepoTags"] = value
+    files["manifest.json"] = (files["manifest.json"][0], json.dumps(man).encode())
+    with tarfile.open(arch, "w") as tf:
+        for ti, data in files.values():
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    # Through the CLI: an archive source keeps its tar open until exit (no close API yet).
+    p = cli(tmp_path / "store", "import", f"docker-archive:{arch}", check=False)
+    assert p.returncode == 0 and not p.stderr.strip(), p.stderr
