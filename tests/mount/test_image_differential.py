@@ -111,12 +111,6 @@ def test_scenario_on_a_mounted_image(app_store: Path, tmp_path: Path) -> None:
     assert run_both(app_store, SCENARIO, tmp_path) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug (unionfs/core/copyup.py, reported): copy-up chowns after copying "
-    "xattrs, which drops security.capability; the kernel's kill-priv removexattr on "
-    "truncate then gets ENODATA",
-)
 def test_truncate_of_a_file_with_capabilities(app_store: Path, tmp_path: Path) -> None:
     assert run_both(app_store, [Op("truncate", (b"usr/bin/ping", 0))], tmp_path) == []
 

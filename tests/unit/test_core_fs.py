@@ -303,3 +303,23 @@ def test_one_directory_in_two_places_keeps_the_tree_a_tree(stack: Stack) -> None
     assert (stack.upper / "a" / "sub" / "new").is_dir()
     assert names(fs, b"a/sub") == [b"new"]
     assert walk(fs, b"a") == outer and walk(fs, b"a/sub") == inner
+
+
+def test_open_after_the_name_is_gone(stack: Stack) -> None:
+    """The kernel may open an inode whose name was unlinked since its lookup: never open
+    what the name leads to now (a whiteout: ENXIO, or another file)."""
+    (stack.lowers[0] / "f").write_bytes(b"low")
+    fs = stack.mount()
+    ino = walk(fs, b"f")
+    write(fs, b"f", b"up!")
+    held, _ = fs.open(ino, os.O_RDONLY)
+    fs.unlink(ROOT_INO, b"f")
+    fh, _ = fs.open(ino, os.O_RDONLY)
+    assert os.pread(fs.read_fd(fh), 10, 0) == b"up!"
+    fs.release(fh)
+    fs.release(held)
+    assert errno_of(fs.open, ino, os.O_RDONLY) == errno.ENOENT
+    with pytest.raises(FsError) as info:
+        fs.setattr(ino, mode=0o600)
+    assert info.value.errno == errno.ENOENT
+    assert errno_of(fs.getxattr, ino, b"user.x") == errno.ENOENT

@@ -90,10 +90,12 @@ def copy_up(
             os.symlink(src.readlink(src_path), tmp, dir_fd=wfd)
         else:
             os.mknod(tmp, st.mode, st.rdev, dir_fd=wfd)
-        copy_xattrs(src, src_path, upper, wfd, tmp)
-        upper.set_origin(wfd, tmp, origin)
+        # Owner first (chown clears set-id bits and security.capability), then xattrs
+        # (user.* needs write permission without privileges), then the mode.
         with contextlib.suppress(PermissionError):  # rootless: files belong to us
             os.chown(tmp, st.uid, st.gid, dir_fd=wfd, follow_symlinks=False)
+        copy_xattrs(src, src_path, upper, wfd, tmp)
+        upper.set_origin(wfd, tmp, origin)
         if kind is not Kind.SYMLINK:
             os.chmod(tmp, stat.S_IMODE(st.mode), dir_fd=wfd)
         os.utime(tmp, ns=(st.atime_ns, st.mtime_ns), dir_fd=wfd, follow_symlinks=False)

@@ -188,6 +188,9 @@ class UnionFS:
         upper = self._writable()
         if node.parent is None:
             return upper.root_fd, b""
+        if node.unlinked:
+            # Its name is gone (a whiteout or another object may be there now).
+            raise FsError(errno.ENOENT)
         return upper.path_fd(node.path())
 
     def _loc_path(self, node: Node) -> bytes:
@@ -732,6 +735,18 @@ class UnionFS:
             raise FsError(errno.EISDIR)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         hflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_NOCTTY)) | os.O_CLOEXEC
+        if node.unlinked:
+            # Opened by a name that is gone since the lookup: reopen the object through
+            # an open handle if there is one; no name leads to it any more.
+            fd0 = self.handles.any_fd(node)
+            if fd0 is None:
+                raise FsError(errno.ENOENT)
+            if writing and not self.handles.any_upper(node):
+                raise FsError(errno.ENOENT)
+            fd = os.open(b"/proc/self/fd/%d" % fd0, hflags & ~os.O_TRUNC)
+            node.opens += 1
+            h = FileHandle(fd, node, self.handles.any_upper(node), flags)
+            return self.handles.add_file(h), False
         if writing:
             self._writable()
             self.ensure_upper(node, with_data=not flags & os.O_TRUNC)

@@ -73,6 +73,9 @@ class HandleTable:
                 return h.fd
         return None
 
+    def any_upper(self, node: Node) -> bool:
+        return any(h.node is node and h.upper for h in self.files.values())
+
     def close_all(self) -> None:
         for h in self.files.values():
             for fd in (h.fd, *h.stale):
