@@ -403,7 +403,7 @@ def test_unbent_source_imports() -> None:
 
 @settings(
     deadline=None,
-    max_examples=2000 if STRESS else 120,
+    max_examples=5000 if STRESS else 300,
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(source())

@@ -187,7 +187,7 @@ def run_random_io(tmp: Path, seed: int, steps: int) -> list[str]:
 @pytest.mark.mount
 @pytest.mark.parametrize("seed", [1, 2])
 def test_random_io_matches_model(tmp_path: Path, seed: int) -> None:
-    run_random_io(tmp_path, seed, 3000 if STRESS else 400)
+    run_random_io(tmp_path, seed, 3000 if STRESS else 1000)
 
 
 @pytest.mark.mount
