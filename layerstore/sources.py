@@ -135,15 +135,22 @@ class _Files:
                 self._members[name] = ti
         tf.members = []  # type: ignore[attr-defined]  # stubs omit it; frees the headers
 
+    def _inside(self, rel: str) -> Path:
+        """The file `rel` of a directory source; a name leaving the directory is refused."""
+        parts = rel.split("/")
+        if rel.startswith("/") or ".." in parts:
+            raise SourceError(f"{self.path}: {rel!r} is outside the source, refused")
+        return self.path / rel
+
     def exists(self, rel: str) -> bool:
         if self._tar is None:
-            return (self.path / rel).is_file()
+            return self._inside(rel).is_file()
         return normalize(rel.encode()) in self._members
 
     def open(self, rel: str) -> IO[bytes]:
         if self._tar is None:
             try:
-                p = self.path / rel
+                p = self._inside(rel)
                 if p.is_symlink() or not p.is_file():
                     raise FileNotFoundError(rel)
                 return open(p, "rb")  # noqa: SIM115 - returned to the caller

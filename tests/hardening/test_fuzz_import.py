@@ -621,3 +621,32 @@ def test_docker_archive_repotags_not_a_list(tmp_path: Path, value: object) -> No
     # Through the CLI: an archive source keeps its tar open until exit (no close API yet).
     p = cli(tmp_path / "store", "import", f"docker-archive:{arch}", check=False)
     assert p.returncode == 0 and not p.stderr.strip(), p.stderr
+
+
+@pytest.mark.parametrize("where", ["config", "layer"])
+def test_docker_dir_source_cannot_read_outside(tmp_path: Path, where: str) -> None:
+    """A docker-save directory whose manifest.json names `../` files: refused, not read."""
+    arch = tmp_path / "d.tar"
+    write_docker_archive(arch, [(Img([TOP]), ["fz:1"])], new_style=False)
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(arch) as tf:
+        tf.extractall(src, filter="data")
+    man = json.loads((src / "manifest.json").read_bytes())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    key = "Config" if where == "config" else "Layers"
+    orig = man[0][key] if where == "config" else man[0][key][0]
+    (outside / "f").write_bytes((src / orig).read_bytes())  # a valid file, but outside
+    if where == "config":
+        man[0][key] = "../outside/f"
+    else:
+        man[0][key] = ["../outside/f"]
+    (src / "manifest.json").write_text(json.dumps(man))
+    store = Store(tmp_path / "store")
+    try:
+        with pytest.raises(StoreError, match="outside the source"):
+            import_source(store, source_images(str(src)), [])
+        assert store.image_ids() == []
+    finally:
+        store.close()
