@@ -108,6 +108,85 @@ def test_kill_9_during_copy_up(tmp_path: Path, round_: int) -> None:
     print(f"kill during copy-up observed: {seen_partial}")
 
 
+CHUNK = 64 << 10
+_WRITER = """
+import os, sys
+path, acks, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fd = os.open(path, os.O_WRONLY)
+i = 0
+while True:
+    os.pwrite(fd, bytes([i % 251]) * CHUNK, start + i * CHUNK)
+    i += 1
+    with open(acks + ".tmp", "w") as a:
+        a.write(str(i))
+    os.rename(acks + ".tmp", acks)
+"""
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("name", ["low", "up"])
+def test_kill_9_during_writes(tmp_path: Path, name: str) -> None:
+    """Writes a process saw succeed are in the upper after a kill -9 and a remount; what follows
+    them is the next writes' data, never garbage."""
+    require_root()
+    require_fuse()
+    lower, upper, work, mnt = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for p in (lower, upper, work, mnt):
+        p.mkdir()
+    head = _pattern(100_000)
+    (lower / "low").write_bytes(head)
+    (upper / "up").write_bytes(head)
+    acks = tmp_path / "acks"
+    want_acks = 40 if STRESS else 12
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    daemon = subprocess.Popen(
+        [*LAYERFS, "overlay", "-f", "-o", opts, str(mnt)], stdout=subprocess.DEVNULL, stderr=log
+    )
+    writer: subprocess.Popen[bytes] | None = None
+    try:
+        wait_mounted(mnt, proc=daemon, log=log)
+        writer = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WRITER.replace("CHUNK", str(CHUNK)),
+                str(mnt / name),
+                str(acks),
+                "4096",
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + MOUNT_TIMEOUT  # bounded poll for enough acknowledged writes
+        while time.monotonic() < deadline and writer.poll() is None:
+            if acks.exists() and int(acks.read_text() or 0) >= want_acks:
+                break
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait()
+    finally:
+        if daemon.poll() is None:
+            daemon.send_signal(signal.SIGKILL)
+            daemon.wait()
+        force_unmount(mnt)
+        if writer is not None:
+            try:
+                writer.wait(timeout=MOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                writer.send_signal(signal.SIGKILL)
+                writer.wait()
+        log.close()
+    acked = int(acks.read_text())
+    assert acked >= want_acks, acked
+    with overlay_mount("layerfs", [lower], mnt, upper, work):
+        got = (mnt / name).read_bytes()
+        assert _work_files(work) == [], "work dir not cleaned"
+    assert got[:4096] == head[:4096]
+    body = got[4096:]
+    expect = b"".join(bytes([i % 251]) * CHUNK for i in range(acked + 2))
+    assert len(body) >= acked * CHUNK, (len(body), acked)
+    assert body == expect[: len(body)], "acknowledged writes lost or garbage after them"
+
+
 @contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     path.mkdir(parents=True, exist_ok=True)
