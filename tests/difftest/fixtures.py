@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.treecmp import Node, snapshot
+
 # Fixture times are in 2001; every explicit time an operation sets is before 2010. Any time
 # after NOW_THRESHOLD_NS was therefore set by "now" (a write, UTIME_NOW, a create).
 FIXED_MTIME_NS = 1_000_000_000 * 10**9
@@ -159,17 +161,15 @@ def build_stack(spec: StackSpec, base: Path) -> Stack:
     return Stack(tuple(lowers), upper, work, spec)
 
 
-def layer_fingerprint(root: Path) -> dict[bytes, tuple[object, ...]]:
+def layer_fingerprint(root: Path) -> dict[bytes, tuple[Node, tuple[bytes, ...]]]:
     """Everything that must be identical between two builds of a layer, incl. trusted.overlay.*
     xattrs, times and which paths share an inode."""
-    from tests.treecmp import snapshot
-
     snap = snapshot(root, hidden_xattr_prefixes=())
     broot = os.fsencode(root)
     inos: dict[int, list[bytes]] = {}
     for rel in snap:
         inos.setdefault(os.lstat(os.path.join(broot, rel)).st_ino, []).append(rel)
-    out: dict[bytes, tuple[object, ...]] = {}
+    out: dict[bytes, tuple[Node, tuple[bytes, ...]]] = {}
     for rel, node in snap.items():
         st = os.lstat(os.path.join(broot, rel))
         out[rel] = (node, tuple(sorted(inos[st.st_ino])))

@@ -7,8 +7,10 @@ redirect, odd modes, owners other than root, a setgid dir, nested dirs present i
 layers), mounts one copy with `mount -t overlay` (redirect_dir=on,index=on; why in
 tests/difftest/runner.py) and the other with layerfs, applies the same operations to both and
 requires: equal outcomes of every call (errno of a failure, result of a success, st_ino kept
-across copy-up and rename), equal trees afterwards, untouched lowers, and that the kernel
-mounting layerfs' upper shows the kernel's tree.
+across copy-up and rename), equal trees afterwards, untouched lowers, the same tree and the
+same st_ino everywhere after layerfs is mounted again on its own dirs, and that the kernel
+mounting layerfs' upper (fresh workdir) shows the kernel's tree. Some ops run as unprivileged
+users, so permission checks are compared too.
 
 Named scenarios pin the hard cases so every run covers them; Hypothesis adds random sequences
 (LAYERFS_STRESS=1 / `make stress` runs many more). The OCI `.wh.` spelling in directory layers
@@ -89,8 +91,8 @@ def test_fixture_builds_identically(tmp_path: Path) -> None:
         fa, fb = layer_fingerprint(la), layer_fingerprint(lb)
         assert fa == fb
     fp = layer_fingerprint(a.lowers[1])
-    assert (b"trusted.overlay.opaque", b"y") in fp[b"opq"][0].xattrs  # type: ignore[attr-defined]
-    assert fp[b"gone"][0].rdev == (0, 0)  # type: ignore[attr-defined]
+    assert (b"trusted.overlay.opaque", b"y") in fp[b"opq"][0].xattrs
+    assert fp[b"gone"][0].rdev == (0, 0)
 
 
 def test_kernel_merged_view_is_the_planned_one(tmp_path: Path) -> None:
