@@ -411,6 +411,42 @@ def test_mutated_sources_import_or_fail_cleanly(src: Src) -> None:
     attempt(src)
 
 
+COMPONENTS = ["a", "b", "..", ".", "", EVIL, ".wh.a", ".wh..wh..opq", ".wh.b", "\udcff"]
+
+
+@st.composite
+def member(draw: st.DrawFn) -> M:
+    comps = draw(st.lists(st.sampled_from(COMPONENTS), min_size=1, max_size=4))
+    name = ("/" if draw(st.integers(0, 9)) == 0 else "") + "/".join(comps)
+    kind = draw(st.sampled_from(["file", "dir", "sym", "hard"]))
+    target = ("/" if draw(st.booleans()) else "") + "/".join(
+        draw(st.lists(st.sampled_from(COMPONENTS), min_size=1, max_size=4))
+    )
+    if kind == "file":
+        return f(name, draw(st.sampled_from([b"", b"x", b"y" * 3000])))
+    if kind == "dir":
+        return d(name)
+    if kind == "sym":
+        return sym(name, target)
+    return hard(name, target)
+
+
+@settings(
+    deadline=None,
+    max_examples=3000 if STRESS else 150,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(st.lists(st.lists(member(), min_size=1, max_size=8), min_size=1, max_size=2))
+def test_generated_layers_with_hostile_names(layers: list[list[M]]) -> None:
+    """Layers built from `..`, `.`, empty, absolute, whiteout and marker components, symlinks
+    and hard links to such paths, in one or two layers: import or refuse, never escape."""
+    try:
+        tars = [layer_tar(m) for m in layers]
+    except (ValueError, tarfile.TarError, UnicodeError):
+        return  # tarfile itself cannot write this member list
+    attempt(Src(tars, ["gzip"] * len(tars)))
+
+
 # --- explicit hostile cases not in tests/store/test_hostile.py -----------------------------
 
 
