@@ -394,6 +394,11 @@ SCENARIOS: dict[str, list[Op]] = {
         W("as", (1000, 100, W("access", (b"suid", os.X_OK)))),
         W("as", (1000, 100, W("listdir", (b"opqu",)))),
     ],
+    "a failed rename of a lower dir onto a non-empty upper dir": [
+        W("rename", (b"mid", b"opqu", 0)),
+        W("listdir", (b"mid",)),
+        W("lstat", (b".",)),
+    ],
     "an fd opened before copy-up sees later writes": [
         W("open", (b"data/a", 0, "r")),
         W("write", (b"data/a", 0, 10, 1, False)),
@@ -424,7 +429,25 @@ SCENARIOS: dict[str, list[Op]] = {
 }
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+# Scenarios that still differ, each naming its entry in /work/notes/findings-engine.md. Strict:
+# the day layerfs agrees with the kernel, the XPASS fails the run and the entry goes.
+OPEN_FINDINGS: dict[str, str] = {
+    "a failed rename of a lower dir onto a non-empty upper dir": (
+        "findings-engine.md F7: the kernel copies the source dir up (root mtime now) before "
+        "ENOTEMPTY; layerfs leaves no trace"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=OPEN_FINDINGS[n]))
+        if n in OPEN_FINDINGS
+        else n
+        for n in SCENARIOS
+    ],
+)
 def test_scenario(name: str) -> None:
     check(SCENARIOS[name], snapshot_each=True)
 
