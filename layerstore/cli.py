@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import re
 import sqlite3
@@ -277,19 +278,28 @@ def cmd_fsck(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+def add_store_verb(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    fn: Callable[[argparse.Namespace, Store], int],
+    help: str,
+) -> argparse.ArgumentParser:
+    """Add verb `name` whose handler gets the opened store (`--store DIR`) and whose domain
+    errors become one `layerfs: ` line; every store-ring CLI module registers through this."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument(
+        "--store",
+        metavar="DIR",
+        help="store directory (default: $LAYERFS_STORE, else the XDG data dir, "
+        "/var/lib/layerfs as root)",
+    )
+    p.set_defaults(func=_guard(fn))
+    return p
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the store's verbs on the `layerfs` parser."""
-
-    def verb(name: str, fn: Callable[[argparse.Namespace, Store], int], help: str) -> Any:
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument(
-            "--store",
-            metavar="DIR",
-            help="store directory (default: $LAYERFS_STORE, else the XDG data dir, "
-            "/var/lib/layerfs as root)",
-        )
-        p.set_defaults(func=_guard(fn))
-        return p
+    verb = functools.partial(add_store_verb, sub)
 
     p = verb("import", cmd_import, "import an image (oci:DIR[:REF], oci-archive:FILE[:REF], "
              "docker-archive:FILE[:REF], or a path)")  # fmt: skip

@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
-import sqlite3
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cli import add_store_verb
 from .errors import StoreError
-from .store import Store, default_store_dir
-
-Handler = Callable[[argparse.Namespace], int]
-
-
-def _guard(fn: Callable[[argparse.Namespace, Store], int]) -> Handler:
-    """Open the store, run the verb, turn any domain error into one `layerfs: ` line."""
-
-    def handler(args: argparse.Namespace) -> int:
-        try:
-            with Store(Path(args.store) if args.store else default_store_dir()) as store:
-                return fn(args, store)
-        except StoreError as exc:
-            print(f"layerfs: {exc}", file=sys.stderr)
-            return 1
-        except sqlite3.Error as exc:
-            print(f"layerfs: index error: {exc}", file=sys.stderr)
-            return 1
-        except OSError as exc:
-            where = f" {exc.filename!s}" if exc.filename else ""
-            print(f"layerfs: {exc.strerror or exc}{':' if where else ''}{where}", file=sys.stderr)
-            return 1
-
-    return handler
+from .store import Store
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -143,17 +120,7 @@ def cmd_export(args: argparse.Namespace, store: Store) -> int:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register diff, commit and export on the `layerfs` parser."""
-
-    def verb(name: str, fn: Callable[[argparse.Namespace, Store], int], help: str) -> Any:
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument(
-            "--store",
-            metavar="DIR",
-            help="store directory (default: $LAYERFS_STORE, else the XDG data dir, "
-            "/var/lib/layerfs as root)",
-        )
-        p.set_defaults(func=_guard(fn))
-        return p
+    verb = functools.partial(add_store_verb, sub)
 
     p = verb("diff", cmd_diff, "list what an upper changed: A added, C changed, D deleted")
     p.add_argument("target", nargs="?", metavar="NAME|MOUNTPOINT")

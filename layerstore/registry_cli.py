@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import getpass
 import sys
-from collections.abc import Callable
-from typing import Any
 
-from .cli import _guard
+from .cli import add_store_verb
 from .errors import StoreError
 from .progress import Progress
 from .store import Store
@@ -101,17 +100,7 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register the registry verbs on the `layerfs` parser."""
-
-    def verb(name: str, fn: Callable[[argparse.Namespace, Store], int], help: str) -> Any:
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument(
-            "--store",
-            metavar="DIR",
-            help="store directory (default: $LAYERFS_STORE, else the XDG data dir, "
-            "/var/lib/layerfs as root)",
-        )
-        p.set_defaults(func=_guard(fn))
-        return p
+    verb = functools.partial(add_store_verb, sub)
 
     p = verb(
         "pull",
