@@ -198,8 +198,18 @@ def test_random_io_matches_model_long(tmp_path: Path, seed: int) -> None:
 
 
 @pytest.mark.mount
-def test_fallocate_and_punch_supported_or_said(tmp_path: Path) -> None:
-    """The ops the exerciser drops when unsupported: skip (with the errno) rather than pass."""
+def test_fallocate_is_in_the_exerciser(tmp_path: Path) -> None:
+    """posix_fallocate works through the mount, so the exerciser really runs it."""
     skipped = run_random_io(tmp_path, 7, 20)
-    if skipped:
-        pytest.skip("unsupported through layerfs, left out of the exerciser: " + "; ".join(skipped))
+    assert not [why for why in skipped if why.startswith("fallocate")], skipped
+
+
+@pytest.mark.mount
+@pytest.mark.xfail(
+    strict=True,
+    reason="findings H2: pyfuse3 3.5 has no fallocate handler, so punching a hole gets "
+    "EOPNOTSUPP (a known limitation in the README); the kernel supports it",
+)
+def test_punch_hole_is_in_the_exerciser(tmp_path: Path) -> None:
+    skipped = run_random_io(tmp_path, 7, 20)
+    assert not skipped, skipped
