@@ -215,7 +215,8 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def is_mount_point(path: str) -> bool:
+def is_mount_point(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` (resolved) is a mount point, read from /proc/self/mountinfo."""
     target = os.fsencode(os.path.realpath(path))
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
+from layerstore.containers import is_mount_point
 from unionfs.core.errors import FsError
 from unionfs.core.fs import UnionFS
 from unionfs.core.layers import Layer
@@ -25,22 +26,6 @@ log = logging.getLogger("layerfs")
 
 class MountError(Exception):
     """A mount could not be made; the message is one line for the user."""
-
-
-def is_mount_point(path: Path) -> bool:
-    target = os.fsencode(os.path.realpath(path))
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            raw = line.split()[4]
-            raw = (
-                raw.replace(b"\\040", b" ")
-                .replace(b"\\011", b"\t")
-                .replace(b"\\012", b"\n")
-                .replace(b"\\134", b"\\")
-            )
-            if raw == target:
-                return True
-    return False
 
 
 def check_mountpoint(mountpoint: Path) -> None:
