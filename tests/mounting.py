@@ -75,6 +75,15 @@ def force_unmount(path: Path | str) -> None:
             return
 
 
+def reap(proc: subprocess.Popen[bytes], timeout: float = MOUNT_TIMEOUT) -> None:
+    """Wait (bounded) for a child we started to exit; SIGKILL it if it does not."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
 def overlay_options(
     lowers: Sequence[Path], upper: Path | None, work: Path | None, opts: Sequence[str] = ()
 ) -> str:
@@ -138,11 +147,7 @@ def overlay_mount(
     finally:
         force_unmount(mnt)
         if proc is not None:
-            try:
-                proc.wait(timeout=MOUNT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+            reap(proc)
         log.seek(0)
         daemon_log = log.read()
         log.close()

@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_fuse, require_root
-from tests.mounting import LAYERFS, MOUNT_TIMEOUT, force_unmount, overlay_mount, wait_mounted
+from tests.mounting import (
+    LAYERFS,
+    MOUNT_TIMEOUT,
+    force_unmount,
+    overlay_mount,
+    reap,
+    wait_mounted,
+)
 
 STRESS = bool(os.environ.get("LAYERFS_STRESS"))
 BIG = (64 if STRESS else 24) << 20
@@ -84,15 +91,10 @@ def test_kill_9_during_copy_up(tmp_path: Path, round_: int) -> None:
         daemon.wait()
     finally:
         if daemon.poll() is None:
-            daemon.send_signal(signal.SIGKILL)
-            daemon.wait()
+            reap(daemon, timeout=0)
         force_unmount(mnt)
         if writer is not None:
-            try:
-                writer.wait(timeout=MOUNT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                writer.send_signal(signal.SIGKILL)
-                writer.wait()
+            reap(writer)
         log.close()
     assert not (upper / "big").exists() or (upper / "big").stat().st_size == BIG, (
         "a partial copy is in the upper"
@@ -165,15 +167,10 @@ def test_kill_9_during_writes(tmp_path: Path, name: str) -> None:
         daemon.wait()
     finally:
         if daemon.poll() is None:
-            daemon.send_signal(signal.SIGKILL)
-            daemon.wait()
+            reap(daemon, timeout=0)
         force_unmount(mnt)
         if writer is not None:
-            try:
-                writer.wait(timeout=MOUNT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                writer.send_signal(signal.SIGKILL)
-                writer.wait()
+            reap(writer)
         log.close()
     acked = int(acks.read_text())
     assert acked >= want_acks, acked
