@@ -89,7 +89,8 @@ class Store:
     """A layer store directory. One instance per process and thread (SQLite connection)."""
 
     def __init__(self, root: Path | str, readonly: bool = False) -> None:
-        self.root = Path(root)
+        # Absolute: a mount daemon opens its store lazily after chdir("/").
+        self.root = Path(os.path.abspath(root))
         self.readonly = readonly
         self.content_dir = self.root / "content"
         self.tmp_dir = self.root / "tmp"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import stat
 import threading
@@ -18,6 +19,8 @@ from layerstore.store import Store
 from unionfs.core.errors import FsError
 from unionfs.core.layers import split
 from unionfs.core.types import Entry, Kind, Stat
+
+log = logging.getLogger("layerfs")
 
 T = TypeVar("T")
 
@@ -298,6 +301,15 @@ class StoreLayer:
         host = self.view.content_path(e.content) if e.content else os.devnull
         try:
             return os.open(host, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            # The index names it, so the store lost it: an I/O error, not "no such file".
+            log.error(
+                "content %s of /%s is missing from the store %s: run `layerfs fsck`",
+                e.content,
+                os.fsdecode(path).lstrip("/"),
+                self.view.store_root,
+            )
+            raise FsError(errno.EIO) from None
         except OSError as exc:
             raise FsError.from_os(exc) from exc
 
