@@ -77,9 +77,7 @@ def test_relative_store_path_mounts(base_store: Path, tmp_path: Path) -> None:
         assert (tmp_path / "m" / "etc" / "motd").read_bytes() == images.MOTD
 
 
-def test_missing_content_gives_eio_and_the_rest_is_served(
-    base_store: Path, tmp_path: Path
-) -> None:
+def test_missing_content_gives_eio_and_the_rest_is_served(base_store: Path, tmp_path: Path) -> None:
     """A content file removed from the store under a live mount (disk trouble, a careless
     rm): opening that file gets EIO (not ENOENT: the name exists), the log names the missing
     content and `layerfs fsck`, and the daemon keeps serving other files."""
