@@ -15,6 +15,7 @@ import trio
 from unionfs.core.errors import FsError
 from unionfs.core.fs import Attributes, UnionFS
 from unionfs.core.types import Fh, Ino
+from unionfs.fuse_dircache import install as cache_listings
 
 log = logging.getLogger("layerfs")
 
@@ -90,6 +91,8 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.lock = trio.Lock()
+        # The kernel keeps listings and drops them on any change made through the mount.
+        cache_listings()
 
     async def _core(self, fn: Callable[..., T], *args: Any, thread: bool = False) -> T:
         async with self.lock:
