@@ -15,6 +15,7 @@ import trio
 from unionfs.core.errors import FsError
 from unionfs.core.fs import Attributes, UnionFS
 from unionfs.core.types import Fh, Ino
+from unionfs.fuse_dircache import install as cache_listings
 
 log = logging.getLogger("layerfs")
 
@@ -90,6 +91,18 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.lock = trio.Lock()
+        # The kernel keeps listings and drops them on any change made through the mount.
+        cache_listings()
+
+    async def _quick(self, fn: Callable[..., T], *args: Any) -> T:
+        """A short synchronous core call. With the lock free no other call is under way (a
+        holder keeps it across its awaits), and this one does not await: run it at once,
+        without the lock's checkpoint (a yield to the scheduler that lets other requests
+        queue behind the lock)."""
+        if not self.lock.locked():
+            return fn(*args)
+        async with self.lock:
+            return fn(*args)
 
     async def _core(self, fn: Callable[..., T], *args: Any, thread: bool = False) -> T:
         async with self.lock:
@@ -102,7 +115,7 @@ class Operations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         try:
-            return entry_attributes(await self._core(self.fs.lookup, Ino(parent_inode), name))
+            return entry_attributes(await self._quick(self.fs.lookup, Ino(parent_inode), name))
         except FsError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -115,13 +128,15 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        async with self.lock:
-            for ino, n in inode_list:
-                self.fs.forget(Ino(ino), n)
+        await self._quick(self._forget, inode_list)
+
+    def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:
+            self.fs.forget(Ino(ino), n)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return entry_attributes(await self._core(self.fs.getattr, Ino(inode)))
+        return entry_attributes(await self._quick(self.fs.getattr, Ino(inode)))
 
     @_guard
     async def setattr(
@@ -142,7 +157,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        return await self._core(self.fs.readlink, Ino(inode))
+        return await self._quick(self.fs.readlink, Ino(inode))
 
     @_guard
     async def mknod(
@@ -244,40 +259,42 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        return await self._core(self.fs.opendir, Ino(inode))
+        return await self._quick(self.fs.opendir, Ino(inode))
 
     @_guard
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self._quick(self._readdir, Fh(fh), start_id, token)
+
+    def _readdir(self, fh: Fh, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Offsets: 1 after ".", 2 after "..", 2 + n after the core's entry n - 1.
-        async with self.lock:
-            node = self.fs.handles.dir(Fh(fh)).node
-            if start_id == 0:
-                # "." and ".." are never linked by the kernel: no lookup count, no forget.
-                a = self.fs.getattr(node.ino)
-                if not pyfuse3.readdir_reply(token, b".", entry_attributes(a), 1):
+        node = self.fs.handles.dir(fh).node
+        if start_id == 0:
+            # "." and ".." are never linked by the kernel: no lookup count, no forget.
+            a = self.fs.getattr(node.ino)
+            if not pyfuse3.readdir_reply(token, b".", entry_attributes(a), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            a = self.fs.getattr(node.parent.ino if node.parent is not None else node.ino)
+            if not pyfuse3.readdir_reply(token, b"..", entry_attributes(a), 2):
+                return
+            start_id = 2
+        start = start_id - 2
+        while True:
+            entries = self.fs.readdir(fh, start)
+            if not entries:
+                return
+            for i, (name, attrs, nxt) in enumerate(entries):
+                if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs), nxt + 2):
+                    for _, rest, _ in entries[i:]:
+                        self.fs.drop_if_unused(rest.ino)
                     return
-                start_id = 1
-            if start_id == 1:
-                a = self.fs.getattr(node.parent.ino if node.parent is not None else node.ino)
-                if not pyfuse3.readdir_reply(token, b"..", entry_attributes(a), 2):
-                    return
-                start_id = 2
-            start = start_id - 2
-            while True:
-                entries = self.fs.readdir(Fh(fh), start)
-                if not entries:
-                    return
-                for i, (name, attrs, nxt) in enumerate(entries):
-                    if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs), nxt + 2):
-                        for _, rest, _ in entries[i:]:
-                            self.fs.drop_if_unused(rest.ino)
-                        return
-                    self.fs.incref(attrs.ino)
-                start = entries[-1][2]
+                self.fs.incref(attrs.ino)
+            start = entries[-1][2]
 
     @_guard
     async def releasedir(self, fh: int) -> None:
-        await self._core(self.fs.releasedir, Fh(fh))
+        await self._quick(self.fs.releasedir, Fh(fh))
 
     @_guard
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -172,3 +172,44 @@ def test_a_layer_listed_twice_counts_at_both_positions(tmp_path: Path) -> None:
         fs.releasedir(fh)
     finally:
         v.close()
+
+
+def test_rows_of_a_listed_directory_answer_lookups(tmp_path: Path) -> None:
+    write_oci(tmp_path / "img", Img([BASE, TOP], ref="v1"))
+    with Store(tmp_path / "store") as store:
+        import_source(store, source_images(f"oci:{tmp_path / 'img'}:v1"), ["t:v1"])
+        ids = [layer.id for layer in reversed(store.image_layers("t:v1"))]
+        asked, listed = StoreView.prepare(store, ids), StoreView.prepare(store, ids)
+    try:
+        for parent in (b"/", b"/etc", b"/opq", b"/none"):
+            listed.listing(0, parent)
+        queries: list[bytes] = []
+        real = listed.store
+
+        def counting() -> Store:
+            queries.append(b"q")
+            return real()
+
+        listed.store = counting  # type: ignore[method-assign]
+        for parent, name in [(b"/", b"a"), (b"/", b"etc"), (b"/etc", b"gone"),
+                             (b"/etc", b"passwd"), (b"/opq", b"old"), (b"/opq", b"x"),
+                             (b"/none", b"y"), (b"/", b"missing")]:  # fmt: skip
+            assert listed.entries(parent, name) == asked.entries(parent, name), (parent, name)
+            for li in range(2):
+                assert listed.entry(li, parent, name) == asked.entry(li, parent, name)
+        assert queries == [], "a listed directory answers without a query"
+        assert asked.entries(b"/etc", b"gone").keys() == {0, 1}
+    finally:
+        asked.close()
+        listed.close()
+
+
+def test_inode_numbers_survive_hash_collisions(
+    view: StoreView, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("unionfs.core.storelayer._INO_MASK", 7)  # 7 numbers: collisions
+    names = [b"/p%d" % i for i in range(7)]
+    first = [view.ino(0, n) for n in names]
+    assert sorted(first) == list(range(1, 8)), "distinct numbers while there are free ones"
+    assert [view.ino(0, n) for n in reversed(names)] == first[::-1], "stable when asked again"
+    assert view.ino(1, names[0]) == view.ino(1, names[0]), "per layer"

@@ -16,7 +16,13 @@ from unionfs.core.errors import FsError
 from unionfs.core.handles import DirHandle, FileHandle, HandleTable
 from unionfs.core.inodes import InodeTable, Key, Node
 from unionfs.core.layers import NAME_MAX, WH_PREFIX, Layer, join, split
-from unionfs.core.resolve import Resolved, lower_positive, merged_names, resolve_child
+from unionfs.core.resolve import (
+    LowerIndex,
+    Resolved,
+    lower_positive,
+    merged_names,
+    resolve_child,
+)
 from unionfs.core.types import ROOT_INO, Fh, Ino, Stat
 from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, UpperLayer
 
@@ -70,6 +76,7 @@ class UnionFS:
     def __init__(self, lowers: Sequence[Layer], upper: UpperLayer | None) -> None:
         self.lowers = list(lowers)
         self.upper = upper
+        self.lower_index = LowerIndex(self.lowers)
         self.inodes = InodeTable()
         self.handles = HandleTable()
         self.private = (b"trusted.overlay.",) + (
@@ -110,6 +117,7 @@ class UnionFS:
             parent.path() if parent.upper else None,
             parent.lower,
             name,
+            self.lower_index,
         )
 
     def _key(self, res: Resolved) -> Key:
@@ -798,13 +806,18 @@ class UnionFS:
     # -- directories -------------------------------------------------------------------
     def _names(self, node: Node) -> list[bytes]:
         return merged_names(
-            self.upper, self.lowers, node.path() if node.upper else None, node.lower
+            self.upper,
+            self.lowers,
+            node.path() if node.upper else None,
+            node.lower,
+            self.lower_index,
         )
 
     @_oserr
     def opendir(self, ino: Ino) -> Fh:
-        node = self.dir_node(ino)
-        return self.handles.add_dir(DirHandle(node, self._names(node)))
+        # The listing is read at the first readdir (as kernel overlayfs does): the kernel
+        # serves most listings from its cache and never asks for this one.
+        return self.handles.add_dir(DirHandle(self.dir_node(ino), None))
 
     @_oserr
     def readdir(self, fh: Fh, start: int) -> list[tuple[bytes, Attributes, int]]:
@@ -812,6 +825,10 @@ class UnionFS:
         entry the kernel accepted and `drop_if_unused` for the others."""
         h = self.handles.dir(fh)
         out: list[tuple[bytes, Attributes, int]] = []
+        if h.node.unlinked:
+            return out
+        if h.names is None:
+            h.names = self._names(h.node)
         for i in range(start, len(h.names)):
             name = h.names[i]
             if h.node.unlinked:

@@ -26,7 +26,7 @@ class FileHandle:
 @dataclass(eq=False)
 class DirHandle:
     node: Node
-    names: list[bytes] = field(default_factory=list)
+    names: list[bytes] | None = None  # read at the first readdir, then kept while open
 
 
 class HandleTable:

@@ -28,7 +28,7 @@ def derive_ino(key: Key) -> Ino | None:
     return Ino(((num + 1) << _LAYER_SHIFT) | host)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Node:
     """One merged object the kernel knows. A directory has one (parent, name); a
     non-directory has a primary name plus `aliases` (hard links seen in this mount)."""

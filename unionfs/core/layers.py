@@ -76,6 +76,17 @@ def _getxattr(fd: int, name: bytes, attr: bytes) -> bytes | None:
         raise
 
 
+def _listxattr(fd: int, name: bytes) -> frozenset[bytes]:
+    try:
+        return frozenset(
+            os.fsencode(n) for n in os.listxattr(_proc(fd, name), follow_symlinks=False)
+        )
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES, errno.ENODATA):
+            return frozenset()
+        raise
+
+
 def parse_origin(value: bytes | None) -> tuple[int, int] | None:
     if not value:
         return None
@@ -163,34 +174,47 @@ class DirLayer:
         kind = kind_of_mode(mode)
         opaque = False
         redirect = None
-        if kind is Kind.DIR:
-            for attr in self._opaque_attrs:
-                if _getxattr(dfd, name, attr) == b"y":
-                    opaque = True
-                    break
-            if not opaque:
-                try:
-                    cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
-                except OSError:
-                    cfd = -1
-                if cfd >= 0:
-                    try:
-                        os.lstat(WH_OPAQUE, dir_fd=cfd)
-                        opaque = True
-                    except OSError:
-                        pass
-                    finally:
-                        os.close(cfd)
-            for attr in self._redirect_attrs:
-                redirect = _getxattr(dfd, name, attr)
-                if redirect:
-                    break
         origin = None
-        for attr in self._origin_attrs if not self.immutable else ():
-            origin = parse_origin(_getxattr(dfd, name, attr))
-            if origin:
-                break
+        if kind is Kind.DIR or not self.immutable:
+            # One listxattr instead of a getxattr per attribute: most objects have none.
+            attrs = _listxattr(dfd, name)
+            if kind is Kind.DIR:
+                for attr in self._opaque_attrs:
+                    if attr in attrs and _getxattr(dfd, name, attr) == b"y":
+                        opaque = True
+                        break
+                if not opaque:
+                    opaque = self._has_opaque_marker(dfd, name)
+                for attr in self._redirect_attrs:
+                    redirect = _getxattr(dfd, name, attr) if attr in attrs else None
+                    if redirect:
+                        break
+            for attr in self._origin_attrs if not self.immutable else ():
+                origin = parse_origin(_getxattr(dfd, name, attr) if attr in attrs else None)
+                if origin:
+                    break
         return Entry(name, kind, Stat.of(st), opaque, redirect or None, origin)
+
+    def _has_opaque_marker(self, dfd: int, name: bytes) -> bool:
+        if self.immutable:
+            # `name` was just seen as a directory and a lower layer never changes: one lstat
+            # through it follows no symlink.
+            try:
+                os.lstat(name + b"/" + WH_OPAQUE, dir_fd=dfd)
+                return True
+            except OSError:
+                return False
+        try:
+            cfd = os.open(name, _DIR_FLAGS, dir_fd=dfd)
+        except OSError:
+            return False
+        try:
+            os.lstat(WH_OPAQUE, dir_fd=cfd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(cfd)
 
     def lookup(self, dir_path: bytes, name: bytes) -> Entry | None:
         if not self.immutable:

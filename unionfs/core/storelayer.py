@@ -27,9 +27,15 @@ T = TypeVar("T")
 # Runs a function on the thread that owns the SQLite connection and returns its result.
 Dispatch = Callable[[Callable[[], Any]], Any]
 
-LOOKUP_CACHE = 65536
-LISTING_CACHE = 1024
+# Bounds of the caches (the kernel caches entries and listings of immutable layers for long,
+# so these mostly serve one pass over each directory; a 100,000-file image must stay small).
+LOOKUP_CACHE = 8192  # names looked up one by one: index rows
+CONVERTED_CACHE = 16384  # names: engine entries, per layer
+LISTING_CACHE = 1024  # (layer, directory) listings
+LISTED_NAMES = 32768  # rows of recently listed directories, all layers, in names
 _INO_BITS = 47  # below inodes.derive_ino's 48-bit limit
+_INO_MASK = (1 << _INO_BITS) - 1
+_NONE: dict[int, StoreEntry] = {}  # "in no layer" (shared: never changed)
 
 _KIND = {
     EntryKind.FILE: (Kind.FILE, stat.S_IFREG),
@@ -81,8 +87,13 @@ class StoreView:
         self._lookups: OrderedDict[tuple[bytes, bytes], dict[int, StoreEntry]] = OrderedDict()
         self._converted: OrderedDict[tuple[bytes, bytes], dict[int, Entry | None]] = OrderedDict()
         self._listings: OrderedDict[tuple[int, bytes], dict[bytes, bool]] = OrderedDict()
-        self._inos: dict[tuple[int, bytes], int] = {}
-        self._paths: dict[tuple[int, int], bytes] = {}
+        # parent -> name -> {layer index: entry}: every row of recently listed directories
+        # (complete: a name missing there is in no layer), so that readdir's lookups of
+        # the listed names cost no query and need no per-name cache.
+        self._listed: OrderedDict[bytes, dict[bytes, dict[int, StoreEntry]]] = OrderedDict()
+        self._listed_names = 0
+        # (layer index << 48 | host inode number) -> identity (see `ino`); never shrinks
+        self._paths: dict[int, bytes] = {}
         self._roots: list[StoreEntry | None] = list(roots) if roots is not None else []
         self.layers = [StoreLayer(self, i) for i in range(len(self.layer_ids))]
 
@@ -123,6 +134,9 @@ class StoreView:
         if found is not None:
             self._lookups.move_to_end(key)
             return found
+        listed = self._listed.get(parent)
+        if listed is not None:
+            return listed.get(name, _NONE)
         rows = self.run(lambda: self.store().lookup_many(self.layer_ids, parent, name))
         # By position: an image may list one layer (e.g. an empty one) more than once.
         found = {i: rows[lid] for i, lid in enumerate(self.layer_ids) if lid in rows}
@@ -142,7 +156,7 @@ class StoreView:
         if conv is None:
             conv = {}
             self._converted[key] = conv
-            if len(self._converted) > LOOKUP_CACHE:
+            if len(self._converted) > CONVERTED_CACHE:
                 self._converted.popitem(last=False)
         elif li in conv:
             return conv[li]
@@ -158,7 +172,7 @@ class StoreView:
             self._listings.move_to_end(key)
             return out
         # One query for every layer: the merge asks the other layers next, and each
-        # listed name's lookup (readdir answers attributes) is then served from the cache.
+        # listed name's lookup (readdir answers attributes) is then served from its rows.
         rows = self.run(lambda: self.store().listdir_many(self.layer_ids, parent))
         per_name: dict[bytes, dict[int, StoreEntry]] = {}
         for lj, lid in enumerate(self.layer_ids):
@@ -169,9 +183,13 @@ class StoreView:
             self._listings[(lj, parent)] = names
         while len(self._listings) > LISTING_CACHE:
             self._listings.popitem(last=False)
-        if len(per_name) <= LOOKUP_CACHE // 4:
-            for name, found in per_name.items():
-                self._remember((parent, name), found)
+        old = self._listed.pop(parent, None)
+        self._listed_names -= len(old) if old is not None else 0
+        self._listed[parent] = per_name
+        self._listed_names += len(per_name)
+        while self._listed_names > LISTED_NAMES and len(self._listed) > 1:
+            _, gone = self._listed.popitem(last=False)
+            self._listed_names -= len(gone)
         return self._listings.get(key, {})
 
     def root_entry(self, li: int) -> StoreEntry | None:
@@ -189,7 +207,7 @@ class StoreView:
         return self.entries(store_parent(parent), name).get(li)
 
     def hardlinks(self, li: int, ino: int) -> list[bytes]:
-        first = self._paths.get((li, ino))
+        first = self._paths.get(li << 48 | ino)
         if first is None:
             return []
         lid = self.layer_ids[li]
@@ -199,18 +217,17 @@ class StoreView:
     # -- conversion ------------------------------------------------------------------------
     def ino(self, li: int, identity: bytes) -> int:
         """A host inode number for the object named `identity` (its first absolute path) in
-        layer `li`: derived from the path, so stable across mounts; unique in the mount."""
-        key = (li, identity)
-        ino = self._inos.get(key)
-        if ino is not None:
-            return ino
+        layer `li`: derived from the path, so stable across mounts; unique in the mount.
+
+        On a hash collision the next free number is taken; numbers are never given back, so
+        walking from the hash finds an identity's number again without a second table."""
         digest = hashlib.blake2b(identity, digest_size=8).digest()
-        ino = (int.from_bytes(digest, "little") & ((1 << _INO_BITS) - 1)) or 1
-        while (li, ino) in self._paths:  # a hash collision: the next free number
-            ino = (ino + 1) & ((1 << _INO_BITS) - 1) or 1
-        self._inos[key] = ino
-        self._paths[(li, ino)] = identity
-        return ino
+        ino = (int.from_bytes(digest, "little") & _INO_MASK) or 1
+        while True:
+            have = self._paths.setdefault(li << 48 | ino, identity)
+            if have == identity:
+                return ino
+            ino = (ino + 1) & _INO_MASK or 1
 
     def meta_source(self, li: int, parent: bytes, e: StoreEntry) -> StoreEntry:
         """Where an implicit directory (its tar never listed it) takes its attributes from:

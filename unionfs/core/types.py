@@ -40,7 +40,7 @@ def kind_of_mode(mode: int) -> Kind:
     return _FMT_TO_KIND[stat.S_IFMT(mode)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stat:
     """The attributes the union reports for an object (st_ino is decided by the inode table)."""
 
@@ -73,7 +73,7 @@ class Stat:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """One name in one layer, whiteout spellings already normalised.
 
