@@ -114,7 +114,7 @@ def serve(
     if upper_layer is None and "ro" not in options:
         options.append("ro")
     fs = UnionFS(layers, upper_layer)
-    ops = Operations(fs)
+    ops = Operations(fs, os.fspath(mountpoint))
     os.chdir("/")
     if foreground:
         _mount(ops, mountpoint, options)

@@ -767,7 +767,19 @@ class UnionFS:
             fd = layer.open(path, hflags & ~os.O_TRUNC)
             on_upper = False
         node.opens += 1
-        return self.handles.add_file(FileHandle(fd, node, on_upper, flags)), not on_upper
+        # Lower layers never change, and the upper changes only through this mount, whose
+        # writes and truncations go through the kernel's page cache of this very inode
+        # (a copy-up keeps the inode number and the data): the cache stays valid.
+        return self.handles.add_file(FileHandle(fd, node, on_upper, flags)), True
+
+    def ready_fd(self, fh: Fh) -> int | None:
+        """The fd to read `fh` from when `read_fd` would change nothing, else None. Safe
+        without the caller's lock: it only looks (a copy-up in a worker thread may set
+        `node.upper` meanwhile; the lower fd still reads the same data then)."""
+        h = self.handles.file(fh)
+        if h.upper or not h.node.upper or h.node.unlinked:
+            return h.fd
+        return None
 
     def read_fd(self, fh: Fh) -> int:
         """The fd to read `fh` from; a handle opened before a copy-up follows the copy."""
