@@ -471,7 +471,11 @@ class LayerTarWriter:
             ti.type = tarfile.DIRTYPE
         elif fmt == stat.S_IFLNK:
             ti.type = tarfile.SYMTYPE
-            ti.linkname = os.fsdecode(os.readlink(src))
+            if stat.S_ISREG(st.st_mode):  # a rootless stand-in holds the target
+                with open(src, "rb") as fh:
+                    ti.linkname = os.fsdecode(fh.read())
+            else:
+                ti.linkname = os.fsdecode(os.readlink(src))
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
             ti.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
             ti.devmajor, ti.devminor = os.major(meta.rdev), os.minor(meta.rdev)

@@ -12,6 +12,9 @@ fuse-overlayfs):
   read when the first is absent. These are the engine's rules too (unionfs.core.override):
   the mount shows what commit writes.
 - A device node the user could not make is a regular empty file carrying TYPE char/block.
+  A symlink, fifo or socket cannot carry a `user.*` xattr: when one needs an override (its
+  owner is not the daemon's) it is a regular file carrying TYPE symlink/pipe/socket, whose
+  content is the link target for a symlink (the engine's "stand-ins").
 - `user.layerfs.xattr.NAME` holds the xattr NAME (e.g. `trusted.x`); fuse-overlayfs'
   `user.containers.override_NAME` is read the same way.
 
@@ -51,6 +54,8 @@ _TYPES = {
     b"socket": stat.S_IFSOCK,
 }
 _NAMES = {v: k for k, v in _TYPES.items()}
+# Types a regular file of a rootless upper may stand for (its override says which).
+STAND_INS = (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFLNK, stat.S_IFIFO, stat.S_IFSOCK)
 
 
 class OverrideError(ValueError):
@@ -136,13 +141,13 @@ class Meta:
 
 def effective(st: os.stat_result, ov: Override | None) -> Meta:
     """`st` with the override applied. The type changes only where a rootless upper can hold
-    a stand-in: a regular file standing for a device, fifo or socket. A type the object cannot
-    be (a directory said to be a file) is ignored: the object on disk decides."""
+    a stand-in: a regular file standing for a device, symlink, fifo or socket. A type the
+    object cannot be (a directory said to be a file) is ignored: the object on disk decides."""
     fmt = stat.S_IFMT(st.st_mode)
     if ov is None:
         return Meta(fmt, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_rdev)
     rdev = st.st_rdev
-    if fmt == stat.S_IFREG and ov.fmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+    if fmt == stat.S_IFREG and ov.fmt in STAND_INS:
         fmt = ov.fmt
     if fmt in (stat.S_IFCHR, stat.S_IFBLK) and ov.fmt == fmt:
         rdev = ov.rdev

@@ -79,7 +79,11 @@ def rootless_upper(root: Path) -> Path:
     os.mkfifo(up / "dev" / "pipe", 0o620)  # made for real; user.* xattrs are refused on fifos
     os.chown(up / "dev" / "pipe", USER_UID, USER_UID)
     os.chmod(up / "dev" / "pipe", 0o620)
+    # A fifo and a symlink owned by someone else: the engine's stand-ins, regular files with
+    # the override (a symlink's holds its target).
+    _file(up / "dev" / "pipe2", ov=b"0:5:0620:pipe")
     _dir(up / "www", b"33:33:02775:dir")
+    _file(up / "www" / "link", b"../etc/passwd", ov=b"33:33:0777:symlink")
     su = _file(up / "www" / "su", b"#!/bin/sh\n", ov=b"0:0:04755:file")
     _set(su, b"user.layerfs.xattr.trusted.origin", b"from the mount")
     _set(su, b"user.layerfs.xattr.security.capability", b"\x01\x00\x00\x02")
@@ -109,8 +113,8 @@ def test_commit_takes_owner_mode_type_and_devices_from_the_override(
     assert res.image is not None and res.warnings == []
     m = layer_members(store, "new:1")
     assert list(m) == [
-        "dev", "dev/loop1", "dev/pipe", "dev/zero", ".wh.gone", "opq", "opq/.wh..wh..opq",
-        "opq/new", "www", "www/.wh.index", "www/mine", "www/su",
+        "dev", "dev/loop1", "dev/pipe", "dev/pipe2", "dev/zero", ".wh.gone", "opq",
+        "opq/.wh..wh..opq", "opq/new", "www", "www/.wh.index", "www/link", "www/mine", "www/su",
     ]  # fmt: skip
     # The root is not committed: with its override it equals the image's (0:0 0755).
     zero, loop1 = m["dev/zero"], m["dev/loop1"]
@@ -118,8 +122,10 @@ def test_commit_takes_owner_mode_type_and_devices_from_the_override(
     assert (zero.uid, zero.gid, zero.mode, zero.size) == (0, 0, 0o666, 0)
     assert loop1.isblk() and (loop1.devmajor, loop1.devminor) == (7, 1)
     assert (loop1.uid, loop1.gid, loop1.mode) == (0, 6, 0o660)
-    pipe = m["dev/pipe"]
+    pipe, pipe2, link = m["dev/pipe"], m["dev/pipe2"], m["www/link"]
     assert pipe.isfifo() and (pipe.uid, pipe.mode) == (USER_UID, 0o620)
+    assert pipe2.isfifo() and (pipe2.uid, pipe2.gid, pipe2.mode, pipe2.size) == (0, 5, 0o620, 0)
+    assert link.issym() and link.linkname == "../etc/passwd" and (link.uid, link.gid) == (33, 33)
     assert m["www"].isdir() and (m["www"].uid, m["www"].gid, m["www"].mode) == (33, 33, 0o2775)
     su = m["www/su"]
     assert su.isreg() and (su.uid, su.gid, su.mode, su.size) == (0, 0, 0o4755, 10)
@@ -140,8 +146,9 @@ def test_commit_takes_owner_mode_type_and_devices_from_the_override(
     e = store.layer_lookup(top, b"/dev", b"zero")
     assert e is not None and e.rdev == (1, 5) and (e.uid, e.mode) == (0, 0o666)
     assert list(iter_diff(store, up, IMAGE)) == [
-        "C /dev", "A /dev/loop1", "A /dev/pipe", "A /dev/zero", "D /gone", "C /opq",
-        "A /opq/new", "D /opq/old", "C /www", "D /www/index", "A /www/mine", "A /www/su",
+        "C /dev", "A /dev/loop1", "A /dev/pipe", "A /dev/pipe2", "A /dev/zero", "D /gone",
+        "C /opq", "A /opq/new", "D /opq/old", "C /www", "D /www/index", "A /www/link",
+        "A /www/mine", "A /www/su",
     ]  # fmt: skip
 
 
