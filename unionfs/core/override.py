@@ -27,6 +27,7 @@ FUSE_OVERLAYFS_XATTR = b"user.fuseoverlayfs.override_stat"
 READ_XATTRS = (OVERRIDE_XATTR, FUSE_OVERLAYFS_XATTR)
 XATTR_PREFIX = b"user.layerfs."
 STORED_XATTR_PREFIX = b"user.layerfs.xattr."
+CONTAINERS_XATTR_PREFIX = b"user.containers.override_"  # fuse-overlayfs >= 1.14
 # Names a rootless mount never shows (prefix match).
 HIDDEN_XATTRS = (OVERRIDE_XATTR, FUSE_OVERLAYFS_XATTR, XATTR_PREFIX)
 
@@ -162,9 +163,11 @@ def stored_xattr(name: bytes) -> bytes:
 
 
 def shown_xattr(stored: bytes) -> bytes | None:
-    """The real name of a stored privileged xattr; None for any other name."""
-    if stored.startswith(STORED_XATTR_PREFIX) and len(stored) > len(STORED_XATTR_PREFIX):
-        return stored[len(STORED_XATTR_PREFIX) :]
+    """The real name of a stored privileged xattr (ours, or fuse-overlayfs'
+    `user.containers.override_<name>`); None for any other name."""
+    for prefix in (STORED_XATTR_PREFIX, CONTAINERS_XATTR_PREFIX):
+        if stored.startswith(prefix) and len(stored) > len(prefix) and stored not in READ_XATTRS:
+            return stored[len(prefix) :]
     return None
 
 
