@@ -10,7 +10,9 @@ modules: pyfuse3, xxhash, zstandard).
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import pwd
 import shutil
 import signal
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import treecmp
 from tests.conftest import require_root, require_tool
 from tests.mounting import MOUNT_TIMEOUT, force_unmount, is_mounted, reap, wait_mounted
 
@@ -87,6 +90,9 @@ def _fuse_for_everyone() -> None:
 def _copy_runtime(dest: Path) -> None:
     for pkg in PACKAGES:
         shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    # treecmp (stdlib only) lets the user snapshot its own mount: root cannot read a FUSE
+    # mount made without allow_other.
+    shutil.copy2(Path(treecmp.__file__), dest / "treecmp.py")
     site = Path(sysconfig.get_paths()["purelib"])
     out = dest / "site-packages"
     out.mkdir()
@@ -102,6 +108,15 @@ def _copy_runtime(dest: Path) -> None:
         for f in filenames:
             p = os.path.join(dirpath, f)
             os.chmod(p, 0o755 if os.stat(p).st_mode & stat.S_IXUSR else 0o644)
+
+
+class _TreecmpUnpickler(pickle.Unpickler):
+    """Loads the user's snapshot: its `treecmp.Node` is tests.treecmp.Node; nothing else."""
+
+    def find_class(self, module: str, name: str) -> typing.Any:
+        if module == "treecmp" and name == "Node":
+            return treecmp.Node
+        raise pickle.UnpicklingError(f"unexpected class {module}.{name} in a snapshot")
 
 
 @dataclass(frozen=True)
@@ -198,6 +213,29 @@ class Rootless:
                 f"{proc.stderr}{proc.stdout}"
             )
         return proc
+
+    def snapshot(
+        self,
+        root: Path,
+        home: Path,
+        hidden: tuple[bytes, ...] = treecmp.DEFAULT_HIDDEN_XATTR_PREFIXES,
+    ) -> dict[bytes, treecmp.Node]:
+        """treecmp.snapshot of `root` taken by the user (e.g. its own FUSE mount)."""
+        code = (
+            "import pickle, sys, treecmp; "
+            "sys.stdout.buffer.write(pickle.dumps(treecmp.snapshot(sys.argv[1], "
+            "tuple(bytes.fromhex(h) for h in sys.argv[2:]))))"
+        )
+        proc = subprocess.run(
+            self.argv([self.python, "-c", code, str(root), *(h.hex() for h in hidden)], home),
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"snapshot of {root} as {self.user}: {proc.stderr.decode()}")
+        snap: dict[bytes, treecmp.Node] = _TreecmpUnpickler(io.BytesIO(proc.stdout)).load()
+        return snap
 
     def sh(self, script: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
         """`sh -c script` as the user."""

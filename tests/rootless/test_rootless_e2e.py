@@ -1,0 +1,215 @@
+"""Issue 8 end to end, all as a real unprivileged user: import an image with root- and
+other-owned files, set-id bits, devices and a fifo into the user's own store; mount it and see
+it as the image says; write through the mount; commit; the committed layer carries the right
+owners, modes and device numbers; `layerfs unpack` as root of the committed image equals the
+changed mount."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import images
+from tests.image_fixtures import require_builders
+from tests.mounting import LAYERFS
+from tests.rootless.conftest import Rootless
+from tests.treecmp import compare, snapshot
+
+REF = "e2e"
+OVERRIDE = "user.containers.override_stat"
+
+
+@dataclass(frozen=True)
+class E2EImage:
+    layout: Path  # a copy the user can read
+    oracle: Path  # `umoci unpack` of it, as root: what the mount must show
+
+
+def _file(root: Path, rel: str, data: bytes, mode: int, uid: int = 0, gid: int = 0) -> Path:
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    os.chown(p, uid, gid)
+    os.chmod(p, mode)  # after chown, which clears set-id bits
+    return p
+
+
+def _dir(root: Path, rel: str, mode: int = 0o755, uid: int = 0, gid: int = 0) -> Path:
+    p = root / rel
+    p.mkdir(parents=True, exist_ok=True)
+    os.chown(p, uid, gid)
+    os.chmod(p, mode)
+    return p
+
+
+def populate(rootfs: Path, user_uid: int, user_gid: int) -> None:
+    """Everything is readable by anyone (the user snapshots its mount), but owned by root, by
+    www-data (33), by uid 1000 and by the test user (its /work, where it may write)."""
+    _dir(rootfs, "bin")
+    tool = _file(rootfs, "bin/tool", b"#!/bin/sh\necho tool\n", 0o755)
+    os.link(tool, rootfs / "bin" / "tool2")
+    os.symlink("tool", rootfs / "bin" / "sh")
+    _dir(rootfs, "etc")
+    _file(rootfs, "etc/passwd", b"root:x:0:0::/root:/bin/sh\nwww-data:x:33:33::/var/www:\n", 0o644)
+    motd = _file(rootfs, "etc/motd", b"hello\n", 0o644)
+    os.setxattr(motd, b"user.comment", b"an image xattr")
+    _dir(rootfs, "var/www", 0o755, 33, 33)
+    _file(rootfs, "var/www/index.html", b"<p>hi</p>\n", 0o644, 33, 33)
+    _dir(rootfs, "home/alice", 0o755, 1000, 1000)
+    _file(rootfs, "home/alice/notes", b"alice's\n", 0o644, 1000, 1000)
+    _dir(rootfs, "usr/bin")
+    _file(rootfs, "usr/bin/passwd", b"#!/bin/sh\n", 0o4755)
+    _file(rootfs, "usr/bin/wall", b"#!/bin/sh\n", 0o2755, 0, 5)
+    _dir(rootfs, "dev")
+    os.mknod(rootfs / "dev" / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.chmod(rootfs / "dev" / "null", 0o666)
+    os.mknod(rootfs / "dev" / "sda", stat.S_IFBLK | 0o660, os.makedev(8, 0))
+    os.chown(rootfs / "dev" / "sda", 0, 6)
+    os.mkfifo(rootfs / "dev" / "initctl")
+    os.chmod(rootfs / "dev" / "initctl", 0o644)
+    _dir(rootfs, "tmp", 0o1777)
+    _dir(rootfs, "work", 0o755, user_uid, user_gid)
+    for name in ("keep", "gone"):
+        _file(rootfs, f"work/{name}", f"{name}\n".encode(), 0o644, user_uid, user_gid)
+
+
+@pytest.fixture(scope="module")
+def e2e_image(rootless: Rootless, tmp_path_factory: pytest.TempPathFactory) -> E2EImage:
+    work = tmp_path_factory.mktemp("e2e-image")
+    require_builders(work)
+    layout = images.init_layout(work / "layout")
+    images.run(["umoci", "new", "--image", f"{layout}:{REF}"])
+    bundle = work / "bundle"
+    populate(images.umoci_unpack(layout, REF, bundle), rootless.uid, rootless.gid)
+    images.run(["umoci", "repack", "--image", f"{layout}:{REF}", bundle])
+    shutil.rmtree(bundle)
+    oracle = images.umoci_unpack(layout, REF, work / "oracle")
+    return E2EImage(rootless.share(layout), oracle)
+
+
+@pytest.fixture
+def imported(rootless: Rootless, home: Path, e2e_image: E2EImage) -> Iterator[Path]:
+    """The image imported by the user into its default store; yields the store."""
+    rootless.run_as_user(["layerfs", "import", f"oci:{e2e_image.layout}:{REF}", "--tag", REF], home)
+    store = home / ".local" / "share" / "layerfs"  # the XDG default, no --store given
+    assert (store / "index.db").stat().st_uid == rootless.uid
+    yield store
+
+
+def _members(blob: bytes) -> dict[str, tarfile.TarInfo]:
+    """A layer's members by name (gzip or plain tar: tarfile detects which)."""
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        return {m.name.removeprefix("./"): m for m in tar.getmembers()}
+
+
+def _top_layer(oci_dir: Path, tag: str) -> bytes:
+    """The last layer blob of image `tag` in an OCI layout (compressed as stored)."""
+    index = json.loads((oci_dir / "index.json").read_text())
+    ref = "org.opencontainers.image.ref.name"
+    [desc] = [m for m in index["manifests"] if m.get("annotations", {}).get(ref) == tag]
+    blobs = oci_dir / "blobs" / "sha256"
+    manifest = json.loads((blobs / desc["digest"].removeprefix("sha256:")).read_text())
+    top: str = manifest["layers"][-1]["digest"]
+    return (blobs / top.removeprefix("sha256:")).read_bytes()
+
+
+def test_user_imports_mounts_writes_commits_and_root_unpacks_the_same_tree(
+    rootless: Rootless, home: Path, e2e_image: E2EImage, imported: Path, tmp_path: Path
+) -> None:
+    store = imported
+    mnt = home / "mnt"
+    rootless.sh(f"mkdir {mnt}", home)
+    mount = ["layerfs", "mount", "-f", REF, str(mnt), "--name", "c1"]
+    upper = store / "containers" / "c1" / "upper"
+
+    # 1. The mount shows the image as it is: owners, set-id bits, devices, fifo, xattrs.
+    with rootless.mounted(mount, mnt, home):
+        seen = rootless.snapshot(mnt, home)
+        assert compare(seen, snapshot(e2e_image.oracle), ignore_paths=[b"."]) == []
+        assert seen[b"dev/sda"].rdev == (8, 0) and seen[b"dev/sda"].gid == 6
+        assert seen[b"usr/bin/passwd"].mode == 0o4755
+        # 2. Writes as the user, with the image's permissions enforced.
+        rootless.sh(
+            f"cd {mnt}/work && echo new > new && echo more >> keep && rm gone && mkdir dir && "
+            "mkfifo dir/fifo && ln -s ../keep dir/link && ln keep keep.link && chmod 4750 new",
+            home,
+        )
+        denied = rootless.sh(f"echo x > {mnt}/etc/x", home, check=False)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        # The kernel refuses mknod of a device to an unprivileged process (CAP_MKNOD) before
+        # FUSE sees it: a rootless tool records the device in the upper instead (below).
+        refused = rootless.sh(f"mknod {mnt}/work/zero c 1 5", home, check=False)
+        assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+
+    # 3. A device as a rootless upper holds it: an empty file with the override_stat.
+    rootless.sh(
+        f"cd {upper}/work && : > zero && chmod 600 zero && "
+        f"setfattr -n {OVERRIDE} -v 0:0:0666:char-1-5 zero",
+        home,
+    )
+    with rootless.mounted(mount, mnt, home):
+        changed = rootless.snapshot(mnt, home)
+    zero = changed[b"work/zero"]
+    assert (zero.kind, zero.rdev, zero.uid, zero.gid, zero.mode) == ("char", (1, 5), 0, 0, 0o666)
+    assert changed[b"work/new"].mode == 0o4750 and b"work/gone" not in changed
+
+    # 4. diff and commit as the user, into its store.
+    diff = rootless.run_as_user(["layerfs", "diff", "c1"], home).stdout.splitlines()
+    assert diff == [
+        "C /work", "A /work/dir", "A /work/dir/fifo", "A /work/dir/link", "D /work/gone",
+        "C /work/keep", "A /work/keep.link", "A /work/new", "A /work/zero",
+    ]  # fmt: skip
+    rootless.run_as_user(["layerfs", "commit", "c1", "e2e-changed"], home)
+
+    # 5. The committed layer, exported by the user, says who owns what.
+    out = home / "out"
+    rootless.run_as_user(["layerfs", "export", "e2e-changed", f"oci:{out}:v1"], home)
+    layer = _members(_top_layer(out, "v1"))
+    zero_m = layer["work/zero"]
+    assert zero_m.ischr() and (zero_m.devmajor, zero_m.devminor) == (1, 5)
+    assert (zero_m.uid, zero_m.gid, zero_m.mode) == (0, 0, 0o666)
+    new_m = layer["work/new"]
+    assert (new_m.uid, new_m.gid, new_m.mode) == (rootless.uid, rootless.gid, 0o4750)
+    assert layer["work/dir/fifo"].isfifo() and layer["work/.wh.gone"].isreg()
+    assert not any(
+        k.startswith(("SCHILY.xattr.user.overlay", "SCHILY.xattr.user.containers"))
+        for m in layer.values()
+        for k in m.pax_headers
+    )
+
+    # 6. As root: unpack of the committed image from the user's store equals the mount.
+    dest = tmp_path / "unpacked"
+    unpack = subprocess.run(
+        [*LAYERFS, "unpack", "--store", str(store), "e2e-changed", str(dest)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert unpack.returncode == 0, unpack.stderr
+    assert compare(changed, snapshot(dest)) == []
+    # Root's visit left nothing in the user's store that the user could not change.
+    for dirpath, dirnames, filenames in os.walk(store):
+        for n in dirnames + filenames:
+            assert os.lstat(os.path.join(dirpath, n)).st_uid == rootless.uid, n
+
+    # 7. Root committing the same upper gets the same layer as the user did.
+    root_store = tmp_path / "root-store"
+    for args in (
+        ["import", "--store", str(root_store), f"oci:{e2e_image.layout}:{REF}", "--tag", REF],
+        ["commit", "--store", str(root_store), "--upper", str(upper), "--image", REF, "byroot"],
+    ):
+        proc = subprocess.run([*LAYERFS, *args], capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+    inspect = [*LAYERFS, "inspect", "--store"]
+    ours = subprocess.run([*inspect, str(root_store), "byroot"], capture_output=True, text=True)
+    theirs = subprocess.run([*inspect, str(store), "e2e-changed"], capture_output=True, text=True)
+    diff_ids = [json.loads(p.stdout)[0]["RootFS"]["Layers"][-1] for p in (ours, theirs)]
+    assert diff_ids[0] == diff_ids[1]
