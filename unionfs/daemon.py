@@ -64,21 +64,23 @@ async def _run(ops: Operations) -> bool:
     return signalled
 
 
-def check_unprivileged(options: Sequence[str], fuse_conf: str = "/etc/fuse.conf") -> None:
+def check_unprivileged(
+    options: Sequence[str], fuse_conf: str = "/etc/fuse.conf", dev: str = "/dev/fuse"
+) -> None:
     """What a mount by an ordinary user needs, checked up front for a clear message:
     /dev/fuse readable and writable (libfuse opens it before calling fusermount3), and
     `user_allow_other` in /etc/fuse.conf for allow_other/allow_root."""
     if os.geteuid() == 0:
         return
     try:
-        os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
+        os.close(os.open(dev, os.O_RDWR | os.O_CLOEXEC))
     except OSError as exc:
         try:
-            mode = f"mode {stat.filemode(os.stat('/dev/fuse').st_mode)}"
+            mode = f"mode {stat.filemode(os.stat(dev).st_mode)}"
         except OSError:
             mode = "missing"
         raise MountError(
-            f"cannot open /dev/fuse ({mode}): {exc.strerror}; an ordinary user needs it "
+            f"cannot open {dev} ({mode}): {exc.strerror}; an ordinary user needs it "
             "read-writable, as udev normally makes it (0666, crw-rw-rw-)"
         ) from None
     asked = [o for o in options if o in ("allow_other", "allow_root")]

@@ -280,8 +280,8 @@ class UnionFS:
     def _merged(self, node: Node) -> bool:
         return bool(node.lower) and (node.upper or len(node.lower) > 1)
 
-    def _overridden(self, st: Stat, target: bytes | int) -> Stat:
-        ov = override.read(target) if self.rootless else None
+    def _overridden(self, st: Stat, target: bytes | int, follow: bool = False) -> Stat:
+        ov = override.read(target, follow) if self.rootless else None
         return st if ov is None else override.apply(st, ov)
 
     def _stat(self, node: Node) -> Stat:
@@ -293,7 +293,7 @@ class UnionFS:
         if node.upper:
             st = Stat.of(self._loc_stat(node))
             if self.rootless:
-                st = self._overridden(st, self._loc_path(node))
+                st = self._overridden(st, self._loc_path(node), node.parent is None)
         elif node.lower_entry is not None and node.lower_entry.st is not None:
             st = node.lower_entry.st
         else:

@@ -119,11 +119,17 @@ def shows_as(st: os.stat_result, ov: Override) -> bool:
     )
 
 
-def read(target: bytes | int) -> Override | None:
-    """The override of the object at `target` (a path, never followed, or an fd)."""
+def _follow(target: bytes | int, follow: bool) -> bool:
+    # An fd has nothing to follow (and Python refuses follow_symlinks=False with one); a
+    # /proc/self/fd/N path of a directory fd must be followed to reach the directory.
+    return follow or isinstance(target, int)
+
+
+def read(target: bytes | int, follow: bool = False) -> Override | None:
+    """The override of the object at `target` (a path, followed only if `follow`, or an fd)."""
     for name in READ_XATTRS:
         try:
-            value = os.getxattr(target, name, follow_symlinks=isinstance(target, int))
+            value = os.getxattr(target, name, follow_symlinks=_follow(target, follow))
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
                 continue
@@ -134,20 +140,16 @@ def read(target: bytes | int) -> Override | None:
     return None
 
 
-def write(target: bytes | int, ov: Override, disk_fmt: int) -> None:
-    os.setxattr(
-        target,
-        OVERRIDE_XATTR,
-        format_override(ov, disk_fmt),
-        follow_symlinks=isinstance(target, int),  # an fd: nothing to follow
-    )
+def write(target: bytes | int, ov: Override, disk_fmt: int, follow: bool = False) -> None:
+    value = format_override(ov, disk_fmt)
+    os.setxattr(target, OVERRIDE_XATTR, value, follow_symlinks=_follow(target, follow))
 
 
-def remove(target: bytes | int) -> None:
+def remove(target: bytes | int, follow: bool = False) -> None:
     """Drop every override spelling (the object shows its own attributes again)."""
     for name in READ_XATTRS:
         try:
-            os.removexattr(target, name, follow_symlinks=isinstance(target, int))
+            os.removexattr(target, name, follow_symlinks=_follow(target, follow))
         except OSError as exc:
             if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
                 raise
@@ -206,9 +208,9 @@ def record(
             st = os.lstat(name, dir_fd=dfd) if name else os.stat(dfd)
         if shows_as(st, ov):
             if not fresh:
-                remove(target)
+                remove(target, follow=not name)
         else:
-            write(target, ov, fmt)
+            write(target, ov, fmt, follow=not name)
         return
     if shows_as(st, ov):
         return

@@ -1,0 +1,231 @@
+"""The rootless engine mounted by a real unprivileged user: override stat (chown, chmod, mknod,
+copy-up of what the user cannot own), privileged xattrs, squash and uid/gid maps.
+
+The daemon always runs as the plain user. Operations the kernel itself reserves to privileged
+callers (chown to another uid, mknod of a device, trusted.* xattrs) are made by a process with
+the user's uid and the needed capabilities, as root inside a rootless container is: the kernel
+lets them through to the daemon, which holds no privilege and must keep them as metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.mounting import is_mounted
+from tests.rootless.conftest import Rootless, home, rootless  # noqa: F401 - fixtures
+
+OVERRIDE = b"user.containers.override_stat"
+CAPS = "+chown,+mknod,+fowner,+dac_override,+sys_admin,+setfcap"
+# security.capability v2 granting cap_net_raw (bit 13), as setcap would write it.
+FCAP = "0x0100000200200000000000000000000000000000"
+
+
+def as_container_root(
+    rl: Rootless, script: str, home_dir: Path, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`sh -c script` with the user's uid/gid plus CAPS (root of a rootless container)."""
+    env = [f"{k}={v}" for k, v in rl.env(home_dir).items()]
+    argv = [
+        "setpriv", f"--reuid={rl.uid}", f"--regid={rl.gid}", "--clear-groups",
+        f"--inh-caps={CAPS}", f"--ambient-caps={CAPS}",
+        "env", "-i", *env, "/bin/sh", "-c", script,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        argv, cwd=home_dir, capture_output=True, text=True, check=False, timeout=60
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script!r} exited {proc.returncode}: {proc.stderr}{proc.stdout}")
+    return proc
+
+
+def _lower(base: Path) -> Path:
+    """A lower made by root: objects the user could not create or own."""
+    low = base / "lower"
+    (low / "etc").mkdir(parents=True)
+    (low / "etc" / "passwd").write_bytes(b"root:x:0:0\n")
+    os.setxattr(low / "etc" / "passwd", b"user.keep", b"kept")
+    (low / "etc" / "group").write_bytes(b"root:x:0:\n")
+    os.chown(low / "etc" / "group", 0, 42)
+    os.mknod(low / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.chmod(low / "null", 0o666)
+    os.mkfifo(low / "fifo")
+    os.chmod(low / "fifo", 0o620)
+    os.symlink(b"etc/passwd", low / "link")
+    os.lchown(low / "link", 5, 6)
+    (low / "ro").mkdir()
+    os.chmod(low / "ro", 0o555)
+    for p in (base, low, low / "etc"):
+        os.chmod(p, 0o755)
+    return low
+
+
+def _dirs(rl: Rootless, base: Path) -> tuple[Path, Path, Path]:
+    upper, work, mnt = base / "upper", base / "work", base / "mnt"
+    for p in (upper, work, mnt):
+        p.mkdir()
+        os.chown(p, rl.uid, rl.gid)
+    return upper, work, mnt
+
+
+def _stat_lines(rl: Rootless, home_dir: Path, mnt: Path, names: str) -> dict[str, str]:
+    out = rl.sh(f"cd {mnt} && stat -c '%n %F %a %u:%g %t:%T' {names}", home_dir).stdout
+    return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.splitlines()}
+
+
+def test_owner_mode_devices_and_xattrs_kept_as_metadata(rl_home: tuple[Rootless, Path]) -> None:
+    rl, home_dir = rl_home
+    low = _lower(home_dir)
+    upper, work, mnt = _dirs(rl, home_dir)
+    opts = f"lowerdir={low},upperdir={upper},workdir={work}"
+    names = "etc/passwd etc/group null fifo link ro dev0 pipe2 mine"
+    with rl.mounted(["layerfs", "overlay", "-f", "-o", opts, str(mnt)], mnt, home_dir):
+        shown = _stat_lines(rl, home_dir, mnt, "etc/passwd etc/group null fifo link ro")
+        assert shown["etc/passwd"] == "regular file 644 0:0 0:0"
+        assert shown["null"] == "character special file 666 0:0 1:3"
+        assert shown["link"] == "symbolic link 777 5:6 0:0"
+        # The plain user may not write a file it does not own, by appearance.
+        denied = rl.sh(f"echo x >> {mnt}/etc/passwd", home_dir, check=False)
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr
+        as_container_root(
+            rl,
+            f"cd {mnt} && echo more >> etc/passwd && chown 0:42 etc/group && "
+            "chmod 4750 etc/group && mknod dev0 c 4 5 && chown 7:8 dev0 && "
+            "mkfifo pipe2 && chown 11:12 pipe2 && chown -h 3:4 link && chmod 0 ro && "
+            "touch ro/inside && chown 9:9 fifo && echo m > mine && "
+            f"setfattr -n trusted.t -v tv etc/passwd && "
+            f"setfattr -n security.capability -v {FCAP} etc/passwd",
+            home_dir,
+        )
+        before = _stat_lines(rl, home_dir, mnt, names)
+        assert before["etc/passwd"] == "regular file 644 0:0 0:0"  # copy-up kept the owner
+        assert before["etc/group"] == "regular file 4750 0:42 0:0"
+        assert before["dev0"] == "character special file 644 7:8 4:5"
+        assert before["pipe2"] == "fifo 644 11:12 0:0"
+        assert before["fifo"] == "fifo 620 9:9 0:0"
+        assert before["link"] == "symbolic link 777 3:4 0:0"
+        assert before["ro"] == "directory 0 0:0 0:0"
+        assert before["mine"] == f"regular file 644 {rl.uid}:{rl.gid} 0:0"
+        assert rl.sh(f"readlink {mnt}/link && cat {mnt}/link", home_dir).stdout == (
+            "etc/passwd\nroot:x:0:0\nmore\n"
+        )
+        xattrs = as_container_root(rl, f"getfattr -d -m - -e hex {mnt}/etc/passwd", home_dir)
+        assert "trusted.t=0x7476" in xattrs.stdout
+        assert f"security.capability={FCAP}" in xattrs.stdout
+        assert "user.keep=0x6b657074" in xattrs.stdout
+        attrs = [ln for ln in xattrs.stdout.splitlines() if "=" in ln]
+        assert not [a for a in attrs if "override" in a or "layerfs" in a], attrs
+    assert not is_mounted(mnt)
+    # On disk everything belongs to the user; what it could not do is in xattrs.
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for n in dirnames + filenames:
+            assert os.lstat(os.path.join(dirpath, n)).st_uid == rl.uid
+    assert os.getxattr(upper / "etc" / "passwd", OVERRIDE) == b"0:0:0644:file"
+    assert os.getxattr(upper / "dev0", OVERRIDE) == b"7:8:0644:char-4-5"
+    assert os.getxattr(upper / "link", OVERRIDE) == b"3:4:0777:symlink"
+    assert (upper / "link").read_bytes() == b"etc/passwd"
+    assert os.getxattr(upper / "etc" / "passwd", b"user.layerfs.xattr.trusted.t") == b"tv"
+    assert b"user.layerfs.xattr.security.capability" in [
+        os.fsencode(n) for n in os.listxattr(upper / "etc" / "passwd")
+    ]
+    assert stat.S_IMODE(os.stat(upper / "ro").st_mode) == 0o700  # the daemon can still use it
+    with pytest.raises(OSError):
+        os.getxattr(upper / "mine", OVERRIDE)  # nothing to override
+    # A new mount of the same upper shows the same.
+    with rl.mounted(["layerfs", "overlay", "-f", "-o", opts, str(mnt)], mnt, home_dir):
+        assert _stat_lines(rl, home_dir, mnt, names) == before
+
+
+def test_squash_shows_everything_as_the_user_who_may_change_it(
+    rl_home: tuple[Rootless, Path],
+) -> None:
+    rl, home_dir = rl_home
+    low = _lower(home_dir)
+    upper, work, mnt = _dirs(rl, home_dir)
+    opts = f"lowerdir={low},upperdir={upper},workdir={work},squash_to_uid={rl.uid}"
+    opts += f",squash_to_gid={rl.gid}"
+    with rl.mounted(["layerfs", "overlay", "-f", "-o", opts, str(mnt)], mnt, home_dir):
+        shown = _stat_lines(rl, home_dir, mnt, "etc/passwd null link ro")
+        owner = f"{rl.uid}:{rl.gid}"
+        assert all(v.split()[-2] == owner for v in shown.values()), shown
+        rl.sh(
+            f"cd {mnt} && echo more >> etc/passwd && chmod 600 etc/passwd && chmod 755 ro "
+            "&& touch ro/new",
+            home_dir,
+        )
+        again = _stat_lines(rl, home_dir, mnt, "etc/passwd ro/new")
+        assert again["etc/passwd"] == f"regular file 600 {owner} 0:0"
+        # chown to another uid stays the kernel's to refuse (no CAP_CHOWN)
+        assert rl.sh(f"chown 0 {mnt}/ro/new", home_dir, check=False).returncode != 0
+    # What is stored is still the image's owner, with the new mode.
+    assert os.getxattr(upper / "etc" / "passwd", OVERRIDE) == b"0:0:0600:file"
+    assert os.getxattr(upper / "ro", OVERRIDE) == b"0:0:0755:dir"
+
+
+def test_uid_gid_maps_show_host_ids_and_store_container_ids(
+    rl_home: tuple[Rootless, Path],
+) -> None:
+    rl, home_dir = rl_home
+    low = _lower(home_dir)
+    upper, work, mnt = _dirs(rl, home_dir)
+    # The upper root belongs to container root, as `layerfs mount` makes it.
+    os.setxattr(upper, OVERRIDE, b"0:0:0755:dir")
+    maps = f"uidmapping=0:{rl.uid}:1:1:200000:10,gidmapping=0:{rl.gid}:1"
+    opts = f"lowerdir={low},upperdir={upper},workdir={work},{maps}"
+    with rl.mounted(["layerfs", "overlay", "-f", "-o", opts, str(mnt)], mnt, home_dir):
+        shown = _stat_lines(rl, home_dir, mnt, ". etc/passwd etc/group link")
+        assert shown["etc/passwd"].split()[-2] == f"{rl.uid}:{rl.gid}"
+        assert shown["etc/group"].split()[-2] == f"{rl.uid}:65534"  # gid 42 is not mapped
+        assert shown["link"].split()[-2] == "200004:65534"
+        rl.sh(f"echo new > {mnt}/created && echo more >> {mnt}/etc/passwd", home_dir)
+        made = _stat_lines(rl, home_dir, mnt, "created")["created"]
+        assert made.split()[-2] == f"{rl.uid}:{rl.gid}"
+        as_container_root(rl, f"chown 200003:{rl.gid} {mnt}/created", home_dir)
+        bad = as_container_root(rl, f"chown 4000 {mnt}/created", home_dir, check=False)
+        assert bad.returncode != 0 and "Invalid argument" in bad.stderr
+    assert os.getxattr(upper / "created", OVERRIDE) == b"4:0:0644:file"  # 1 + 200003 - 200000
+    assert os.getxattr(upper / "etc" / "passwd", OVERRIDE) == b"0:0:0644:file"
+
+
+def test_unprivileged_mount_errors_are_one_clear_line(rl_home: tuple[Rootless, Path]) -> None:
+    rl, home_dir = rl_home
+    low, mnt = home_dir / "low", home_dir / "m"
+    rl.sh(f"mkdir {low} {mnt}", home_dir)
+    cases = [
+        ("allow_other", "needs 'user_allow_other' in /etc/fuse.conf"),
+        ("uidmapping=0:1", "bad id map"),
+        ("squash_to_gid=-3", "bad squash_to_gid"),
+    ]
+    conf = Path("/etc/fuse.conf")
+    if conf.exists() and "user_allow_other" in conf.read_text(errors="replace").split():
+        cases = cases[1:]  # this machine allows it: nothing to refuse
+    for opt, msg in cases:
+        out = rl.run_as_user(
+            ["layerfs", "overlay", "-f", "-o", f"lowerdir={low},{opt}", str(mnt)],
+            home_dir,
+            check=False,
+        )
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode != 0 and len(lines) == 1, out.stderr
+        assert lines[0].startswith("layerfs: ") and msg in lines[0], lines
+        assert not is_mounted(mnt)
+    # /dev/fuse not usable: the user's own 0600 copy stands in for it.
+    fake = home_dir / "fuse"
+    rl.sh(f"touch {fake} && chmod 000 {fake}", home_dir)
+    code = (
+        "import sys; from unionfs.daemon import check_unprivileged, MountError\n"
+        f"try: check_unprivileged([], dev={str(fake)!r})\n"
+        "except MountError as e: print(e); sys.exit(1)\n"
+    )
+    out = rl.run_as_user([rl.python, "-c", code], home_dir, check=False)
+    assert out.returncode == 1
+    assert "cannot open" in out.stdout and "----------" in out.stdout and "0666" in out.stdout
+
+
+@pytest.fixture
+def rl_home(rootless: Rootless, home: Path) -> tuple[Rootless, Path]:  # noqa: F811
+    return rootless, home
