@@ -96,6 +96,21 @@ def check_unprivileged(
             )
 
 
+def privileged_upper(work: Path) -> bool:
+    """Can the upper be written in overlayfs' native format? Real root can; root of a user
+    namespace (`unshare -r`, rootless podman) has euid 0 but no trusted.* xattrs, so it gets
+    the rootless format like any user."""
+    if os.geteuid() != 0:
+        return False
+    probe = b"trusted.overlay.layerfs.probe"
+    try:
+        os.setxattr(work, probe, b"1")
+        os.removexattr(work, probe)
+    except OSError:
+        return False
+    return True
+
+
 def _mount(ops: Operations, mountpoint: Path, options: Sequence[str]) -> None:
     try:
         pyfuse3.init(ops, os.fspath(mountpoint), set(options))
@@ -141,7 +156,7 @@ def serve(
     options = list(fuse_options)
     try:
         upper_layer = (
-            UpperLayer(os.fsencode(upper), os.fsencode(work), os.geteuid() == 0)
+            UpperLayer(os.fsencode(upper), os.fsencode(work), privileged_upper(work))
             if upper is not None and work is not None
             else None
         )

@@ -163,7 +163,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 _init_upper_root(container.upper, view)
             if args.ro:
                 # A read-only view of the container: its upper as the top layer.
-                layers.insert(0, DirLayer(os.fsencode(container.upper)))
+                top = DirLayer(os.fsencode(container.upper))
+                top.overrides = os.geteuid() != 0  # a rootless upper: show its metadata
+                layers.insert(0, top)
             else:
                 upper, work = container.upper, container.work
         record = MountRecord(

@@ -196,7 +196,12 @@ def run_overlay(args: argparse.Namespace) -> int:
                 fuse = [f for f in fuse if not f.startswith(key + "=")]
             if o not in fuse:
                 fuse.append(o)
-        layers: list[Layer] = [DirLayer(os.fsencode(p)) for p in opts.lowers]
+        layers: list[Layer] = []
+        for p in opts.lowers:
+            layer = DirLayer(os.fsencode(p))
+            # Rootless: a lower may be a rootless upper: show its override_stat metadata.
+            layer.overrides = os.geteuid() != 0
+            layers.append(layer)
         return serve(
             layers,
             opts.upper,

@@ -135,9 +135,17 @@ def test_owner_mode_devices_and_xattrs_kept_as_metadata(rl_home: tuple[Rootless,
     assert stat.S_IMODE(os.stat(upper / "ro").st_mode) == 0o700  # the daemon can still use it
     with pytest.raises(OSError):
         os.getxattr(upper / "mine", OVERRIDE)  # nothing to override
-    # A new mount of the same upper shows the same.
+    # A new mount of the same upper shows the same, and so does the upper read back as a
+    # lower layer (read-only mount).
     with rl.mounted(["layerfs", "overlay", "-f", "-o", opts, str(mnt)], mnt, home_dir):
         assert _stat_lines(rl, home_dir, mnt, names) == before
+    ro = f"lowerdir={upper}:{low}"
+    with rl.mounted(["layerfs", "overlay", "-f", "-o", ro, str(mnt)], mnt, home_dir):
+        assert _stat_lines(rl, home_dir, mnt, names) == before
+        assert rl.sh(f"readlink {mnt}/link", home_dir).stdout == "etc/passwd\n"
+        xattrs = as_container_root(rl, f"getfattr -d -m - -e hex {mnt}/etc/passwd", home_dir)
+        assert "trusted.t=0x7476" in xattrs.stdout
+        assert not [a for a in xattrs.stdout.splitlines() if "override" in a]
 
 
 def test_squash_shows_everything_as_the_user_who_may_change_it(

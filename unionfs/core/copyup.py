@@ -115,8 +115,13 @@ def copy_up(
             os.mknod(tmp, st.mode, st.rdev, dir_fd=wfd)
         # Owner first (chown clears set-id bits and security.capability), then xattrs
         # (user.* needs write permission without privileges), then the mode.
-        with contextlib.suppress(PermissionError):  # rootless: files belong to us
+        try:
             os.chown(tmp, st.uid, st.gid, dir_fd=wfd, follow_symlinks=False)
+        except OSError as exc:
+            # Rootless, the copy stays ours (the override keeps the owner): EPERM, or
+            # EINVAL for an id a user namespace does not map.
+            if exc.errno != errno.EPERM and (upper.native or exc.errno != errno.EINVAL):
+                raise
         if upper.native or kind in (Kind.FILE, Kind.DIR) or stand_in:
             copy_xattrs(src, src_path, upper, wfd, tmp)
             upper.set_origin(wfd, tmp, origin)

@@ -82,8 +82,13 @@ class UnionFS:
         # A rootless upper keeps what its owner cannot give an object on disk (owner, mode,
         # device type, privileged xattrs) as override xattrs (unionfs.core.override).
         self.rootless = upper is not None and not upper.native
+        # Metadata xattrs are hidden (and stored privileged xattrs shown by their names) in a
+        # rootless upper and in lowers that apply overrides (rootless uppers read back).
+        self.metadata_xattrs = self.rootless or any(
+            getattr(layer, "overrides", False) for layer in self.lowers
+        )
         self.private = (b"trusted.overlay.",) + (
-            (b"user.overlay.", *override.HIDDEN_XATTRS) if self.rootless else ()
+            (b"user.overlay.", *override.HIDDEN_XATTRS) if self.metadata_xattrs else ()
         )
         self.present = presentation if presentation and not presentation.identity else None
         root = Node(ino=ROOT_INO, key=(-1, 0), is_dir=True, parent=None, name=b"")
@@ -546,8 +551,13 @@ class UnionFS:
         pst = self._stat(parent)
         if pst.mode & stat.S_ISGID:
             gid = pst.gid
-        with contextlib.suppress(PermissionError):  # rootless: everything is ours
+        try:
             os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+        except OSError as exc:
+            # Rootless, everything is ours (the override keeps the owner): EPERM, or EINVAL
+            # for an id a user namespace does not map.
+            if exc.errno != errno.EPERM and (not self.rootless or exc.errno != errno.EINVAL):
+                raise
         if self.rootless:
             assert self.upper is not None
             st = os.lstat(name, dir_fd=dfd)
@@ -930,6 +940,9 @@ class UnionFS:
                     return os.getxattr(path, stored, follow_symlinks=False)
             return os.getxattr(path, name, follow_symlinks=False)
         layer, path = self._lower_layer(node)
+        if self.metadata_xattrs and self._keeps_stored(name):
+            with contextlib.suppress(FsError):
+                return layer.getxattr(path, override.stored_xattr(name))
         return layer.getxattr(path, name)
 
     def _keeps_stored(self, name: bytes) -> bool:
@@ -943,12 +956,11 @@ class UnionFS:
             names = [
                 os.fsencode(n) for n in os.listxattr(self._loc_path(node), follow_symlinks=False)
             ]
-            if self.rootless:
-                shown = [override.shown_xattr(n) or n for n in names]
-                names = list(dict.fromkeys(shown))
         else:
             layer, path = self._lower_layer(node)
             names = layer.listxattr(path)
+        if self.metadata_xattrs:
+            names = list(dict.fromkeys(override.shown_xattr(n) or n for n in names))
         return [n for n in names if not n.startswith(self.private)]
 
     def _xattr_target(self, ino: Ino, name: bytes) -> bytes:

@@ -19,7 +19,6 @@ import os
 import stat
 from dataclasses import dataclass, replace
 
-from unionfs.core.layers import _proc
 from unionfs.core.types import Stat
 
 OVERRIDE_XATTR = b"user.containers.override_stat"
@@ -98,8 +97,13 @@ def format_override(ov: Override, disk_fmt: int) -> bytes:
 
 
 def apply(st: Stat, ov: Override) -> Stat:
-    """The on-disk `st` with owner, permission bits, type and rdev replaced."""
-    fmt = stat.S_IFMT(st.mode) if ov.fmt is None else ov.fmt
+    """The on-disk `st` with owner, permission bits, type and rdev replaced. Only a regular
+    file (a stand-in) changes type, and never into a directory: a type the object cannot be
+    is ignored (the object on disk decides)."""
+    disk_fmt = stat.S_IFMT(st.mode)
+    fmt = disk_fmt
+    if ov.fmt is not None and disk_fmt == stat.S_IFREG and ov.fmt != stat.S_IFDIR:
+        fmt = ov.fmt
     rdev = ov.rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0
     return replace(st, uid=ov.uid, gid=ov.gid, mode=fmt | ov.mode, rdev=rdev)
 
@@ -117,6 +121,10 @@ def shows_as(st: os.stat_result, ov: Override) -> bool:
         and st.st_gid == ov.gid
         and (not perms_count or stat.S_IMODE(st.st_mode) == ov.mode)
     )
+
+
+def _proc(fd: int, name: bytes) -> bytes:
+    return b"/proc/self/fd/%d/%s" % (fd, name) if name else b"/proc/self/fd/%d" % fd
 
 
 def _follow(target: bytes | int, follow: bool) -> bool:
