@@ -9,9 +9,13 @@ lets them through to the daemon, which holds no privilege and must keep them as 
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -232,6 +236,105 @@ def test_unprivileged_mount_errors_are_one_clear_line(rl_home: tuple[Rootless, P
     out = rl.run_as_user([rl.python, "-c", code], home_dir, check=False)
     assert out.returncode == 1
     assert "cannot open" in out.stdout and "----------" in out.stdout and "0666" in out.stdout
+
+
+def _blob(layout: Path, data: bytes) -> dict[str, object]:
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return {"digest": f"sha256:{digest}", "size": len(data)}
+
+
+def _oci_image(layout: Path, ref: str) -> None:
+    """A one-layer OCI layout written by hand (no tools): a root-owned /etc/passwd and dirs,
+    a file of uid/gid 1000, a char device."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+
+        def add(name: str, kind: bytes, mode: int, uid: int = 0, data: bytes = b"") -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.mode, info.uid, info.gid = kind, mode, uid, uid
+            info.size = len(data)
+            if kind == tarfile.CHRTYPE:
+                info.devmajor, info.devminor = 1, 3
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        add("etc", tarfile.DIRTYPE, 0o755)
+        add("etc/passwd", tarfile.REGTYPE, 0o644, data=b"root:x:0:0\n")
+        add("home", tarfile.DIRTYPE, 0o755)
+        add("home/notes", tarfile.REGTYPE, 0o600, uid=1000, data=b"alice\n")
+        add("null", tarfile.CHRTYPE, 0o666)
+    layer = buf.getvalue()
+    (layout / "blobs" / "sha256").mkdir(parents=True)
+    (layout / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(layer).hexdigest()}"]},
+        "config": {},
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            **_blob(layout, json.dumps(config).encode()),
+        },
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", **_blob(layout, layer)}],
+    }
+    index = {
+        "schemaVersion": 2,
+        "manifests": [
+            {
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                **_blob(layout, json.dumps(manifest).encode()),
+                "annotations": {"org.opencontainers.image.ref.name": ref},
+            }
+        ],
+    }
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def test_image_mount_squash_and_maps(rl_home: tuple[Rootless, Path]) -> None:
+    rl, home_dir = rl_home
+    layout = home_dir / "layout"
+    _oci_image(layout, "v1")
+    for dirpath, _, filenames in os.walk(layout):
+        os.chmod(dirpath, 0o755)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o644)
+    rl.run_as_user(["layerfs", "import", f"oci:{layout}:v1", "--tag", "img"], home_dir)
+    mnt = home_dir / "mnt"
+    rl.sh(f"mkdir {mnt}", home_dir)
+    me = f"{rl.uid}:{rl.gid}"
+    squash = ["layerfs", "mount", "-f", "img", str(mnt), "--name", "sq", "--squash"]
+    with rl.mounted(squash, mnt, home_dir):
+        shown = _stat_lines(rl, home_dir, mnt, ". etc/passwd home/notes null")
+        assert {v.split()[-2] for v in shown.values()} == {me}, shown
+        rl.sh(f"echo more >> {mnt}/etc/passwd && cat {mnt}/home/notes && touch {mnt}/new", home_dir)
+    # Without --squash the same container shows the image's owners; what the user wrote
+    # kept them.
+    plain = ["layerfs", "mount", "-f", "img", str(mnt), "--name", "sq"]
+    with rl.mounted(plain, mnt, home_dir):
+        shown = _stat_lines(rl, home_dir, mnt, ". etc/passwd home/notes null new")
+        assert shown["."] == "directory 755 0:0 0:0"
+        assert shown["etc/passwd"] == "regular file 644 0:0 0:0"
+        assert shown["home/notes"] == "regular file 600 1000:1000 0:0"
+        assert shown["null"] == "character special file 666 0:0 1:3"
+        assert shown["new"].split()[-2] == me
+    maps = ["--uidmap", f"0:{rl.uid}:1", "--uidmap", "1000:300000:5", "--gidmap", f"0:{rl.gid}:1"]
+    mapped = ["layerfs", "mount", "-f", "img", str(mnt), "--name", "mp", *maps]
+    with rl.mounted(mapped, mnt, home_dir):
+        shown = _stat_lines(rl, home_dir, mnt, ". etc/passwd home/notes")
+        assert shown["."] == f"directory 755 {me} 0:0"  # the container's root is the user
+        assert shown["etc/passwd"].split()[-2] == me
+        assert shown["home/notes"].split()[-2] == "300000:65534"
+        rl.sh(f"echo x > {mnt}/made && echo y >> {mnt}/etc/passwd", home_dir)
+        assert _stat_lines(rl, home_dir, mnt, "made")["made"].split()[-2] == me
+    bad = rl.run_as_user(
+        ["layerfs", "mount", "img", str(mnt), "--uidmap", "0:1:0"], home_dir, check=False
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("layerfs: bad id map")
+    assert len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.fixture
