@@ -238,6 +238,55 @@ def test_unprivileged_mount_errors_are_one_clear_line(rl_home: tuple[Rootless, P
     assert "cannot open" in out.stdout and "----------" in out.stdout and "0666" in out.stdout
 
 
+def test_root_of_a_user_namespace_gets_the_rootless_format(
+    rl_home: tuple[Rootless, Path],
+) -> None:
+    """`unshare -r` (as rootless podman): euid 0 but no trusted.* xattrs and no devices; the
+    daemon writes `.wh.` whiteouts and user.overlay.* markers instead of failing."""
+    rl, home_dir = rl_home
+    probe = rl.sh("unshare -rm true", home_dir, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"unprivileged user namespaces are disabled here: {probe.stderr.strip()}")
+    base = home_dir / "ns"
+    rl.sh(f"mkdir -p {base}/lower/d {base}/upper {base}/work {base}/mnt", home_dir)
+    rl.sh(f"echo a > {base}/lower/f && echo b > {base}/lower/d/g", home_dir)
+    py = " ".join(rl.layerfs)
+    opts = f"lowerdir={base}/lower,upperdir={base}/upper,workdir={base}/work"
+    script = f"""
+set -e
+cd {base}
+{py} overlay -f -o {opts} {base}/mnt 2> {base}/log &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+i=0
+until grep -q " {base}/mnt " /proc/self/mountinfo; do
+  i=$((i + 1)); [ $i -lt 600 ] || exit 9; sleep 0.05
+done
+test "$(id -u)" = 0
+rm mnt/f
+rm -r mnt/d
+mkdir mnt/d
+echo c > mnt/d/h
+chown 0:0 mnt/d/h
+ls mnt; ls mnt/d
+umount mnt
+wait $pid
+"""
+    out = rl.sh(f"unshare -rm sh -c {_quote(script)}", home_dir, check=False)
+    log = (base / "log").read_text(errors="replace") if (base / "log").exists() else ""
+    assert out.returncode == 0, out.stderr + log
+    assert out.stdout.split() == ["d", "h"]
+    assert "Traceback" not in log
+    assert (base / "upper" / ".wh.f").is_file()
+    d = base / "upper" / "d"
+    assert (d / ".wh..wh..opq").is_file()  # the rootless opaque marker
+    assert not [n for n in os.listxattr(d) if n.startswith("trusted.")]
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
 def _blob(layout: Path, data: bytes) -> dict[str, object]:
     digest = hashlib.sha256(data).hexdigest()
     (layout / "blobs" / "sha256" / digest).write_bytes(data)
