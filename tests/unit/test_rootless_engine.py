@@ -281,3 +281,17 @@ def test_presentation_maps_shown_ids_and_chown_maps_back(tmp_path: Path) -> None
         assert exc.value.errno == errno.EINVAL
     finally:
         fs.close()
+
+
+def test_chown_of_an_open_unlinked_file_in_a_rootless_upper(tmp_path: Path) -> None:
+    fs = _rootless_fs(tmp_path)
+    try:
+        fh, a = fs.create(ROOT_INO, b"tmpf", stat.S_IFREG | 0o600, os.O_RDWR, 0, 0)
+        fs.lookup(ROOT_INO, b"tmpf")
+        fs.unlink(ROOT_INO, b"tmpf")
+        fs.setattr(a.ino, uid=321, gid=654, mode=0o640)
+        shown = fs.getattr(a.ino).st
+        assert (shown.uid, shown.gid, stat.S_IMODE(shown.mode), shown.nlink) == (321, 654, 0o640, 0)
+        fs.release(fh)
+    finally:
+        fs.close()

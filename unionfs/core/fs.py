@@ -330,15 +330,21 @@ class UnionFS:
     ) -> None:
         """chown/chmod in a rootless upper: recorded in the override."""
         assert self.upper is not None
+        ov = self._changed_override(node, uid, gid, mode)
+        override.record(dfd, name, ov, self.upper.work_fd, self.upper.tmp_name())
+
+    def _changed_override(
+        self, node: Node, uid: int | None, gid: int | None, mode: int | None
+    ) -> override.Override:
+        """What `node` shows after a chown/chmod (None: unchanged)."""
         cur = self._stat(node)
-        ov = override.Override(
+        return override.Override(
             cur.uid if uid is None else uid,
             cur.gid if gid is None else gid,
             stat.S_IMODE(cur.mode if mode is None else mode),
             stat.S_IFMT(cur.mode),
             cur.rdev,
         )
-        override.record(dfd, name, ov, self.upper.work_fd, self.upper.tmp_name())
 
     def needs_copy_up(self, ino: Ino) -> bool:
         """Would changing `ino` copy data up first? (The adapter then runs the call in a
@@ -448,10 +454,13 @@ class UnionFS:
             fd = handle_fd
             if size is not None:
                 os.ftruncate(fd, size)
-            if mode is not None:
-                os.chmod(fd, stat.S_IMODE(mode))
-            if uid is not None or gid is not None:
-                os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            if self.rootless and (uid is not None or gid is not None or mode is not None):
+                override.record_fd(fd, self._changed_override(node, uid, gid, mode))
+            else:
+                if mode is not None:
+                    os.chmod(fd, stat.S_IMODE(mode))
+                if uid is not None or gid is not None:
+                    os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
             if atime_ns is not None or mtime_ns is not None:
                 cur = os.fstat(fd)
                 os.utime(
@@ -478,7 +487,6 @@ class UnionFS:
                     os.close(fd)
         if self.rootless and (uid is not None or gid is not None or mode is not None):
             self._set_override(node, dfd, name, uid, gid, None if is_link else mode)
-            dfd, name = self._upper_loc(node)  # a stand-in may have replaced the object
         else:
             if uid is not None or gid is not None:
                 os.chown(

@@ -238,3 +238,18 @@ def record(
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=work_fd)
         raise
+
+
+def record_fd(fd: int, ov: Override) -> None:
+    """`record` for an open regular file that has no name any more (unlinked while open)."""
+    st = os.fstat(fd)
+    disk = (ov.mode & 0o777) | 0o600
+    if stat.S_IMODE(st.st_mode) != disk:
+        os.chmod(fd, disk)
+        st = os.fstat(fd)
+    if ov.fmt is None:
+        ov = replace(ov, fmt=stat.S_IFMT(st.st_mode))
+    if shows_as(st, ov):
+        remove(fd)
+    else:
+        write(fd, ov, stat.S_IFMT(st.st_mode))
