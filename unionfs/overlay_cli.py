@@ -199,7 +199,8 @@ def run_overlay(args: argparse.Namespace) -> int:
         layers: list[Layer] = []
         for p in opts.lowers:
             layer = DirLayer(os.fsencode(p))
-            # Rootless: a lower may be a rootless upper: show its override_stat metadata.
+            # Rootless: a lower may be a rootless upper (ours or fuse-overlayfs'): show its
+            # override_stat metadata.
             layer.overrides = os.geteuid() != 0
             layers.append(layer)
         return serve(

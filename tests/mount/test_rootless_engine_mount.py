@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import require_tool
 from tests.mounting import is_mounted
 from tests.rootless.conftest import Rootless, home, rootless  # noqa: F401 - fixtures
 
@@ -62,6 +63,7 @@ def _lower(base: Path) -> Path:
     os.symlink(b"etc/passwd", low / "link")
     os.lchown(low / "link", 5, 6)
     (low / "ro").mkdir()
+    (low / "ro" / "old").write_bytes(b"old\n")
     os.chmod(low / "ro", 0o555)
     for p in (base, low, low / "etc"):
         os.chmod(p, 0o755)
@@ -236,6 +238,43 @@ def test_unprivileged_mount_errors_are_one_clear_line(rl_home: tuple[Rootless, P
     out = rl.run_as_user([rl.python, "-c", code], home_dir, check=False)
     assert out.returncode == 1
     assert "cannot open" in out.stdout and "----------" in out.stdout and "0666" in out.stdout
+
+
+def test_an_upper_fuse_overlayfs_wrote_rootless_reads_back_the_same(
+    rl_home: tuple[Rootless, Path],
+) -> None:
+    """fuse-overlayfs as the oracle of its own rootless format (xattr_permissions=2:
+    user.fuseoverlayfs.override_stat, .opaque, `.wh.` whiteouts): layerfs over the same upper,
+    as upper or as a lower, shows what fuse-overlayfs showed."""
+    require_tool("fuse-overlayfs")
+    rl, home_dir = rl_home
+    low = _lower(home_dir)
+    upper, work, mnt = _dirs(rl, home_dir)
+    opts = f"lowerdir={low},upperdir={upper},workdir={work}"
+    names = "etc/passwd ro ro/x fifo link null new"
+    listing = f"cd {mnt} && ls -A . etc ro"
+    fo = ["fuse-overlayfs", "-f", "-o", f"{opts},xattr_permissions=2", str(mnt)]
+    with rl.mounted(fo, mnt, home_dir):
+        as_container_root(
+            rl,
+            f"cd {mnt} && chmod 4711 etc/passwd && rm etc/group && rm -r ro && mkdir ro && "
+            "chmod 755 ro && echo x > ro/x && echo n > new",
+            home_dir,
+        )
+        expect = _stat_lines(rl, home_dir, mnt, names)
+        expect_ls = rl.sh(listing, home_dir).stdout
+        assert expect_ls.split("ro:")[1].split() == ["x"]  # the new ro is opaque
+    assert os.getxattr(upper / "etc" / "passwd", b"user.fuseoverlayfs.override_stat")
+    layerfs = ["layerfs", "overlay", "-f", "-o", opts, str(mnt)]
+    with rl.mounted(layerfs, mnt, home_dir):
+        assert _stat_lines(rl, home_dir, mnt, names) == expect
+        assert rl.sh(listing, home_dir).stdout == expect_ls
+        xattrs = rl.sh(f"getfattr -d -m - {mnt}/etc/passwd {mnt}/ro", home_dir).stdout
+        assert "fuseoverlayfs" not in xattrs
+    ro = ["layerfs", "overlay", "-f", "-o", f"lowerdir={upper}:{low}", str(mnt)]
+    with rl.mounted(ro, mnt, home_dir):
+        assert _stat_lines(rl, home_dir, mnt, names) == expect
+        assert rl.sh(listing, home_dir).stdout == expect_ls
 
 
 def test_root_of_a_user_namespace_gets_the_rootless_format(

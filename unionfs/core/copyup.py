@@ -14,6 +14,7 @@ from unionfs.core.types import Kind, Stat, kind_of_mode
 from unionfs.core.upper import RENAME_NOREPLACE, UpperLayer, renameat2
 
 PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+ROOTLESS_PRIVATE = (override.OVERRIDE_XATTR, override.FUSE_OVERLAYFS_PREFIX)
 _CHUNK = 1 << 20
 
 
@@ -46,6 +47,8 @@ def copy_xattrs(src: Layer, src_path: bytes, upper: UpperLayer, dfd: int, name: 
     for attr in src.listxattr(src_path):
         if attr.startswith(PRIVATE_XATTR_PREFIXES):
             continue
+        if not upper.native and attr.startswith(ROOTLESS_PRIVATE):
+            continue  # another rootless overlay's markers; the override is made anew
         try:
             value = src.getxattr(src_path, attr)
             if not upper.native and override.privileged_xattr(attr):

@@ -27,8 +27,10 @@ READ_XATTRS = (OVERRIDE_XATTR, FUSE_OVERLAYFS_XATTR)
 XATTR_PREFIX = b"user.layerfs."
 STORED_XATTR_PREFIX = b"user.layerfs.xattr."
 CONTAINERS_XATTR_PREFIX = b"user.containers.override_"  # fuse-overlayfs >= 1.14
+# fuse-overlayfs' own markers in a rootless upper (opaque, origin, override_stat).
+FUSE_OVERLAYFS_PREFIX = b"user.fuseoverlayfs."
 # Names a rootless mount never shows (prefix match).
-HIDDEN_XATTRS = (OVERRIDE_XATTR, FUSE_OVERLAYFS_XATTR, XATTR_PREFIX)
+HIDDEN_XATTRS = (OVERRIDE_XATTR, FUSE_OVERLAYFS_PREFIX, XATTR_PREFIX)
 
 _TYPE_NAMES = {
     stat.S_IFREG: b"file",
