@@ -277,6 +277,33 @@ def test_an_upper_fuse_overlayfs_wrote_rootless_reads_back_the_same(
         assert rl.sh(listing, home_dir).stdout == expect_ls
 
 
+@pytest.mark.parametrize(
+    "present",
+    ["squash_to_uid={uid},squash_to_gid={gid}", "squash_to_root",
+     "uidmapping=0:{uid}:1:1:200000:10,gidmapping=0:{gid}:1:42:300000:1"],
+)  # fmt: skip
+def test_presentation_options_show_what_fuse_overlayfs_shows(
+    rl_home: tuple[Rootless, Path], present: str
+) -> None:
+    require_tool("fuse-overlayfs")
+    rl, home_dir = rl_home
+    low = _lower(home_dir)
+    present = present.format(uid=rl.uid, gid=rl.gid)
+    names = ". etc etc/passwd etc/group null fifo link ro ro/old"
+    shown = {}
+    for impl in ("fuse-overlayfs", "layerfs"):
+        base = home_dir / impl
+        base.mkdir()
+        upper, work, mnt = _dirs(rl, base)
+        opts = f"lowerdir={low},upperdir={upper},workdir={work},{present}"
+        argv = [impl, "-f", "-o", opts, str(mnt)]
+        if impl == "layerfs":
+            argv.insert(1, "overlay")
+        with rl.mounted(argv, mnt, home_dir):
+            shown[impl] = _stat_lines(rl, home_dir, mnt, names)
+    assert shown["layerfs"] == shown["fuse-overlayfs"]
+
+
 def test_root_of_a_user_namespace_gets_the_rootless_format(
     rl_home: tuple[Rootless, Path],
 ) -> None:
