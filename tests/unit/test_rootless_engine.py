@@ -295,3 +295,22 @@ def test_chown_of_an_open_unlinked_file_in_a_rootless_upper(tmp_path: Path) -> N
         fs.release(fh)
     finally:
         fs.close()
+
+
+def test_overlay_options_parse_fuse_overlayfs_presentation_syntax() -> None:
+    from unionfs.overlay_cli import UsageError, parse_options
+
+    opts = parse_options(
+        ["lowerdir=/a,uidmapping=0:1000:1,1:100000:65536,gidmapping=0:1000:1:1:100000:65536"]
+    )
+    pres = opts.presentation()
+    assert pres.uids is not None and pres.gids is not None
+    assert pres.uids.ranges == pres.gids.ranges
+    assert pres.uids.to_host(5) == 100004 and pres.uids.to_host(0) == 1000
+    root = parse_options(["lowerdir=/a,squash_to_root"]).presentation()
+    assert (root.squash_uid, root.squash_gid) == (0, 0)
+    sq = parse_options(["lowerdir=/a,squash_to_uid=7", "squash_to_gid=8"]).presentation()
+    assert (sq.squash_uid, sq.squash_gid) == (7, 8)
+    for bad in ("squash_to_uid=x", "squash_to_gid=-1", "uidmapping=0:1", "squash_to_root=1"):
+        with pytest.raises(UsageError):
+            parse_options([f"lowerdir=/a,{bad}"]).presentation()
