@@ -96,10 +96,12 @@ class Store:
         self.db_path = self.root / "index.db"
         self._content_prefix = f"{self.content_dir}/"
         self.tarsplit_dir = self.root / "tarsplit"
-        if readonly:
-            if not self.db_path.exists():
-                raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
-        else:
+        if readonly and not self.db_path.exists():
+            raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
+        if self.root.is_dir() and not os.access(self.root, os.W_OK):
+            # Even reading needs it: SQLite makes the WAL index (-shm) next to the database.
+            raise self._not_writable()
+        if not readonly:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 self.content_dir.mkdir(exist_ok=True)
@@ -124,6 +126,14 @@ class Store:
             raise StoreError(f"{self.db_path}: index version {v}, expected {SCHEMA_VERSION}")
         if not readonly:
             self.recover()
+
+    def _not_writable(self) -> StoreError:
+        owner = self.root.stat().st_uid
+        return StoreError(
+            f"{self.root}: store of uid {owner}, not writable by you (uid {os.geteuid()}); "
+            f"a store serves its owner only: use your own ({default_store_dir()} unless "
+            "--store or $LAYERFS_STORE says otherwise)"
+        )
 
     def close(self) -> None:
         self.conn.close()

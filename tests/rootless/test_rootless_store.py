@@ -164,11 +164,27 @@ def test_unpack_as_user_of_directories_without_owner_write(rootless: Rootless, h
 def test_failures_as_user_are_one_clear_line(
     rootless: Rootless, home: Path, built_images: BuiltImages
 ) -> None:
+    # A store root made (0755, readable by all): the user may not use it, and is told so.
+    theirs = rootless.scratch / "root-store"
+    src = rootless.scratch / "root-src"
+    ob.write_oci(src, ob.Img([ob.layer_tar([ob.f("a", b"a")])], ref="v1"))
+    made = subprocess.run(
+        [*LAYERFS, "import", "-q", "--store", str(theirs), f"oci:{src}:v1", "--tag", "x:1"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    mnt = home / "mnt"
+    mnt.mkdir()
+    os.chown(mnt, rootless.uid, rootless.gid)
+    not_yours = "not writable by you"
     cases = [
+        (["images", "--store", str(theirs)], not_yours),
+        (["unpack", "--store", str(theirs), "x:1", str(home / "y")], not_yours),
+        (["mount", "--store", str(theirs), "--ro", "x:1", str(mnt)], not_yours),
         # root's pytest tmp dir (0700): the user cannot read the source
         (["import", f"oci:{built_images.layout}:app"], "Permission denied"),
         # a store where the user may not write
-        (["images", "--store", "/root/layerfs-store"], "cannot create store"),
+        (["images", "--store", "/root/layerfs-store"], "Permission denied"),
         (["unpack", "nosuch", str(home / "x")], "no such image"),
     ]
     for args, needle in cases:
