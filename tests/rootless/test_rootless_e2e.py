@@ -79,8 +79,9 @@ def populate(rootfs: Path, user_uid: int, user_gid: int) -> None:
     os.chmod(rootfs / "dev" / "initctl", 0o644)
     _dir(rootfs, "tmp", 0o1777)
     _dir(rootfs, "work", 0o755, user_uid, user_gid)
-    for name in ("keep", "gone"):
+    for name in ("keep", "gone", "sub/a", "sub/b"):
         _file(rootfs, f"work/{name}", f"{name}\n".encode(), 0o644, user_uid, user_gid)
+    os.chown(rootfs / "work" / "sub", user_uid, user_gid)
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,8 @@ def test_user_imports_mounts_writes_commits_and_root_unpacks_the_same_tree(
         # 2. Writes as the user, with the image's permissions enforced.
         rootless.sh(
             f"cd {mnt}/work && echo new > new && echo more >> keep && rm gone && mkdir dir && "
-            "mkfifo dir/fifo && ln -s ../keep dir/link && ln keep keep.link && chmod 4750 new",
+            "mkfifo dir/fifo && ln -s ../keep dir/link && ln keep keep.link && chmod 4750 new && "
+            "rm -r sub && mkdir sub && echo c > sub/c",
             home,
         )
         denied = rootless.sh(f"echo x > {mnt}/etc/x", home, check=False)
@@ -167,7 +169,8 @@ def test_user_imports_mounts_writes_commits_and_root_unpacks_the_same_tree(
     diff = rootless.run_as_user(["layerfs", "diff", "c1"], home).stdout.splitlines()
     assert diff == [
         "C /work", "A /work/dir", "A /work/dir/fifo", "A /work/dir/link", "D /work/gone",
-        "C /work/keep", "A /work/keep.link", "A /work/new", "A /work/zero",
+        "C /work/keep", "A /work/keep.link", "A /work/new", "C /work/sub", "D /work/sub/a",
+        "D /work/sub/b", "A /work/sub/c", "A /work/zero",
     ]  # fmt: skip
     rootless.run_as_user(["layerfs", "commit", "c1", "e2e-changed"], home)
 
@@ -181,6 +184,12 @@ def test_user_imports_mounts_writes_commits_and_root_unpacks_the_same_tree(
     new_m = layer["work/new"]
     assert (new_m.uid, new_m.gid, new_m.mode) == (rootless.uid, rootless.gid, 0o4750)
     assert layer["work/dir/fifo"].isfifo() and layer["work/.wh.gone"].isreg()
+    # rm -r + mkdir of an image directory: opaque in the upper (user.overlay.opaque), so
+    # the layer hides the image's children.
+    assert sorted(n for n in layer if n.startswith("work/sub/")) == [
+        "work/sub/.wh..wh..opq",
+        "work/sub/c",
+    ]
     assert not any(
         k.startswith(("SCHILY.xattr.user.overlay", "SCHILY.xattr.user.containers"))
         for m in layer.values()
@@ -213,3 +222,10 @@ def test_user_imports_mounts_writes_commits_and_root_unpacks_the_same_tree(
     theirs = subprocess.run([*inspect, str(store), "e2e-changed"], capture_output=True, text=True)
     diff_ids = [json.loads(p.stdout)[0]["RootFS"]["Layers"][-1] for p in (ours, theirs)]
     assert diff_ids[0] == diff_ids[1]
+
+    # 8. The user cleans up: the container, then what no image uses; the store stays sound.
+    rootless.run_as_user(["layerfs", "rm", "c1"], home)
+    rootless.run_as_user(["layerfs", "rmi", "e2e-changed"], home)
+    gc = rootless.run_as_user(["layerfs", "gc"], home).stdout
+    assert "Removed 1 layers" in gc
+    assert "store is consistent" in rootless.run_as_user(["layerfs", "fsck"], home).stdout
