@@ -94,7 +94,14 @@ def test_user_pulls_exports_and_unpacks(
         reg.push(image_source(built_images.app, "oci"), "rootless/app")
         ref = reg.ref("rootless/app")
         rootless.run_as_user(["layerfs", "pull", ref], home)
-    image = _image_id(rootless.run_as_user(["layerfs", "inspect", ref], home).stdout)
+        image = _image_id(rootless.run_as_user(["layerfs", "inspect", ref], home).stdout)
+        # push back under another name, and pull that into a second store of the user
+        back = reg.ref("rootless/back")
+        rootless.run_as_user(["layerfs", "push", ref, back], home)
+        second = ["--store", str(home / "second")]
+        rootless.run_as_user(["layerfs", "pull", *second, back], home)
+        again = rootless.run_as_user(["layerfs", "inspect", *second, back], home).stdout
+        assert _image_id(again) == image
     out = home / "app.oci.tar"
     rootless.run_as_user(["layerfs", "export", ref, f"oci-archive:{out}"], home)
     # The archive the user wrote imports (as root, elsewhere) as the same image.
