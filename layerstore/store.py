@@ -111,6 +111,13 @@ class Store:
                 raise StoreError(f"cannot create store {self.root}: {exc.strerror}") from None
         self._lockf: IO[bytes] | None = None
         self._locked = 0
+        # Root working in a user's store gives what it adds to the store's owner, who could
+        # not otherwise remove it (gc) or replace it.
+        self.owner: tuple[int, int] | None = None
+        if os.geteuid() == 0:
+            st = os.stat(self.root)
+            if st.st_uid != 0:
+                self.owner = (st.st_uid, st.st_gid)
         try:
             self.conn = connect(self.db_path, readonly)
             if not readonly and user_version(self.conn) == 0:
@@ -126,6 +133,13 @@ class Store:
             raise StoreError(f"{self.db_path}: index version {v}, expected {SCHEMA_VERSION}")
         if not readonly:
             self.recover()
+
+    def adopt(self, paths: Sequence[str | Path]) -> None:
+        """Give files and directories just added to the store to the store's owner (a no-op
+        unless root works in another user's store)."""
+        if self.owner is not None:
+            for p in paths:
+                os.chown(p, *self.owner, follow_symlinks=False)
 
     def _not_writable(self) -> StoreError:
         owner = self.root.stat().st_uid

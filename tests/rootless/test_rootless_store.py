@@ -78,8 +78,20 @@ def test_user_imports_every_source_kind_into_its_xdg_store(
     assert (found[b"/dev/loop0"].rdev, found[b"/dev/loop0"].gid) == ((7, 0), 6)
     assert (found[b"/data/hello"].uid, found[b"/data/hello"].gid) == (1234, 5678)
     assert found[b"/usr/bin/suid"].mode == 0o4755
-    # Root reading the index (a read-only open) changed nothing the user owns.
+    # Root reading the index (a read-only open) changed nothing the user owns; root importing
+    # into the user's store gives the user what it added, so the user can gc it later.
     assert _owned_by(store, rootless.uid) == []
+    src = image_source(built_images.other, "oci")
+    by_root = subprocess.run(
+        [*LAYERFS, "import", "-q", "--store", str(store), src, "--tag", "other:root"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert by_root.returncode == 0, by_root.stderr
+    assert _owned_by(store, rootless.uid) == []
+    other = _image_id(rootless.run_as_user(["layerfs", "inspect", "other:root"], home).stdout)
+    rootless.run_as_user(["layerfs", "rmi", "--force", other], home)
+    assert "Removed 1 layers" in rootless.run_as_user(["layerfs", "gc"], home).stdout
+    assert "store is consistent" in rootless.run_as_user(["layerfs", "fsck"], home).stdout
 
 
 def test_user_pulls_exports_and_unpacks(
