@@ -25,6 +25,8 @@ from tests.mounting import LAYERFS
 from tests.rootless.conftest import Rootless
 from tests.treecmp import compare, snapshot
 
+pytestmark = [pytest.mark.mount, pytest.mark.tools]
+
 REF = "e2e"
 OVERRIDE = "user.containers.override_stat"
 

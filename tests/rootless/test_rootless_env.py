@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.mounting import is_mounted
 from tests.rootless.conftest import Rootless
+
+pytestmark = pytest.mark.mount
 
 
 def test_user_is_unprivileged_and_sees_its_home(rootless: Rootless, home: Path) -> None:
