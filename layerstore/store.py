@@ -36,11 +36,22 @@ from .paths import join, split
 #   commit.lock        flock: exclusive while one importer places contents and commits
 
 
+def in_user_namespace() -> bool:
+    """True inside a user namespace other than the initial one (e.g. `unshare -r`, rootless
+    podman), where uid 0 is an ordinary user of the host."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            maps = [line.split() for line in f if line.strip()]
+    except OSError:
+        return False
+    return maps != [["0", "0", "4294967295"]]
+
+
 def default_store_dir() -> Path:
     env = os.environ.get("LAYERFS_STORE")
     if env:
         return Path(env)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not in_user_namespace():
         return Path("/var/lib/layerfs")
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
     return Path(xdg) / "layerfs"

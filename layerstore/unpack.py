@@ -55,7 +55,7 @@ class Unpacker:
         self.warn = warn
         self.privileged = os.geteuid() == 0
         self.ids = (os.geteuid(), os.getegid())
-        self.not_owned = 0  # entries whose image owner could not be given (not root)
+        self.not_owned = 0  # entries whose image owner could not be given
         self.dir_times: dict[bytes, int] = {}
         # Not root: directories stay u+rwx while their children are made (root needs no
         # permission bits); their own modes are set at the end.
@@ -135,7 +135,12 @@ class Unpacker:
                 self.warn(f"{show(e.path)}: device node skipped (needs root)")
                 return
             kind = stat.S_IFCHR if e.kind == EntryKind.CHAR else stat.S_IFBLK
-            os.mknod(hp, kind | 0o600, os.makedev(*e.rdev))
+            try:
+                os.mknod(hp, kind | 0o600, os.makedev(*e.rdev))
+            except PermissionError:
+                # root of a user namespace: CAP_MKNOD counts in the initial one only
+                self.warn(f"{show(e.path)}: device node skipped (needs real root)")
+                return
         elif e.kind == EntryKind.FIFO:
             os.mkfifo(hp, 0o600)
         elif e.kind == EntryKind.SOCKET:
@@ -147,7 +152,13 @@ class Unpacker:
     def meta(self, e: Entry, hp: bytes) -> None:
         link = e.kind == EntryKind.SYMLINK
         if self.privileged:
-            os.chown(hp, e.uid, e.gid, follow_symlinks=False)
+            try:
+                os.chown(hp, e.uid, e.gid, follow_symlinks=False)
+            except OSError as exc:
+                # root of a user namespace: an id its map lacks cannot be given
+                if exc.errno not in (errno.EINVAL, errno.EPERM):
+                    raise
+                self.not_owned += 1
         elif (e.uid, e.gid) != self.ids:
             self.not_owned += 1
         if e.kind == EntryKind.DIR and not self.privileged and e.mode & 0o700 != 0o700:
@@ -184,6 +195,6 @@ def unpack(store: Store, ref: str, dest: Path, warn: _Warn) -> None:
         # One line, not one per file: a rootless unpack cannot chown, and most images are
         # owned by root throughout.
         warn(
-            f"not root: {unpacker.not_owned} entries are owned by you, not by the owners the "
-            "image gives them (unpack as root to keep them)"
+            f"{unpacker.not_owned} entries do not have the owners the image gives them (only "
+            "real root can give them; unpack as root to keep them)"
         )
