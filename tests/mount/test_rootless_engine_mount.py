@@ -436,6 +436,14 @@ def test_image_mount_squash_and_maps(rl_home: tuple[Rootless, Path]) -> None:
         assert shown["home/notes"] == "regular file 600 1000:1000 0:0"
         assert shown["null"] == "character special file 666 0:0 1:3"
         assert shown["new"].split()[-2] == me
+    # The container read-only: its rootless upper is read back as the top layer.
+    ro = ["layerfs", "mount", "-f", "img", str(mnt), "--name", "sq", "--ro"]
+    with rl.mounted(ro, mnt, home_dir):
+        shown = _stat_lines(rl, home_dir, mnt, ". etc etc/passwd null")
+        assert shown["."] == "directory 755 0:0 0:0"
+        assert shown["etc"] == "directory 755 0:0 0:0"
+        assert shown["etc/passwd"] == "regular file 644 0:0 0:0"
+        assert rl.sh(f"cat {mnt}/etc/passwd", home_dir).stdout == "root:x:0:0\nmore\n"
     maps = ["--uidmap", f"0:{rl.uid}:1", "--uidmap", "1000:300000:5", "--gidmap", f"0:{rl.gid}:1"]
     mapped = ["layerfs", "mount", "-f", "img", str(mnt), "--name", "mp", *maps]
     with rl.mounted(mapped, mnt, home_dir):
