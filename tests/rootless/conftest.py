@@ -10,6 +10,7 @@ modules: pyfuse3, xxhash, zstandard).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
@@ -108,6 +109,51 @@ def _copy_runtime(dest: Path) -> None:
         for f in filenames:
             p = os.path.join(dirpath, f)
             os.chmod(p, 0o755 if os.stat(p).st_mode & stat.S_IXUSR else 0o644)
+
+
+SNAPSHOT_CODE = (
+    "import pickle, sys, treecmp; "
+    "sys.stdout.buffer.write(pickle.dumps(treecmp.snapshot(sys.argv[1], "
+    "tuple(bytes.fromhex(h) for h in sys.argv[2:]))))"
+)
+SUBID_COUNT = 65536
+
+
+def load_snapshot(data: bytes) -> dict[bytes, treecmp.Node]:
+    """A snapshot pickled by SNAPSHOT_CODE (only treecmp.Node objects are accepted)."""
+    snap: dict[bytes, treecmp.Node] = _TreecmpUnpickler(io.BytesIO(data)).load()
+    return snap
+
+
+def _subid_ranges(path: str) -> list[tuple[str, int, int]]:
+    out = []
+    with contextlib.suppress(FileNotFoundError), open(path) as f:
+        for line in f:
+            parts = line.strip().split(":")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                out.append((parts[0], int(parts[1]), int(parts[2])))
+    return out
+
+
+def require_userns(user: str) -> None:
+    """Give `user` subordinate uids/gids (once; a free range after every existing one) so that
+    `unshare --map-auto` maps 65536 ids, as rootless container tools do; skip when
+    newuidmap/newgidmap (Debian: uidmap) or usermod are absent."""
+    for tool in ("newuidmap", "newgidmap", "unshare"):
+        require_tool(tool)
+    ranges = {f: _subid_ranges(f) for f in ("/etc/subuid", "/etc/subgid")}
+    if all(any(r[0] == user for r in rs) for rs in ranges.values()):
+        return
+    usermod = require_tool("usermod")
+    ends = [start + count for rs in ranges.values() for _, start, count in rs]
+    start = max([100000, *ends])
+    span = f"{start}-{start + SUBID_COUNT - 1}"
+    proc = subprocess.run(
+        [usermod, "--add-subuids", span, "--add-subgids", span, user],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        pytest.fail(f"usermod --add-subuids {span} {user}: {proc.stderr.strip()}")
 
 
 class _TreecmpUnpickler(pickle.Unpickler):
@@ -221,21 +267,52 @@ class Rootless:
         hidden: tuple[bytes, ...] = treecmp.DEFAULT_HIDDEN_XATTR_PREFIXES,
     ) -> dict[bytes, treecmp.Node]:
         """treecmp.snapshot of `root` taken by the user (e.g. its own FUSE mount)."""
-        code = (
-            "import pickle, sys, treecmp; "
-            "sys.stdout.buffer.write(pickle.dumps(treecmp.snapshot(sys.argv[1], "
-            "tuple(bytes.fromhex(h) for h in sys.argv[2:]))))"
-        )
         proc = subprocess.run(
-            self.argv([self.python, "-c", code, str(root), *(h.hex() for h in hidden)], home),
+            self.argv([*self.snapshot_argv(root, hidden)], home),
             capture_output=True,
             check=False,
             timeout=120,
         )
         if proc.returncode != 0:
             raise AssertionError(f"snapshot of {root} as {self.user}: {proc.stderr.decode()}")
-        snap: dict[bytes, treecmp.Node] = _TreecmpUnpickler(io.BytesIO(proc.stdout)).load()
-        return snap
+        return load_snapshot(proc.stdout)
+
+    def snapshot_argv(
+        self, root: Path | str, hidden: tuple[bytes, ...] = treecmp.DEFAULT_HIDDEN_XATTR_PREFIXES
+    ) -> list[str]:
+        """A command (for the user's runtime) that writes the pickled treecmp.snapshot of
+        `root` to stdout; read it back with load_snapshot."""
+        return [self.python, "-c", SNAPSHOT_CODE, str(root), *(h.hex() for h in hidden)]
+
+    def run_in_userns(
+        self, script: str, home: Path, timeout: float = 120.0
+    ) -> subprocess.CompletedProcess[str]:
+        """`sh -c script` as the user, as root of a new user namespace (with its subordinate
+        ids, as rootless podman runs) and a new mount namespace. $PY is the runtime's python.
+        Everything it starts is in its own session: killed at the end, should it linger."""
+        require_userns(self.user)
+        argv = self.argv(
+            ["env", f"PY={self.python}", "unshare", "--map-auto", "--map-root-user", "--mount",
+             "/bin/sh", "-c", script],
+            home,
+        )  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            cwd=home,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # our session only: what the script left
+            proc.wait()
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
     def sh(self, script: str, home: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
         """`sh -c script` as the user."""

@@ -22,7 +22,7 @@ import pytest
 from tests import images
 from tests.image_fixtures import require_builders
 from tests.mounting import LAYERFS
-from tests.rootless.conftest import Rootless
+from tests.rootless.conftest import Rootless, load_snapshot
 from tests.treecmp import compare, snapshot
 
 pytestmark = [pytest.mark.mount, pytest.mark.tools]
@@ -231,3 +231,75 @@ def test_user_imports_mounts_writes_commits_and_root_unpacks_the_same_tree(
     gc = rootless.run_as_user(["layerfs", "gc"], home).stdout
     assert "Removed 1 layers" in gc
     assert "store is consistent" in rootless.run_as_user(["layerfs", "fsck"], home).stdout
+
+
+# The rootless-container way (podman, buildah): the user is root of its own user namespace
+# with 65536 subordinate ids and runs the daemon there. There the kernel lets chown through to
+# the daemon (CAP_CHOWN in the namespace, ids mapped), which keeps the owners in the override.
+USERNS_SCRIPT = r"""
+set -eu
+M=$HOME/nsmnt
+mkdir -p "$M"
+"$PY" -m unionfs mount -f {ref} "$M" --name ns 2>"$HOME/ns-daemon.log" &
+pid=$!
+trap 'fusermount3 -u "$M" 2>/dev/null || true; wait $pid || true' EXIT
+i=0
+until grep -q " $M " /proc/self/mountinfo; do  # bounded poll for the mount
+  i=$((i + 1)); [ $i -le 1500 ] && kill -0 $pid || {{ cat "$HOME/ns-daemon.log"; exit 3; }}
+  sleep 0.02
+done
+cd "$M"
+echo new > work/new
+chown 33:33 work/new
+chmod 4755 work/new
+chown 1000:1000 work/keep
+chown -h 33:0 bin/sh
+chown 0:5 etc/motd
+mkfifo work/fifo && chown 33:33 work/fifo
+if mknod work/zero c 1 5 2>/dev/null; then echo "mknod: made"; else echo "mknod: refused"; fi
+cd /
+{snapshot} > "$HOME/ns.snapshot"
+fusermount3 -u "$M"
+trap - EXIT
+wait $pid
+"$PY" -m unionfs commit ns e2e-ns
+"$PY" -m unionfs export e2e-ns "oci:$HOME/ns-out:v1"
+"""
+
+
+def test_chown_in_a_user_namespace_is_kept_and_committed(
+    rootless: Rootless, home: Path, e2e_image: E2EImage, imported: Path, tmp_path: Path
+) -> None:
+    snap_cmd = " ".join(f"'{a}'" for a in rootless.snapshot_argv("$M")).replace("'$M'", '"$M"')
+    script = USERNS_SCRIPT.format(ref=REF, snapshot=snap_cmd)
+    proc = rootless.run_in_userns(script, home)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # mknod of a device stays refused: CAP_MKNOD counts in the initial namespace only.
+    assert "mknod: refused" in proc.stdout
+    seen = load_snapshot((home / "ns.snapshot").read_bytes())
+    new, keep, sh, motd, fifo = (
+        seen[p] for p in (b"work/new", b"work/keep", b"bin/sh", b"etc/motd", b"work/fifo")
+    )
+    assert (new.uid, new.gid, new.mode) == (33, 33, 0o4755)
+    assert (keep.uid, keep.gid) == (1000, 1000)
+    assert (sh.kind, sh.uid, sh.gid, sh.target) == ("symlink", 33, 0, b"tool")
+    assert (motd.uid, motd.gid, motd.xattrs) == (0, 5, ((b"user.comment", b"an image xattr"),))
+    assert (fifo.kind, fifo.uid) == ("fifo", 33)
+    # The commit (in the namespace, into the user's XDG store) wrote the owners.
+    layer = _members(_top_layer(home / "ns-out", "v1"))
+    got = {n: (m.type, m.uid, m.gid, m.mode) for n, m in layer.items() if "/" in n}
+    assert got == {
+        "bin/sh": (tarfile.SYMTYPE, 33, 0, 0o777),
+        "etc/motd": (tarfile.REGTYPE, 0, 5, 0o644),
+        "work/fifo": (tarfile.FIFOTYPE, 33, 33, 0o644),
+        "work/keep": (tarfile.REGTYPE, 1000, 1000, 0o644),
+        "work/new": (tarfile.REGTYPE, 33, 33, 0o4755),
+    }
+    # Root's unpack of it equals what the namespace saw.
+    dest = tmp_path / "ns-unpacked"
+    unpack = subprocess.run(
+        [*LAYERFS, "unpack", "--store", str(imported), "e2e-ns", str(dest)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert unpack.returncode == 0, unpack.stderr
+    assert compare(seen, snapshot(dest)) == []
