@@ -11,6 +11,9 @@ any OCI tool produce the mount's tree when applied over the image:
 The tar is deterministic: depth-first, names sorted bytewise, PAX format (long and non-UTF-8
 names, SCHILY.xattr.*), numeric ids only, whole-second mtimes, hard links within the upper
 (and within one lower layer) kept as tar hard links.
+A rootless upper's metadata xattrs (layerstore.override) are applied: owner, mode, type and
+device numbers from the override_stat, `user.layerfs.xattr.X` written as X; overlay-private
+xattrs never enter the layer.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from . import override
 from .blobwriter import TO_OCI, BlobWriter
 from .errors import StoreError
 from .model import Entry, EntryKind
@@ -35,8 +39,6 @@ from .store import Store, with_tag
 WH = b".wh."
 OPQ = b".wh..wh..opq"
 OVERLAY_XATTRS = (b"trusted.overlay.", b"user.overlay.")
-# Never committed: overlay's own xattrs (ours included) and host security labels.
-HIDDEN_XATTRS = (*OVERLAY_XATTRS, b"security.selinux")
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 
 
@@ -239,12 +241,8 @@ class Walker:
         mode, uid, gid = 0o755, 0, 0
         if root is not None:
             mode, uid, gid, xattrs = root.mode, root.uid, root.gid, root.xattrs
-        ours = (
-            stat.S_IMODE(st.st_mode),
-            st.st_uid,
-            st.st_gid,
-            tuple(sorted(_upper_xattrs(self.upper))),
-        )
+        meta = upper_meta(self.upper, st)
+        ours = (meta.mode, meta.uid, meta.gid, tuple(sorted(_upper_xattrs(self.upper))))
         return ours != (mode, uid, gid, tuple(sorted(xattrs)))
 
     def _redirected(self, parent: LowerDir | None, redirect: bytes) -> LowerDir | None:
@@ -350,20 +348,33 @@ def _pax_xattrs(xattrs: list[tuple[bytes, bytes]]) -> dict[str, str]:
 
 
 def _upper_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
+    """The xattrs the layer carries for an upper object (override.real_xattrs)."""
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
         return []
     out = []
     for n in names:
-        bn = os.fsencode(n)
-        if bn.startswith(HIDDEN_XATTRS):
-            continue
         try:
-            out.append((bn, os.getxattr(path, n, follow_symlinks=False)))
+            out.append((os.fsencode(n), os.getxattr(path, n, follow_symlinks=False)))
         except OSError:
             continue
-    return out
+    return override.real_xattrs(out)
+
+
+def upper_meta(
+    path: bytes, st: os.stat_result, warn: Callable[[str], None] | None = None
+) -> override.Meta:
+    """Type, mode, owner and device number an upper object stands for: its own, or its
+    override_stat's (a rootless upper). A malformed override is ignored, as the mount
+    ignores it (the object shows its own attributes), with a warning."""
+    try:
+        ov = override.read(path)
+    except override.OverrideError as exc:
+        if warn is not None:
+            warn(f"{os.fsdecode(path)}: {exc} ignored")
+        ov = None
+    return override.effective(st, ov)
 
 
 _KIND_TYPE = {
@@ -437,11 +448,12 @@ class LayerTarWriter:
         return True
 
     def _upper(self, path: bytes, src: bytes, st: os.stat_result) -> None:
-        fmt = stat.S_IFMT(st.st_mode)
+        meta = upper_meta(src, st, self.warn)
+        fmt = meta.fmt
         if fmt == stat.S_IFSOCK:
             self.warn(f"{os.fsdecode(path)}: socket not committed (tar cannot hold sockets)")
             return
-        ti = self._info(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns)
+        ti = self._info(path, meta.mode, meta.uid, meta.gid, st.st_mtime_ns)
         xattrs = _upper_xattrs(src)
         if xattrs:
             ti.pax_headers = _pax_xattrs(xattrs)
@@ -459,10 +471,14 @@ class LayerTarWriter:
             ti.type = tarfile.DIRTYPE
         elif fmt == stat.S_IFLNK:
             ti.type = tarfile.SYMTYPE
-            ti.linkname = os.fsdecode(os.readlink(src))
+            if stat.S_ISREG(st.st_mode):  # a rootless stand-in holds the target
+                with open(src, "rb") as fh:
+                    ti.linkname = os.fsdecode(fh.read())
+            else:
+                ti.linkname = os.fsdecode(os.readlink(src))
         elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
             ti.type = tarfile.CHRTYPE if fmt == stat.S_IFCHR else tarfile.BLKTYPE
-            ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+            ti.devmajor, ti.devminor = os.major(meta.rdev), os.minor(meta.rdev)
         elif fmt == stat.S_IFIFO:
             ti.type = tarfile.FIFOTYPE
         self.tar.addfile(ti)

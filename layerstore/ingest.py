@@ -542,6 +542,7 @@ class Importer:
                     except FileExistsError:
                         pass  # a leftover of a killed import of the same layer: same bytes
             crashpoint("placed")
+            st.adopt([*self._new_subdirs, *self._placed])
             c.execute("ATTACH DATABASE ? AS stage", (str(self.stage / "stage.db"),))
             try:
                 c.execute("BEGIN IMMEDIATE")

@@ -36,11 +36,22 @@ from .paths import join, split
 #   commit.lock        flock: exclusive while one importer places contents and commits
 
 
+def in_user_namespace() -> bool:
+    """True inside a user namespace other than the initial one (e.g. `unshare -r`, rootless
+    podman), where uid 0 is an ordinary user of the host."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            maps = [line.split() for line in f if line.strip()]
+    except OSError:
+        return False
+    return maps != [["0", "0", "4294967295"]]
+
+
 def default_store_dir() -> Path:
     env = os.environ.get("LAYERFS_STORE")
     if env:
         return Path(env)
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and not in_user_namespace():
         return Path("/var/lib/layerfs")
     xdg = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
     return Path(xdg) / "layerfs"
@@ -97,10 +108,12 @@ class Store:
         self.db_path = self.root / "index.db"
         self._content_prefix = f"{self.content_dir}/"
         self.tarsplit_dir = self.root / "tarsplit"
-        if readonly:
-            if not self.db_path.exists():
-                raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
-        else:
+        if readonly and not self.db_path.exists():
+            raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
+        if self.root.is_dir() and not os.access(self.root, os.W_OK):
+            # Even reading needs it: SQLite makes the WAL index (-shm) next to the database.
+            raise self._not_writable()
+        if not readonly:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
                 self.content_dir.mkdir(exist_ok=True)
@@ -110,6 +123,13 @@ class Store:
                 raise StoreError(f"cannot create store {self.root}: {exc.strerror}") from None
         self._lockf: IO[bytes] | None = None
         self._locked = 0
+        # Root working in a user's store gives what it adds to the store's owner, who could
+        # not otherwise remove it (gc) or replace it.
+        self.owner: tuple[int, int] | None = None
+        if os.geteuid() == 0:
+            st = os.stat(self.root)
+            if st.st_uid != 0:
+                self.owner = (st.st_uid, st.st_gid)
         try:
             self.conn = connect(self.db_path, readonly)
             if not readonly and user_version(self.conn) == 0:
@@ -125,6 +145,21 @@ class Store:
             raise StoreError(f"{self.db_path}: index version {v}, expected {SCHEMA_VERSION}")
         if not readonly:
             self.recover()
+
+    def adopt(self, paths: Sequence[str | Path]) -> None:
+        """Give files and directories just added to the store to the store's owner (a no-op
+        unless root works in another user's store)."""
+        if self.owner is not None:
+            for p in paths:
+                os.chown(p, *self.owner, follow_symlinks=False)
+
+    def _not_writable(self) -> StoreError:
+        owner = self.root.stat().st_uid
+        return StoreError(
+            f"{self.root}: store of uid {owner}, not writable by you (uid {os.geteuid()}); "
+            f"a store serves its owner only: use your own ({default_store_dir()} unless "
+            "--store or $LAYERFS_STORE says otherwise)"
+        )
 
     def close(self) -> None:
         self.conn.close()

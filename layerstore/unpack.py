@@ -54,7 +54,12 @@ class Unpacker:
         self.root = os.fsencode(str(root.resolve()))
         self.warn = warn
         self.privileged = os.geteuid() == 0
+        self.ids = (os.geteuid(), os.getegid())
+        self.not_owned = 0  # entries whose image owner could not be given
         self.dir_times: dict[bytes, int] = {}
+        # Not root: directories stay u+rwx while their children are made (root needs no
+        # permission bits); their own modes are set at the end.
+        self.dir_modes: dict[bytes, int] = {}
 
     def host(self, path: bytes) -> bytes:
         return self.root if path == b"/" else self.root + path
@@ -68,6 +73,9 @@ class Unpacker:
             if _real_dir_path(self.root, path):
                 ns = self.dir_times[path]
                 os.utime(hp, ns=(ns, ns), follow_symlinks=False)
+        for path in sorted(self.dir_modes, key=lambda p: p.count(b"/"), reverse=True):
+            if _real_dir_path(self.root, path):
+                os.chmod(self.host(path), self.dir_modes[path])
 
     def apply_layer(self, layer: int) -> None:
         entries = list(self.store.layer_entries(layer))
@@ -127,7 +135,12 @@ class Unpacker:
                 self.warn(f"{show(e.path)}: device node skipped (needs root)")
                 return
             kind = stat.S_IFCHR if e.kind == EntryKind.CHAR else stat.S_IFBLK
-            os.mknod(hp, kind | 0o600, os.makedev(*e.rdev))
+            try:
+                os.mknod(hp, kind | 0o600, os.makedev(*e.rdev))
+            except PermissionError:
+                # root of a user namespace: CAP_MKNOD counts in the initial one only
+                self.warn(f"{show(e.path)}: device node skipped (needs real root)")
+                return
         elif e.kind == EntryKind.FIFO:
             os.mkfifo(hp, 0o600)
         elif e.kind == EntryKind.SOCKET:
@@ -139,8 +152,20 @@ class Unpacker:
     def meta(self, e: Entry, hp: bytes) -> None:
         link = e.kind == EntryKind.SYMLINK
         if self.privileged:
-            os.chown(hp, e.uid, e.gid, follow_symlinks=False)
-        if not link:
+            try:
+                os.chown(hp, e.uid, e.gid, follow_symlinks=False)
+            except OSError as exc:
+                # root of a user namespace: an id its map lacks cannot be given
+                if exc.errno not in (errno.EINVAL, errno.EPERM):
+                    raise
+                self.not_owned += 1
+        elif (e.uid, e.gid) != self.ids:
+            self.not_owned += 1
+        if e.kind == EntryKind.DIR and not self.privileged and e.mode & 0o700 != 0o700:
+            self.dir_modes[e.path] = e.mode
+            os.chmod(hp, e.mode | 0o700)
+        elif not link:
+            self.dir_modes.pop(e.path, None)  # a later layer's mode wins
             os.chmod(hp, e.mode)  # after chown, which clears setuid/setgid
         try:
             for name in os.listxattr(hp, follow_symlinks=False):
@@ -164,4 +189,12 @@ def unpack(store: Store, ref: str, dest: Path, warn: _Warn) -> None:
         raise StoreError(f"unpack: {dest} exists and is not an empty directory")
     image = store.resolve(ref)
     dest.mkdir(parents=True, exist_ok=True)
-    Unpacker(store, dest, warn).run(image)
+    unpacker = Unpacker(store, dest, warn)
+    unpacker.run(image)
+    if unpacker.not_owned:
+        # One line, not one per file: a rootless unpack cannot chown, and most images are
+        # owned by root throughout.
+        warn(
+            f"{unpacker.not_owned} entries do not have the owners the image gives them (only "
+            "real root can give them; unpack as root to keep them)"
+        )

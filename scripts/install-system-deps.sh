@@ -23,6 +23,11 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 # The FUSE module and device must be usable (they are on these machines; say so if not).
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || echo "install-system-deps: warning: /dev/fuse is absent" >&2
+# Unprivileged users mount through the setuid fusermount3, which opens /dev/fuse as the caller:
+# Debian's udev rule makes it 0666; containers without udev leave it 0600 (root only).
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" = 600 ] && [ "$(id -u)" -eq 0 ]; then
+  chmod 0666 /dev/fuse
+fi
 # The registry package starts a system service; tests run their own instance.
 systemctl disable --now docker-registry >/dev/null 2>&1 || true
 exit 0

@@ -7,6 +7,7 @@ import logging
 import os
 import resource
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import trio
 from layerstore.containers import is_mount_point
 from unionfs.core.errors import FsError
 from unionfs.core.fs import UnionFS
+from unionfs.core.idmap import Presentation
 from unionfs.core.layers import Layer
 from unionfs.core.upper import UpperLayer
 from unionfs.fuse_ops import Operations
@@ -62,6 +64,53 @@ async def _run(ops: Operations) -> bool:
     return signalled
 
 
+def check_unprivileged(
+    options: Sequence[str], fuse_conf: str = "/etc/fuse.conf", dev: str = "/dev/fuse"
+) -> None:
+    """What a mount by an ordinary user needs, checked up front for a clear message:
+    /dev/fuse readable and writable (libfuse opens it before calling fusermount3), and
+    `user_allow_other` in /etc/fuse.conf for allow_other/allow_root."""
+    if os.geteuid() == 0:
+        return
+    try:
+        os.close(os.open(dev, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        try:
+            mode = f"mode {stat.filemode(os.stat(dev).st_mode)}"
+        except OSError:
+            mode = "missing"
+        raise MountError(
+            f"cannot open {dev} ({mode}): {exc.strerror}; an ordinary user needs it "
+            "read-writable, as udev normally makes it (0666, crw-rw-rw-)"
+        ) from None
+    asked = [o for o in options if o in ("allow_other", "allow_root")]
+    if asked:
+        try:
+            with open(fuse_conf, encoding="utf-8", errors="replace") as f:
+                allowed = any(line.strip() == "user_allow_other" for line in f)
+        except OSError:
+            allowed = False
+        if not allowed:
+            raise MountError(
+                f"-o {asked[0]} needs 'user_allow_other' in {fuse_conf} when not run as root"
+            )
+
+
+def privileged_upper(work: Path) -> bool:
+    """Can the upper be written in overlayfs' native format? Real root can; root of a user
+    namespace (`unshare -r`, rootless podman) has euid 0 but no trusted.* xattrs, so it gets
+    the rootless format like any user."""
+    if os.geteuid() != 0:
+        return False
+    probe = b"trusted.overlay.layerfs.probe"
+    try:
+        os.setxattr(work, probe, b"1")
+        os.removexattr(work, probe)
+    except OSError:
+        return False
+    return True
+
+
 def _mount(ops: Operations, mountpoint: Path, options: Sequence[str]) -> None:
     try:
         pyfuse3.init(ops, os.fspath(mountpoint), set(options))
@@ -87,6 +136,7 @@ def serve(
     foreground: bool,
     *,
     debug: bool = False,
+    presentation: Presentation | None = None,
 ) -> int:
     """Mount `layers` (top first) under an optional upper at `mountpoint` and serve it.
 
@@ -100,12 +150,13 @@ def serve(
     )
     mountpoint = Path(os.path.abspath(mountpoint))
     check_mountpoint(mountpoint)
+    check_unprivileged(fuse_options)
     _raise_nofile()
     os.umask(0)
     options = list(fuse_options)
     try:
         upper_layer = (
-            UpperLayer(os.fsencode(upper), os.fsencode(work), os.geteuid() == 0)
+            UpperLayer(os.fsencode(upper), os.fsencode(work), privileged_upper(work))
             if upper is not None and work is not None
             else None
         )
@@ -113,7 +164,7 @@ def serve(
         raise MountError(f"cannot use upperdir/workdir: {exc}") from None
     if upper_layer is None and "ro" not in options:
         options.append("ro")
-    fs = UnionFS(layers, upper_layer)
+    fs = UnionFS(layers, upper_layer, presentation)
     ops = Operations(fs, os.fspath(mountpoint))
     os.chdir("/")
     if foreground:

@@ -20,6 +20,8 @@ from layerstore.containers import Container, MountRecord
 from layerstore.errors import StoreError
 from layerstore.model import EntryKind
 from layerstore.store import Store, default_store_dir
+from unionfs.core import override
+from unionfs.core.idmap import IdMap, IdMapError, Presentation
 from unionfs.core.layers import DirLayer, Layer
 from unionfs.core.storelayer import StoreView
 
@@ -64,9 +66,17 @@ def _init_upper_root(upper: Path, view: StoreView) -> None:
     if root is None or root.st is None:
         return
     st = root.st
-    with contextlib.suppress(PermissionError):
+    if os.geteuid() != 0:
+        # Rootless: the owner/mode the daemon cannot give the directory go in its override.
+        fd = os.open(upper, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            ov = override.Override(st.uid, st.gid, st.mode & 0o7777)
+            override.record(fd, b"", ov, fresh=True)
+        finally:
+            os.close(fd)
+    else:
         os.chown(upper, st.uid, st.gid)
-    os.chmod(upper, st.mode & 0o7777)
+        os.chmod(upper, st.mode & 0o7777)
     os.utime(upper, ns=(st.atime_ns, st.mtime_ns))
 
 
@@ -82,6 +92,19 @@ def _fuse_options(extra: list[str] | None) -> list[str]:
             if opt not in fuse:
                 fuse.append(opt)
     return fuse
+
+
+def _presentation(args: argparse.Namespace) -> Presentation:
+    """--squash, --uidmap, --gidmap -> how owners are shown; CliError when bad."""
+    try:
+        return Presentation(
+            uids=IdMap.parse(args.uidmap) if args.uidmap else None,
+            gids=IdMap.parse(args.gidmap) if args.gidmap else None,
+            squash_uid=os.getuid() if args.squash else None,
+            squash_gid=os.getgid() if args.squash else None,
+        )
+    except IdMapError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _prepare(
@@ -125,6 +148,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     root = _store_root(args)
     mountpoint = os.path.realpath(args.mountpoint)
     try:
+        _presentation(args)  # bad values fail before anything is made
         image, view, container, upper, work = _prepare(args, root)
         check_mountpoint(Path(mountpoint))
         lock_fd = _shared_lock(root)
@@ -139,7 +163,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 _init_upper_root(container.upper, view)
             if args.ro:
                 # A read-only view of the container: its upper as the top layer.
-                layers.insert(0, DirLayer(os.fsencode(container.upper)))
+                top = DirLayer(os.fsencode(container.upper))
+                top.overrides = os.geteuid() != 0  # a rootless upper: show its metadata
+                layers.insert(0, top)
             else:
                 upper, work = container.upper, container.work
         record = MountRecord(
@@ -192,6 +218,7 @@ def _serve(
         _fuse_options(args.options),
         True,
         debug=args.debug,
+        presentation=_presentation(args),
     )
 
 
@@ -498,6 +525,19 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-d", "--debug", action="store_true", help="debug log (with -f)")
     p.add_argument("-o", dest="options", action="append", metavar="OPTS", help="FUSE options")
+    p.add_argument(
+        "--squash",
+        action="store_true",
+        help="show every file as owned by the mounting user (who may then change anything "
+        "it owns by appearance; what is stored does not change)",
+    )
+    p.add_argument(
+        "--uidmap",
+        action="append",
+        metavar="C:H:N",
+        help="show container uids C..C+N-1 as host uids H..; repeatable; unmapped: 65534",
+    )
+    p.add_argument("--gidmap", action="append", metavar="C:H:N", help="as --uidmap, for gids")
     store_opt(p)
     p.set_defaults(func=cmd_mount)
 

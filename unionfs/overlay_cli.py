@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from unionfs.core.idmap import IdMap, IdMapError, Presentation, parse_id
 from unionfs.core.layers import DirLayer, Layer
 
 # Mount options handed to FUSE as they are.
@@ -26,10 +28,10 @@ IGNORED_FLAGS = {
     "nfs_export", "xattr_permissions",
 }  # fmt: skip
 IGNORED_VALUED = {
-    "redirect_dir", "index", "metacopy", "xino", "uuid", "nfs_export", "squash_to_root",
-    "squash_to_uid", "squash_to_gid", "fsync", "threaded", "timeout", "plugins",
-    "uidmapping", "gidmapping", "xattr_permissions", "noxattrs", "writeback", "volatile",
+    "redirect_dir", "index", "metacopy", "xino", "uuid", "nfs_export", "fsync", "threaded",
+    "timeout", "plugins", "xattr_permissions", "noxattrs", "writeback", "volatile",
 }  # fmt: skip
+_MAP_TRIPLE = re.compile(r"^\d+:\d+:\d+(:\d+:\d+:\d+)*$")
 
 
 class UsageError(Exception):
@@ -42,6 +44,22 @@ class OverlayOptions:
     upper: Path | None = None
     work: Path | None = None
     fuse: list[str] = field(default_factory=list)
+    uidmap: list[str] = field(default_factory=list)
+    gidmap: list[str] = field(default_factory=list)
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+
+    def presentation(self) -> Presentation:
+        """The owner presentation asked for; UsageError for a bad map."""
+        try:
+            return Presentation(
+                uids=IdMap.parse(self.uidmap) if self.uidmap else None,
+                gids=IdMap.parse(self.gidmap) if self.gidmap else None,
+                squash_uid=self.squash_uid,
+                squash_gid=self.squash_gid,
+            )
+        except IdMapError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def _split_escaped(text: str, sep: str) -> list[str]:
@@ -87,10 +105,25 @@ def _split_options(text: str) -> list[str]:
 
 def parse_options(option_strings: list[str]) -> OverlayOptions:
     out = OverlayOptions()
+    last_map: list[str] | None = None
     for text in option_strings:
         for opt in _split_options(text):
             key, eq, value = opt.partition("=")
-            if key == "lowerdir" and eq:
+            if last_map is not None and _MAP_TRIPLE.match(opt):
+                # uidmapping=0:1000:1,1:100000:65536 (ranges separated by commas)
+                last_map.append(opt)
+                continue
+            last_map = None
+            if key in ("uidmapping", "gidmapping") and eq:
+                last_map = out.uidmap if key == "uidmapping" else out.gidmap
+                last_map.append(value)
+            elif key == "squash_to_uid" and eq:
+                out.squash_uid = _parse_id(value, key)
+            elif key == "squash_to_gid" and eq:
+                out.squash_gid = _parse_id(value, key)
+            elif key == "squash_to_root" and not eq:
+                out.squash_uid = out.squash_gid = 0
+            elif key == "lowerdir" and eq:
                 out.lowers = [Path(p) for p in _split_escaped(value, ":") if p]
                 if not out.lowers:
                     raise UsageError("lowerdir= needs at least one directory")
@@ -109,6 +142,13 @@ def parse_options(option_strings: list[str]) -> OverlayOptions:
     if (out.upper is None) != (out.work is None):
         raise UsageError("upperdir= and workdir= go together")
     return out
+
+
+def _parse_id(text: str, what: str) -> int:
+    try:
+        return parse_id(text, what)
+    except IdMapError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _is_dir(path: Path, what: str) -> os.stat_result:
@@ -147,6 +187,7 @@ def run_overlay(args: argparse.Namespace) -> int:
 
     try:
         opts = parse_options(args.options or [])
+        presentation = opts.presentation()
         check_paths(opts)
         fuse = ["default_permissions", "fsname=layerfs", "subtype=layerfs"]
         for o in opts.fuse:
@@ -155,7 +196,13 @@ def run_overlay(args: argparse.Namespace) -> int:
                 fuse = [f for f in fuse if not f.startswith(key + "=")]
             if o not in fuse:
                 fuse.append(o)
-        layers: list[Layer] = [DirLayer(os.fsencode(p)) for p in opts.lowers]
+        layers: list[Layer] = []
+        for p in opts.lowers:
+            layer = DirLayer(os.fsencode(p))
+            # Rootless: a lower may be a rootless upper (ours or fuse-overlayfs'): show its
+            # override_stat metadata.
+            layer.overrides = os.geteuid() != 0
+            layers.append(layer)
         return serve(
             layers,
             opts.upper,
@@ -164,6 +211,7 @@ def run_overlay(args: argparse.Namespace) -> int:
             fuse,
             args.foreground,
             debug=args.debug,
+            presentation=presentation,
         )
     except (UsageError, MountError) as exc:
         print(f"layerfs: {exc}", file=sys.stderr)
@@ -182,7 +230,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         dest="options",
         action="append",
         metavar="OPTS",
-        help="lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W][,FUSE options]",
+        help="lowerdir=TOP:...:BOTTOM[,upperdir=U,workdir=W][,squash_to_uid=U,squash_to_gid=G"
+        ",squash_to_root,uidmapping=C:H:N[:C:H:N...],gidmapping=...][,FUSE options]",
     )
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     p.add_argument("-d", "--debug", action="store_true", help="debug log on stderr (with -f)")

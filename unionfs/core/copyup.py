@@ -7,12 +7,14 @@ import errno
 import os
 import stat
 
+from unionfs.core import override
 from unionfs.core.errors import FsError
 from unionfs.core.layers import Layer
 from unionfs.core.types import Kind, Stat, kind_of_mode
 from unionfs.core.upper import RENAME_NOREPLACE, UpperLayer, renameat2
 
 PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+ROOTLESS_PRIVATE = (override.OVERRIDE_XATTR, override.FUSE_OVERLAYFS_PREFIX)
 _CHUNK = 1 << 20
 
 
@@ -40,12 +42,24 @@ def copy_data(src_fd: int, dst_fd: int) -> None:
 
 
 def copy_xattrs(src: Layer, src_path: bytes, upper: UpperLayer, dfd: int, name: bytes) -> None:
+    """Copy the xattrs a copy keeps. A rootless upper keeps privileged ones (trusted.*, and
+    security.* the kernel refuses) under user.layerfs.xattr.<name>."""
     for attr in src.listxattr(src_path):
         if attr.startswith(PRIVATE_XATTR_PREFIXES):
             continue
+        if not upper.native and attr.startswith(ROOTLESS_PRIVATE):
+            continue  # another rootless overlay's markers; the override is made anew
         try:
             value = src.getxattr(src_path, attr)
-            upper.set_xattr_at(dfd, name, attr, value)
+            if not upper.native and override.privileged_xattr(attr):
+                upper.set_xattr_at(dfd, name, override.stored_xattr(attr), value)
+                continue
+            try:
+                upper.set_xattr_at(dfd, name, attr, value)
+            except FsError as exc:
+                if upper.native or exc.errno != errno.EPERM or not attr.startswith(b"security."):
+                    raise
+                upper.set_xattr_at(dfd, name, override.stored_xattr(attr), value)
         except FsError as exc:
             # security.* labels and ACLs may be refused by the upper filesystem: the kernel
             # skips them too (ovl_copy_xattr ignores EOPNOTSUPP for those).
@@ -70,9 +84,21 @@ def copy_up(
     wfd = upper.work_fd
     tmp = upper.tmp_name()
     kind = kind_of_mode(st.mode)
+    # Rootless: an object whose owner or type the daemon cannot reproduce is copied as a
+    # stand-in regular file (holding a symlink's target) that the override describes.
+    stand_in = not upper.native and not _reproducible(kind, st)
     try:
         if kind is Kind.DIR:
             os.mkdir(tmp, 0o700, dir_fd=wfd)
+        elif stand_in:
+            dfd = os.open(
+                tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=wfd
+            )
+            try:
+                if kind is Kind.SYMLINK:
+                    os.write(dfd, src.readlink(src_path))
+            finally:
+                os.close(dfd)
         elif kind is Kind.FILE:
             dfd = os.open(
                 tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=wfd
@@ -92,11 +118,23 @@ def copy_up(
             os.mknod(tmp, st.mode, st.rdev, dir_fd=wfd)
         # Owner first (chown clears set-id bits and security.capability), then xattrs
         # (user.* needs write permission without privileges), then the mode.
-        with contextlib.suppress(PermissionError):  # rootless: files belong to us
+        try:
             os.chown(tmp, st.uid, st.gid, dir_fd=wfd, follow_symlinks=False)
-        copy_xattrs(src, src_path, upper, wfd, tmp)
-        upper.set_origin(wfd, tmp, origin)
-        if kind is not Kind.SYMLINK:
+        except OSError as exc:
+            # Rootless, the copy stays ours (the override keeps the owner): EPERM, or
+            # EINVAL for an id a user namespace does not map.
+            if exc.errno != errno.EPERM and (upper.native or exc.errno != errno.EINVAL):
+                raise
+        if upper.native or kind in (Kind.FILE, Kind.DIR) or stand_in:
+            copy_xattrs(src, src_path, upper, wfd, tmp)
+            upper.set_origin(wfd, tmp, origin)
+        # else: a real symlink/fifo/socket in a rootless upper takes no user.* xattrs
+        if not upper.native:
+            ov = override.Override(st.uid, st.gid, stat.S_IMODE(st.mode), stat.S_IFMT(st.mode))
+            if kind in (Kind.CHAR, Kind.BLOCK):
+                ov = override.Override(ov.uid, ov.gid, ov.mode, ov.fmt, st.rdev)
+            override.record(wfd, tmp, ov, fresh=True)
+        elif kind is not Kind.SYMLINK:
             os.chmod(tmp, stat.S_IMODE(st.mode), dir_fd=wfd)
         os.utime(tmp, ns=(st.atime_ns, st.mtime_ns), dir_fd=wfd, follow_symlinks=False)
         target_fd = upper.dirfd(dst_dir)
@@ -108,3 +146,12 @@ def copy_up(
         with contextlib.suppress(OSError):
             upper._remove_tree(wfd, tmp)
         raise
+
+
+def _reproducible(kind: Kind, st: Stat) -> bool:
+    """Can an unprivileged daemon make this object as it is (owner and type)?"""
+    if kind in (Kind.FILE, Kind.DIR):
+        return True  # the owner and mode go into the override when needed
+    if kind in (Kind.CHAR, Kind.BLOCK):
+        return False
+    return st.uid == os.geteuid() and st.gid == os.getegid()

@@ -11,9 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
+from unionfs.core import override
 from unionfs.core.copyup import copy_up
 from unionfs.core.errors import FsError
 from unionfs.core.handles import DirHandle, FileHandle, HandleTable
+from unionfs.core.idmap import OVERFLOW_ID, Presentation
 from unionfs.core.inodes import InodeTable, Key, Node
 from unionfs.core.layers import NAME_MAX, WH_PREFIX, Layer, join, split
 from unionfs.core.resolve import (
@@ -73,15 +75,29 @@ class UnionFS:
     every call that changes state, including copy-ups run in a worker thread).
     """
 
-    def __init__(self, lowers: Sequence[Layer], upper: UpperLayer | None) -> None:
+    def __init__(
+        self,
+        lowers: Sequence[Layer],
+        upper: UpperLayer | None,
+        presentation: Presentation | None = None,
+    ) -> None:
         self.lowers = list(lowers)
         self.upper = upper
         self.lower_index = LowerIndex(self.lowers)
         self.inodes = InodeTable()
         self.handles = HandleTable()
-        self.private = (b"trusted.overlay.",) + (
-            (b"user.overlay.",) if upper is not None and not upper.native else ()
+        # A rootless upper keeps what its owner cannot give an object on disk (owner, mode,
+        # device type, privileged xattrs) as override xattrs (unionfs.core.override).
+        self.rootless = upper is not None and not upper.native
+        # Metadata xattrs are hidden (and stored privileged xattrs shown by their names) in a
+        # rootless upper and in lowers that apply overrides (rootless uppers read back).
+        self.metadata_xattrs = self.rootless or any(
+            getattr(layer, "overrides", False) for layer in self.lowers
         )
+        self.private = (b"trusted.overlay.",) + (
+            (b"user.overlay.", *override.HIDDEN_XATTRS) if self.metadata_xattrs else ()
+        )
+        self.present = presentation if presentation and not presentation.identity else None
         root = Node(ino=ROOT_INO, key=(-1, 0), is_dir=True, parent=None, name=b"")
         root.upper = upper is not None
         root.lower = tuple((i, b"") for i in range(len(self.lowers)))
@@ -277,13 +293,20 @@ class UnionFS:
     def _merged(self, node: Node) -> bool:
         return bool(node.lower) and (node.upper or len(node.lower) > 1)
 
+    def _overridden(self, st: Stat, target: bytes | int, follow: bool = False) -> Stat:
+        ov = override.read(target, follow) if self.rootless else None
+        return st if ov is None else override.apply(st, ov)
+
     def _stat(self, node: Node) -> Stat:
+        """The stored attributes (override applied), before presentation."""
         if node.unlinked and not node.is_dir:
             fd = self.handles.any_fd(node)
             if fd is not None:
-                return replace(Stat.of(os.fstat(fd)), nlink=0)
+                return replace(self._overridden(Stat.of(os.fstat(fd)), fd), nlink=0)
         if node.upper:
             st = Stat.of(self._loc_stat(node))
+            if self.rootless:
+                st = self._overridden(st, self._loc_path(node), node.parent is None)
         elif node.lower_entry is not None and node.lower_entry.st is not None:
             st = node.lower_entry.st
         else:
@@ -295,7 +318,41 @@ class UnionFS:
         return st
 
     def attributes(self, node: Node) -> Attributes:
-        return Attributes(node.ino, self._stat(node), not node.upper and not node.unlinked)
+        st = self._stat(node)
+        if self.present is not None:
+            st = self.present.show(st)
+        return Attributes(node.ino, st, not node.upper and not node.unlinked)
+
+    def _store_ids(self, uid: int | None, gid: int | None) -> tuple[int | None, int | None]:
+        """Ids from the kernel (host ids) -> ids to store; EINVAL when the map has none."""
+        if self.present is None:
+            return uid, gid
+        suid = None if uid is None else self.present.store_uid(uid)
+        sgid = None if gid is None else self.present.store_gid(gid)
+        if (uid is not None and suid is None) or (gid is not None and sgid is None):
+            raise FsError(errno.EINVAL)
+        return suid, sgid
+
+    def _set_override(
+        self, node: Node, dfd: int, name: bytes, uid: int | None, gid: int | None, mode: int | None
+    ) -> None:
+        """chown/chmod in a rootless upper: recorded in the override."""
+        assert self.upper is not None
+        ov = self._changed_override(node, uid, gid, mode)
+        override.record(dfd, name, ov, self.upper.work_fd, self.upper.tmp_name())
+
+    def _changed_override(
+        self, node: Node, uid: int | None, gid: int | None, mode: int | None
+    ) -> override.Override:
+        """What `node` shows after a chown/chmod (None: unchanged)."""
+        cur = self._stat(node)
+        return override.Override(
+            cur.uid if uid is None else uid,
+            cur.gid if gid is None else gid,
+            stat.S_IMODE(cur.mode if mode is None else mode),
+            stat.S_IFMT(cur.mode),
+            cur.rdev,
+        )
 
     def needs_copy_up(self, ino: Ino) -> bool:
         """Would changing `ino` copy data up first? (The adapter then runs the call in a
@@ -393,6 +450,7 @@ class UnionFS:
     ) -> Attributes:
         node = self.node(ino)
         self._writable()
+        uid, gid = self._store_ids(uid, gid)
         handle = self.handles.files.get(fh) if fh is not None else None
         if node.unlinked and handle is None:
             handle_fd = self.handles.any_fd(node)
@@ -404,10 +462,13 @@ class UnionFS:
             fd = handle_fd
             if size is not None:
                 os.ftruncate(fd, size)
-            if mode is not None:
-                os.chmod(fd, stat.S_IMODE(mode))
-            if uid is not None or gid is not None:
-                os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            if self.rootless and (uid is not None or gid is not None or mode is not None):
+                override.record_fd(fd, self._changed_override(node, uid, gid, mode))
+            else:
+                if mode is not None:
+                    os.chmod(fd, stat.S_IMODE(mode))
+                if uid is not None or gid is not None:
+                    os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
             if atime_ns is not None or mtime_ns is not None:
                 cur = os.fstat(fd)
                 os.utime(
@@ -432,16 +493,19 @@ class UnionFS:
                     os.ftruncate(fd, size)
                 finally:
                     os.close(fd)
-        if uid is not None or gid is not None:
-            os.chown(
-                name if name else b"/proc/self/fd/%d" % dfd,
-                -1 if uid is None else uid,
-                -1 if gid is None else gid,
-                dir_fd=dfd if name else None,
-                follow_symlinks=False,
-            )
-        if mode is not None and not is_link:
-            os.chmod(target, stat.S_IMODE(mode))
+        if self.rootless and (uid is not None or gid is not None or mode is not None):
+            self._set_override(node, dfd, name, uid, gid, None if is_link else mode)
+        else:
+            if uid is not None or gid is not None:
+                os.chown(
+                    name if name else b"/proc/self/fd/%d" % dfd,
+                    -1 if uid is None else uid,
+                    -1 if gid is None else gid,
+                    dir_fd=dfd if name else None,
+                    follow_symlinks=False,
+                )
+            if mode is not None and not is_link:
+                os.chmod(target, stat.S_IMODE(mode))
         if atime_ns is not None or mtime_ns is not None:
             cur = os.lstat(name, dir_fd=dfd) if name else os.stat(dfd)
             ns = (
@@ -459,6 +523,8 @@ class UnionFS:
         node = self.node(ino)
         if node.upper:
             dfd, name = self._upper_loc(node)
+            if self.rootless and stat.S_ISREG(os.lstat(name, dir_fd=dfd).st_mode):
+                return self._stand_in_target(dfd, name)
             return os.readlink(name, dir_fd=dfd)
         layer, path = self._lower_layer(node)
         return layer.readlink(path)
@@ -476,14 +542,46 @@ class UnionFS:
         had_wh = upper.clear_whiteout(parent.path(), name)
         return parent, upper, had_wh
 
+    def _stand_in_target(self, dfd: int, name: bytes) -> bytes:
+        """A symlink kept as a regular file in a rootless upper: the file holds its target."""
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            return os.read(fd, 1 << 16)
+        finally:
+            os.close(fd)
+
     def _owner(
-        self, dfd: int, name: bytes, parent: Node, uid: int, gid: int, mode: int | None = None
+        self,
+        dfd: int,
+        name: bytes,
+        parent: Node,
+        host_uid: int,
+        host_gid: int,
+        mode: int | None = None,
+        rdev: int = 0,
     ) -> None:
+        """Give a new object its owner (the caller's ids, mapped) and set-id bits."""
+        suid, sgid = self._store_ids(host_uid, host_gid)
+        uid = OVERFLOW_ID if suid is None else suid
+        gid = OVERFLOW_ID if sgid is None else sgid
         pst = self._stat(parent)
         if pst.mode & stat.S_ISGID:
             gid = pst.gid
-        with contextlib.suppress(PermissionError):  # rootless: everything is ours
+        try:
             os.chown(name, uid, gid, dir_fd=dfd, follow_symlinks=False)
+        except OSError as exc:
+            # Rootless, everything is ours (the override keeps the owner): EPERM, or EINVAL
+            # for an id a user namespace does not map.
+            if exc.errno != errno.EPERM and (not self.rootless or exc.errno != errno.EINVAL):
+                raise
+        if self.rootless:
+            assert self.upper is not None
+            st = os.lstat(name, dir_fd=dfd)
+            fmt = stat.S_IFMT(mode) if mode is not None and stat.S_IFMT(mode) else None
+            perms = stat.S_IMODE(st.st_mode if mode is None else mode)
+            ov = override.Override(uid, gid, perms, fmt, rdev)
+            override.record(dfd, name, ov, self.upper.work_fd, self.upper.tmp_name(), fresh=True)
+            return
         if mode is not None and mode & (stat.S_ISUID | stat.S_ISGID):
             # chown cleared the set-id bits the caller asked for
             os.chmod(name, stat.S_IMODE(mode), dir_fd=dfd)
@@ -516,8 +614,16 @@ class UnionFS:
             fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, stat.S_IMODE(mode), dir_fd=dfd)
             os.close(fd)
         else:
-            os.mknod(name, mode, rdev, dir_fd=dfd)
-        self._owner(dfd, name, parent, uid, gid, mode)
+            try:
+                os.mknod(name, mode, rdev, dir_fd=dfd)
+            except PermissionError:
+                if not self.rootless:
+                    raise
+                # A device an unprivileged daemon cannot make: an empty regular file whose
+                # override says what it is.
+                fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600, dir_fd=dfd)
+                os.close(fd)
+        self._owner(dfd, name, parent, uid, gid, mode, rdev)
         return self.attributes(self._finish_create(parent, name))
 
     @_oserr
@@ -864,9 +970,21 @@ class UnionFS:
             raise FsError(errno.ENODATA)  # hidden, as the kernel hides its own xattrs
         node = self.node(ino)
         if node.upper:
-            return os.getxattr(self._loc_path(node), name, follow_symlinks=False)
+            path = self._loc_path(node)
+            if self.rootless and self._keeps_stored(name):
+                with contextlib.suppress(OSError):
+                    stored = override.stored_xattr(name)
+                    return os.getxattr(path, stored, follow_symlinks=False)
+            return os.getxattr(path, name, follow_symlinks=False)
         layer, path = self._lower_layer(node)
+        if self.metadata_xattrs and self._keeps_stored(name):
+            with contextlib.suppress(FsError):
+                return layer.getxattr(path, override.stored_xattr(name))
         return layer.getxattr(path, name)
+
+    def _keeps_stored(self, name: bytes) -> bool:
+        """May a rootless upper keep `name` as user.layerfs.xattr.<name>?"""
+        return name.startswith((b"trusted.", b"security."))
 
     @_oserr
     def listxattr(self, ino: Ino) -> list[bytes]:
@@ -878,6 +996,8 @@ class UnionFS:
         else:
             layer, path = self._lower_layer(node)
             names = layer.listxattr(path)
+        if self.metadata_xattrs:
+            names = list(dict.fromkeys(override.shown_xattr(n) or n for n in names))
         return [n for n in names if not n.startswith(self.private)]
 
     def _xattr_target(self, ino: Ino, name: bytes) -> bytes:
@@ -889,7 +1009,18 @@ class UnionFS:
 
     @_oserr
     def setxattr(self, ino: Ino, name: bytes, value: bytes) -> None:
-        os.setxattr(self._xattr_target(ino, name), name, value, follow_symlinks=False)
+        target = self._xattr_target(ino, name)
+        if self.rootless and self._keeps_stored(name):
+            # trusted.* always, security.* when refused: kept under a user.* name.
+            if not override.privileged_xattr(name):
+                try:
+                    os.setxattr(target, name, value, follow_symlinks=False)
+                    return
+                except PermissionError:
+                    pass
+            os.setxattr(target, override.stored_xattr(name), value, follow_symlinks=False)
+            return
+        os.setxattr(target, name, value, follow_symlinks=False)
 
     @_oserr
     def removexattr(self, ino: Ino, name: bytes) -> None:
@@ -898,7 +1029,15 @@ class UnionFS:
             layer, path = self._lower_layer(node)
             if name not in layer.listxattr(path):
                 raise FsError(errno.ENODATA)
-        os.removexattr(self._xattr_target(ino, name), name, follow_symlinks=False)
+        target = self._xattr_target(ino, name)
+        if self.rootless and self._keeps_stored(name):
+            try:
+                os.removexattr(target, override.stored_xattr(name), follow_symlinks=False)
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+        os.removexattr(target, name, follow_symlinks=False)
 
     # -- misc --------------------------------------------------------------------------
     @_oserr

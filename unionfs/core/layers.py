@@ -8,6 +8,7 @@ import stat
 from collections import OrderedDict
 from typing import Protocol
 
+from unionfs.core import override
 from unionfs.core.errors import FsError
 from unionfs.core.types import Entry, Kind, Stat, kind_of_mode
 
@@ -113,6 +114,9 @@ class DirLayer:
         self._entries: OrderedDict[tuple[bytes, bytes], Entry | None] = OrderedDict()
         self._listings: OrderedDict[bytes, dict[bytes, bool]] = OrderedDict()
         self.set_spellings((b"trusted.overlay.", b"user.overlay."))
+        # Apply override_stat xattrs (a rootless upper used as a lower layer): set by the
+        # command line for rootless mounts only.
+        self.overrides = False
 
     def set_spellings(self, prefixes: tuple[bytes, ...]) -> None:
         """Which overlay xattr namespaces to read (a lower layer reads both)."""
@@ -193,7 +197,13 @@ class DirLayer:
                 origin = parse_origin(_getxattr(dfd, name, attr) if attr in attrs else None)
                 if origin:
                     break
-        return Entry(name, kind, Stat.of(st), opaque, redirect or None, origin)
+        est = Stat.of(st)
+        if self.overrides and kind in (Kind.FILE, Kind.DIR):
+            ov = override.read(_proc(dfd, name), follow=not name)
+            if ov is not None:
+                est = override.apply(est, ov)
+                kind = kind_of_mode(est.mode) if kind is Kind.FILE else kind
+        return Entry(name, kind, est, opaque, redirect or None, origin)
 
     def _has_opaque_marker(self, dfd: int, name: bytes) -> bool:
         if self.immutable:
@@ -253,8 +263,12 @@ class DirLayer:
         return self._entry(dfd, name, st)
 
     def root(self) -> Entry | None:
-        st = os.stat(self.root_fd)
-        return Entry(b"", Kind.DIR, Stat.of(st))
+        st = Stat.of(os.stat(self.root_fd))
+        if self.overrides:
+            ov = override.read(_proc(self.root_fd, b""), follow=True)
+            if ov is not None:
+                st = override.apply(st, ov)
+        return Entry(b"", Kind.DIR, st)
 
     def stat(self, path: bytes) -> os.stat_result:
         if not path:
@@ -358,6 +372,13 @@ class DirLayer:
         try:
             return os.readlink(name, dir_fd=self.dirfd(parent))
         except OSError as exc:
+            if exc.errno == errno.EINVAL and self.overrides:
+                # A symlink kept as a regular file by a rootless upper: it holds the target.
+                fd = self.open(path, os.O_RDONLY)
+                try:
+                    return os.read(fd, 1 << 16)
+                finally:
+                    os.close(fd)
             raise FsError.from_os(exc) from exc
 
     def _xpath(self, path: bytes) -> bytes:
