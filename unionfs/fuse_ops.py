@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -218,15 +219,24 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        await self._core(
-            self.fs.rename,
-            Ino(parent_inode_old),
-            name_old,
-            Ino(parent_inode_new),
-            name_new,
-            flags,
-            thread=True,
-        )
+        try:
+            await self._core(
+                self.fs.rename,
+                Ino(parent_inode_old),
+                name_old,
+                Ino(parent_inode_new),
+                name_new,
+                flags,
+                thread=True,
+            )
+        except FsError:
+            # A rename that fails in the upper filesystem (as the kernel's does, after its
+            # copy-ups) may still have touched the parents' times: the kernel must not go on
+            # showing the attributes it cached. Attributes only: takes no lock of the kernel's.
+            for ino in {parent_inode_old, parent_inode_new}:
+                with contextlib.suppress(OSError):
+                    pyfuse3.invalidate_inode(ino, attr_only=True)
+            raise
 
     @_guard
     async def link(

@@ -26,7 +26,7 @@ from unionfs.core.resolve import (
     resolve_child,
 )
 from unionfs.core.types import ROOT_INO, Fh, Ino, Stat
-from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, UpperLayer
+from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperLayer
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -789,20 +789,30 @@ class UnionFS:
                 raise FsError(errno.EISDIR)
             if dst.is_dir and dst.is_ancestor_of(parent1):
                 raise FsError(errno.ENOTEMPTY)
-            if dst.is_dir and self._names(dst):
-                raise FsError(errno.ENOTEMPTY)
+        # Over a directory only the upper holds, the kernel leaves the emptiness check to the
+        # upper filesystem's rename, after the copy-ups; with a whiteout left in one call
+        # (RENAME_WHITEOUT). We do the same, so that a failed rename leaves what the kernel's
+        # leaves (findings F7). Elsewhere the merged directory must be empty first.
+        whiteout = lower_positive(self.lowers, parent1.lower, n1)
+        direct = dst is not None and dst.is_dir and dst.upper and not dst.lower and upper.native
+        if dst is not None and dst.is_dir and not direct and self._names(dst):
+            raise FsError(errno.ENOTEMPTY)
         self.ensure_upper(src)
         if dst is not None and not dst.is_dir:
             self._copy_up_lower_link(dst)
         self.ensure_upper(parent1)
         self.ensure_upper(parent2)
         pp1, pp2 = parent1.path(), parent2.path()
-        if dst is not None and dst.is_dir and dst.upper:
+        if direct:
+            upper.rename(join(pp1, n1), join(pp2, n2), RENAME_WHITEOUT if whiteout else 0)
+            whiteout = False
+        elif dst is not None and dst.is_dir and dst.upper:
             upper.remove_empty_dir(join(pp2, n2))
         else:
             upper.clear_whiteout(pp2, n2)
-        upper.rename(join(pp1, n1), join(pp2, n2))
-        if lower_positive(self.lowers, parent1.lower, n1):
+        if not direct:
+            upper.rename(join(pp1, n1), join(pp2, n2))
+        if whiteout:
             upper.whiteout(pp1, n1)
         if dst is not None:
             self._remove_name(dst, parent2, n2)

@@ -22,6 +22,7 @@ from unionfs.core.layers import (
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _renameat2 = _libc.renameat2
@@ -211,4 +212,11 @@ class UpperLayer(DirLayer):
         return self.dirfd(parent), name
 
 
-__all__ = ["UpperLayer", "renameat2", "RENAME_NOREPLACE", "RENAME_EXCHANGE", "join"]
+__all__ = [
+    "UpperLayer",
+    "renameat2",
+    "RENAME_NOREPLACE",
+    "RENAME_EXCHANGE",
+    "RENAME_WHITEOUT",
+    "join",
+]
