@@ -96,6 +96,21 @@ def overlay_options(
     return ",".join(parts)
 
 
+def _kernel_mount(optstr: str, mnt: Path) -> None:
+    """mount -t overlay; a bounded retry while the kernel still counts our upper as in use by
+    an earlier mount of it that was only lazily detached (a process elsewhere on the machine
+    held it busy): the kernel refuses then with "upperdir is in-use" until it is released."""
+    cmd = ["mount", "-t", "overlay", "overlay", "-o", optstr, str(mnt)]
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, check=False)
+        if proc.returncode == 0:
+            return
+        if time.monotonic() > deadline or "index=on" not in optstr:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, proc.stdout, proc.stderr)
+        time.sleep(0.1)
+
+
 @contextmanager
 def overlay_mount(
     impl: str,
@@ -120,11 +135,7 @@ def overlay_mount(
     daemon_log = b""
     try:
         if impl == "kernel":
-            subprocess.run(
-                ["mount", "-t", "overlay", "overlay", "-o", optstr, str(mnt)],
-                check=True,
-                capture_output=True,
-            )
+            _kernel_mount(optstr, mnt)
         elif impl == "layerfs":
             proc = subprocess.Popen(
                 [*LAYERFS, "overlay", "-f", "-o", optstr, str(mnt)],
