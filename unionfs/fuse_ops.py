@@ -279,18 +279,11 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", entry_attributes(a), 2):
                 return
             start_id = 2
-        start = start_id - 2
-        while True:
-            entries = self.fs.readdir(fh, start)
-            if not entries:
+        for name, attrs, nxt in self.fs.readdir_iter(fh, start_id - 2):
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs), nxt + 2):
+                self.fs.drop_if_unused(attrs.ino)
                 return
-            for i, (name, attrs, nxt) in enumerate(entries):
-                if not pyfuse3.readdir_reply(token, name, entry_attributes(attrs), nxt + 2):
-                    for _, rest, _ in entries[i:]:
-                        self.fs.drop_if_unused(rest.ino)
-                    return
-                self.fs.incref(attrs.ino)
-            start = entries[-1][2]
+            self.fs.incref(attrs.ino)
 
     @_guard
     async def releasedir(self, fh: int) -> None:
