@@ -90,3 +90,33 @@ def test_listings_follow_changes(tmp_path: Path) -> None:
         assert listing(m / "d") == ["b2", "late", "sub"]
         assert listing(m / "d" / "sub") == ["s", "t"]
         assert listing(m / "e") == ["c", "f"]
+
+
+def test_large_merged_listing_across_many_replies(tmp_path: Path) -> None:
+    # 3,000 names do not fit one READDIRPLUS reply: entries are made one at a time and
+    # the listing resumes at the offset the kernel hands back, whatever the reply size.
+    require_fuse()
+    lowers = [tmp_path / f"l{i}" for i in range(3)]
+    upper, work, mnt = tmp_path / "u", tmp_path / "w", tmp_path / "m"
+    for d in (*[lo / "big" for lo in lowers], upper, work):
+        d.mkdir(parents=True)
+    want = set()
+    for i in range(3000):
+        name = f"n{i:04d}"
+        (lowers[i % 3] / "big" / name).write_bytes(b"")
+        want.add(name)
+        if i % 7 == 0:  # the same name in the top layer too: listed once
+            (lowers[0] / "big" / name).write_bytes(b"top")
+        if i % 11 == 0 and i % 3 != 0 and i % 7 != 0:  # deleted by the top layer
+            os.mknod(lowers[0] / "big" / name, 0o020000, os.makedev(0, 0))
+            want.discard(name)
+    with overlay_mount("layerfs", lowers, mnt, upper, work) as m:
+        with os.scandir(m / "big") as it:
+            seen = [(e.name, e.inode()) for e in it]
+        assert len(seen) == len({n for n, _ in seen}), "no name twice"
+        assert {n for n, _ in seen} == want
+        for name, ino in seen[:: len(seen) // 50]:
+            assert os.lstat(m / "big" / name).st_ino == ino
+        (m / "big" / "new").write_bytes(b"")
+        os.unlink(m / "big" / "n0001")
+        assert set(listing(m / "big")) == (want | {"new"}) - {"n0001"}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import ParamSpec, TypeVar
 
@@ -949,26 +950,34 @@ class UnionFS:
 
     @_oserr
     def readdir(self, fh: Fh, start: int) -> list[tuple[bytes, Attributes, int]]:
-        """Entries from offset `start`, with attributes; the caller calls `incref` for each
-        entry the kernel accepted and `drop_if_unused` for the others."""
-        h = self.handles.dir(fh)
-        out: list[tuple[bytes, Attributes, int]] = []
-        if h.node.unlinked:
-            return out
-        if h.names is None:
-            h.names = self._names(h.node)
-        for i in range(start, len(h.names)):
-            name = h.names[i]
+        """Up to 64 entries from offset `start` (see `readdir_iter`)."""
+        return list(itertools.islice(self.readdir_iter(fh, start), 64))
+
+    def readdir_iter(self, fh: Fh, start: int) -> Iterator[tuple[bytes, Attributes, int]]:
+        """Entries from offset `start` with attributes and the offset after each, made one
+        at a time (a caller stops when the kernel's buffer is full: nothing is resolved in
+        vain). The caller calls `incref` for each entry the kernel accepted and
+        `drop_if_unused` for the others."""
+        try:
+            h = self.handles.dir(fh)
             if h.node.unlinked:
-                break
-            res = self._resolve(h.node, name)
-            if res is None:
-                continue
-            node = self._node_for(h.node, name, res)
-            out.append((name, self.attributes(node), i + 1))
-            if len(out) >= 64:
-                break
-        return out
+                return
+            if h.names is None:
+                h.names = self._names(h.node)
+            names = h.names
+            for i in range(start, len(names)):
+                if h.node.unlinked:
+                    return
+                name = names[i]
+                res = self._resolve(h.node, name)
+                if res is None:
+                    continue
+                node = self._node_for(h.node, name, res)
+                yield name, self.attributes(node), i + 1
+        except FsError:
+            raise
+        except OSError as exc:
+            raise FsError.from_os(exc) from exc
 
     def releasedir(self, fh: Fh) -> None:
         self.handles.pop_dir(fh)

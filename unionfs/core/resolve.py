@@ -42,13 +42,19 @@ class LowerIndex:
         self.size = size
         self._dirs: OrderedDict[tuple[Source, ...], _DirIndex] = OrderedDict()
         self._probes: dict[tuple[Source, ...], int] = {}
+        # The last answer, by identity: readdir asks with one directory's tuple per entry.
+        self._last: tuple[tuple[Source, ...], _DirIndex] | None = None
 
     def get(self, sources: tuple[Source, ...], *, build: bool = False) -> _DirIndex | None:
         """The index of `sources`: built now when `build`, or when they were asked about
         INDEX_AFTER times; else None."""
+        last = self._last
+        if last is not None and last[0] is sources:
+            return last[1]
         idx = self._dirs.get(sources)
         if idx is not None:
             self._dirs.move_to_end(sources)
+            self._last = (sources, idx)
             return idx
         if not build:
             n = self._probes.get(sources, 0) + 1
@@ -71,6 +77,7 @@ class LowerIndex:
         self._dirs[sources] = idx
         if len(self._dirs) > self.size:
             self._dirs.popitem(last=False)
+        self._last = (sources, idx)
         return idx
 
 

@@ -58,18 +58,19 @@ class Stat:
 
     @classmethod
     def of(cls, st: os.stat_result) -> Stat:
+        # Positional: this runs for every object a layer reports.
         return cls(
-            mode=st.st_mode,
-            nlink=st.st_nlink,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            rdev=st.st_rdev,
-            size=st.st_size,
-            blocks=st.st_blocks,
-            atime_ns=st.st_atime_ns,
-            mtime_ns=st.st_mtime_ns,
-            ctime_ns=st.st_ctime_ns,
-            host_ino=st.st_ino,
+            st.st_mode,
+            st.st_nlink,
+            st.st_uid,
+            st.st_gid,
+            st.st_rdev,
+            st.st_size,
+            st.st_blocks,
+            st.st_atime_ns,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+            st.st_ino,
         )
 
 
