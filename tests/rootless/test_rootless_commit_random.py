@@ -137,7 +137,7 @@ def user_store(
 _n = itertools.count()
 
 
-@settings(deadline=None, max_examples=10)
+@settings(deadline=None, max_examples=8)
 @given(ops=st.lists(OPS, min_size=1, max_size=8))
 def test_rootless_changes_committed_unpack_to_the_mount(
     rootless: Rootless, user_store: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory,
