@@ -114,7 +114,17 @@ def remove(store_root: Path, name: str) -> None:
     root = containers_dir(store_root) / name
     if not root.exists():
         raise ContainerError(f"no such container: {name}")
-    shutil.rmtree(root)
+    try:
+        shutil.rmtree(root)
+    except OSError as exc:
+        hint = ""
+        if isinstance(exc, PermissionError):
+            # e.g. chowned by a daemon that ran as root of a user namespace: only there can
+            # the files be removed
+            hint = " (files owned by ids of a user namespace? run `layerfs rm` in it)"
+        raise ContainerError(
+            f"cannot remove container {name}: {exc.strerror}: {exc.filename}{hint}"
+        ) from None
 
 
 def all_containers(store_root: Path) -> list[Container]:

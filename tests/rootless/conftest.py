@@ -117,6 +117,7 @@ SNAPSHOT_CODE = (
     "tuple(bytes.fromhex(h) for h in sys.argv[2:]))))"
 )
 SUBID_COUNT = 65536
+_USERNS_OK: set[str] = set()  # users for whom `unshare --map-auto` worked this session
 
 
 def load_snapshot(data: bytes) -> dict[bytes, treecmp.Node]:
@@ -291,6 +292,13 @@ class Rootless:
         ids, as rootless podman runs) and a new mount namespace. $PY is the runtime's python.
         Everything it starts is in its own session: killed at the end, should it linger."""
         require_userns(self.user)
+        if self.user not in _USERNS_OK:
+            probe = self.run_as_user(
+                ["unshare", "--map-auto", "--map-root-user", "--mount", "true"], home, check=False
+            )
+            if probe.returncode != 0:
+                pytest.skip(f"unprivileged user namespaces unavailable: {probe.stderr.strip()}")
+            _USERNS_OK.add(self.user)
         argv = self.argv(
             ["env", f"PY={self.python}", "unshare", "--map-auto", "--map-root-user", "--mount",
              "/bin/sh", "-c", script],

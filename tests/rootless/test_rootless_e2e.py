@@ -262,6 +262,7 @@ cd /
 fusermount3 -u "$M"
 trap - EXIT
 wait $pid
+cat "$HOME/ns-daemon.log" >&2
 "$PY" -m unionfs commit ns e2e-ns
 "$PY" -m unionfs export e2e-ns "oci:$HOME/ns-out:v1"
 """
@@ -274,6 +275,7 @@ def test_chown_in_a_user_namespace_is_kept_and_committed(
     script = USERNS_SCRIPT.format(ref=REF, snapshot=snap_cmd)
     proc = rootless.run_in_userns(script, home)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr  # the daemon's log included
     # mknod of a device stays refused: CAP_MKNOD counts in the initial namespace only.
     assert "mknod: refused" in proc.stdout
     seen = load_snapshot((home / "ns.snapshot").read_bytes())

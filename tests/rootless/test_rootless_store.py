@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from layerstore import containers
 from layerstore import ocibuild as ob
 from layerstore.store import Store
 from tests import images
@@ -195,8 +196,19 @@ def test_failures_as_user_are_one_clear_line(
     mnt = home / "mnt"
     mnt.mkdir()
     os.chown(mnt, rootless.uid, rootless.gid)
+    # A container whose upper holds a directory the user cannot empty (as a daemon that ran
+    # as root of a user namespace leaves ids of its namespace): rm says so in one line.
+    mine = home / "store"
+    stuck = containers.create(mine, "stuck", "sha256:" + "0" * 64, "x:1")
+    (stuck.upper / "d").mkdir()
+    (stuck.upper / "d" / "f").write_bytes(b"")
+    for dirpath, _, filenames in os.walk(mine):
+        for p in [dirpath, *(os.path.join(dirpath, f) for f in filenames)]:
+            if not p.startswith(str(stuck.upper / "d")):
+                os.chown(p, rootless.uid, rootless.gid)
     not_yours = "not writable by you"
     cases = [
+        (["rm", "--store", str(mine), "stuck"], "cannot remove container stuck: Permission"),
         (["images", "--store", str(theirs)], not_yours),
         (["unpack", "--store", str(theirs), "x:1", str(home / "y")], not_yours),
         (["mount", "--store", str(theirs), "--ro", "x:1", str(mnt)], not_yours),

@@ -314,3 +314,32 @@ def test_overlay_options_parse_fuse_overlayfs_presentation_syntax() -> None:
     for bad in ("squash_to_uid=x", "squash_to_gid=-1", "uidmapping=0:1", "squash_to_root=1"):
         with pytest.raises(UsageError):
             parse_options([f"lowerdir=/a,{bad}"]).presentation()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_xattrs_of_the_merged_root(tmp_path: Path, native: bool) -> None:
+    """The root's upper copy is reached through its directory fd: xattr calls on it must not
+    act on the /proc magic link (they failed with EPERM)."""
+    lower, upper, work = (tmp_path / n for n in ("lower", "upper", "work"))
+    for p in (lower, upper, work):
+        p.mkdir()
+    os.setxattr(lower, b"user.low", b"2")
+    layer = DirLayer(os.fsencode(lower))
+    ro = UnionFS([layer], None)
+    try:
+        assert b"user.low" in ro.listxattr(ROOT_INO)
+        assert ro.getxattr(ROOT_INO, b"user.low") == b"2"
+    finally:
+        ro.close()
+    fs = UnionFS(
+        [DirLayer(os.fsencode(lower))], UpperLayer(os.fsencode(upper), os.fsencode(work), native)
+    )
+    try:
+        fs.setxattr(ROOT_INO, b"user.x", b"1")
+        assert fs.getxattr(ROOT_INO, b"user.x") == b"1"
+        assert b"user.x" in fs.listxattr(ROOT_INO)
+        assert os.getxattr(upper, b"user.x") == b"1"
+        fs.removexattr(ROOT_INO, b"user.x")
+        assert b"user.x" not in fs.listxattr(ROOT_INO)
+    finally:
+        fs.close()

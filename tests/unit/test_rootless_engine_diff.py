@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.rootless.conftest import Rootless, rootless  # noqa: F401 - fixture
@@ -101,6 +101,7 @@ def test_rootless_core_shows_what_a_root_core_shows(rootless: Rootless) -> None:
 
     @settings(deadline=None, max_examples=12)
     @given(ops_strategy(rl.uid, rl.gid))
+    @example([["chmod", "etc/passwd", 0o4755], ["chown", "etc/passwd", None, 0]])  # kills suid
     def check(ops: list[list[Any]]) -> None:
         case = home / f"case{next(counter)}"
         dirs = {}

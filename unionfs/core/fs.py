@@ -219,8 +219,10 @@ class UnionFS:
         return upper.path_fd(node.path())
 
     def _loc_path(self, node: Node) -> bytes:
+        """A path to the upper copy that xattr calls may use without following symlinks
+        (for the root: its "." inside the fd's directory, not the /proc magic link)."""
         dfd, name = self._upper_loc(node)
-        return b"/proc/self/fd/%d/%s" % (dfd, name) if name else b"/proc/self/fd/%d" % dfd
+        return b"/proc/self/fd/%d/%s" % (dfd, name or b".")
 
     def _loc_stat(self, node: Node) -> os.stat_result:
         dfd, name = self._upper_loc(node)
@@ -294,8 +296,8 @@ class UnionFS:
     def _merged(self, node: Node) -> bool:
         return bool(node.lower) and (node.upper or len(node.lower) > 1)
 
-    def _overridden(self, st: Stat, target: bytes | int, follow: bool = False) -> Stat:
-        ov = override.read(target, follow) if self.rootless else None
+    def _overridden(self, st: Stat, target: bytes | int) -> Stat:
+        ov = override.read(target) if self.rootless else None
         return st if ov is None else override.apply(st, ov)
 
     def _stat(self, node: Node) -> Stat:
@@ -307,7 +309,7 @@ class UnionFS:
         if node.upper:
             st = Stat.of(self._loc_stat(node))
             if self.rootless:
-                st = self._overridden(st, self._loc_path(node), node.parent is None)
+                st = self._overridden(st, self._loc_path(node))
         elif node.lower_entry is not None and node.lower_entry.st is not None:
             st = node.lower_entry.st
         else:
@@ -345,12 +347,18 @@ class UnionFS:
     def _changed_override(
         self, node: Node, uid: int | None, gid: int | None, mode: int | None
     ) -> override.Override:
-        """What `node` shows after a chown/chmod (None: unchanged)."""
+        """What `node` shows after a chown/chmod (None: unchanged). A chown of a non-directory
+        drops set-uid, and set-gid of a group-executable file, as the host's chown does."""
         cur = self._stat(node)
+        perms = stat.S_IMODE(cur.mode if mode is None else mode)
+        if mode is None and (uid is not None or gid is not None) and not stat.S_ISDIR(cur.mode):
+            perms &= ~stat.S_ISUID
+            if perms & stat.S_IXGRP:
+                perms &= ~stat.S_ISGID
         return override.Override(
             cur.uid if uid is None else uid,
             cur.gid if gid is None else gid,
-            stat.S_IMODE(cur.mode if mode is None else mode),
+            perms,
             stat.S_IFMT(cur.mode),
             cur.rdev,
         )

@@ -32,7 +32,7 @@ class IdMapError(ValueError):
 
 def parse_ranges(text: str) -> tuple[IdRange, ...]:
     """`C:H:N[:C:H:N...]` (also `,`-separated triples) -> ranges; IdMapError when bad."""
-    fields = [f for f in text.replace(",", ":").split(":")]
+    fields = text.replace(",", ":").split(":")
     if not text or len(fields) % 3 != 0:
         raise IdMapError(f"bad id map {text!r}: want CONTAINER:HOST:COUNT[:C:H:N...]")
     ranges = []

@@ -383,7 +383,8 @@ class DirLayer:
 
     def _xpath(self, path: bytes) -> bytes:
         parent, name = split(path)
-        return _proc(self.dirfd(parent), name) if path else _proc(self.root_fd, b"")
+        # The root: "." inside it (xattr calls do not follow the /proc magic link).
+        return _proc(self.dirfd(parent), name) if path else _proc(self.root_fd, b".")
 
     def listxattr(self, path: bytes) -> list[bytes]:
         try:

@@ -136,10 +136,22 @@ def _follow(target: bytes | int, follow: bool) -> bool:
 
 
 def read(target: bytes | int, follow: bool = False) -> Override | None:
-    """The override of the object at `target` (a path, followed only if `follow`, or an fd)."""
+    """The override of the object at `target` (a path, followed only if `follow`, or an fd).
+
+    One listxattr first: most objects have no override, and a failed getxattr per spelling
+    costs several times more (an exception each)."""
+    fl = _follow(target, follow)
+    try:
+        present = os.listxattr(target, follow_symlinks=fl)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
     for name in READ_XATTRS:
+        if name.decode() not in present:
+            continue
         try:
-            value = os.getxattr(target, name, follow_symlinks=_follow(target, follow))
+            value = os.getxattr(target, name, follow_symlinks=fl)
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
                 continue
