@@ -1251,6 +1251,8 @@ class Results:
     rss_kib: dict[str, dict[str, int]] = field(default_factory=dict)  # workload -> impl -> KiB
     mount_s: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # same keys
     disk_bytes: dict[str, int] = field(default_factory=dict)  # import tool -> bytes written
+    # `layerfs mount --ro` of the imported bench image: mount_s, walk_s (cold), rss_kib
+    image_mount: list[dict[str, float]] = field(default_factory=list)
 
     def cell(self, row: str, impl: str) -> Cell:
         return self.cells.setdefault(row, {}).setdefault(impl, Cell())
@@ -1451,6 +1453,8 @@ def measure_import(ctx: Ctx, tool: str, rnd: int, res: Results, want_snap: bool)
         else:
             c.times.append(elapsed)
             res.disk_bytes[tool] = disk_usage(dest)
+            if tool == "layerfs":
+                measure_image_mount(ctx, dest, run_dir / "mnt", rnd, res)
             if want_snap:
                 rootfs = dest / "rootfs"
                 if tool != "umoci":
@@ -1476,6 +1480,64 @@ def measure_import(ctx: Ctx, tool: str, rnd: int, res: Results, want_snap: bool)
         c.errors.append(error)
         log(f"import-r{rnd}-{tool}: {error}")
     return snap
+
+
+def measure_image_mount(ctx: Ctx, store: Path, mnt: Path, rnd: int, res: Results) -> None:
+    """`layerfs mount --ro` of the freshly imported bench image: time until the command returns
+    (the mount is live then), a cold walk + lstat of every file, and the daemon's peak RSS."""
+    cfg = ctx.cfg
+    mnt.mkdir()
+    lfs = [cfg.python, "-m", "unionfs"]
+    drop_caches(cfg)
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        [*lfs, "mount", "--store", str(store), "--ro", "bench", str(mnt)],
+        capture_output=True,
+        cwd=REPO,
+        timeout=cfg.timeout,
+        check=False,
+    )
+    mount_s = time.perf_counter() - t0
+    if r.returncode != 0:
+        log(f"image-mount-r{rnd}: {r.stderr.decode(errors='replace').strip()[-300:]}")
+        return
+    try:
+        ps = subprocess.run(
+            [*lfs, "ps", "--store", str(store), "--json"],
+            capture_output=True,
+            cwd=REPO,
+            timeout=60,
+            check=True,
+        )
+        pids = [int(m["pid"]) for m in json.loads(ps.stdout or b"[]")]
+        t0 = time.perf_counter()
+        n = 0
+        for dirpath, dirs, files in os.walk(mnt):
+            for name in dirs + files:
+                os.lstat(os.path.join(dirpath, name))
+                n += 1
+        walk_s = time.perf_counter() - t0
+        rss = 0
+        for pid in pids:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        rss = max(rss, int(line.split()[1]))
+        res.image_mount.append(
+            {"mount_s": mount_s, "walk_s": walk_s, "rss_kib": float(rss), "entries": float(n)}
+        )
+        log(
+            f"image-mount-r{rnd}: mount {mount_s:.2f}s, walk {walk_s:.2f}s, {n} entries, "
+            f"RSS {rss / 1024:.0f} MiB"
+        )
+    finally:
+        subprocess.run(
+            [*lfs, "umount", "--store", str(store), str(mnt)],
+            capture_output=True,
+            cwd=REPO,
+            timeout=120,
+            check=False,
+        )
 
 
 def run_import(ctx: Ctx, tools: Sequence[str], rounds: int, check: str, res: Results) -> None:
@@ -1718,6 +1780,17 @@ def render(
             lines.append(f"  layerfs/umoci {ratio:.2f}")
             jimp["layerfs/umoci"] = ratio
         extra["import"] = jimp
+    if res.image_mount:
+        med: dict[str, float] = {
+            k: statistics.median(run[k] for run in res.image_mount)
+            for k in ("mount_s", "walk_s", "rss_kib", "entries")
+        }
+        lines.append(
+            f"  layerfs mount --ro of that image ({med['entries']:.0f} entries): mount "
+            f"{fmt_time(med['mount_s'])}, cold walk+lstat {fmt_time(med['walk_s'])}, daemon "
+            f"peak RSS {med['rss_kib'] / 1024:.0f} MiB (medians of {len(res.image_mount)})"
+        )
+        extra["image_mount"] = {"median": med, "runs": res.image_mount}
     if res.mount_s:
         lines += ["", "mount time (start to mount point visible, median), per workload:"]
         for wl in wls:
