@@ -1781,16 +1781,16 @@ def render(
             jimp["layerfs/umoci"] = ratio
         extra["import"] = jimp
     if res.image_mount:
-        med: dict[str, float] = {
+        im: dict[str, float] = {
             k: statistics.median(run[k] for run in res.image_mount)
             for k in ("mount_s", "walk_s", "rss_kib", "entries")
         }
         lines.append(
-            f"  layerfs mount --ro of that image ({med['entries']:.0f} entries): mount "
-            f"{fmt_time(med['mount_s'])}, cold walk+lstat {fmt_time(med['walk_s'])}, daemon "
-            f"peak RSS {med['rss_kib'] / 1024:.0f} MiB (medians of {len(res.image_mount)})"
+            f"  layerfs mount --ro of that image ({im['entries']:.0f} entries): mount "
+            f"{fmt_time(im['mount_s'])}, cold walk+lstat {fmt_time(im['walk_s'])}, daemon "
+            f"peak RSS {im['rss_kib'] / 1024:.0f} MiB (medians of {len(res.image_mount)})"
         )
-        extra["image_mount"] = {"median": med, "runs": res.image_mount}
+        extra["image_mount"] = {"median": im, "runs": res.image_mount}
     if res.mount_s:
         lines += ["", "mount time (start to mount point visible, median), per workload:"]
         for wl in wls:
