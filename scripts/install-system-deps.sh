@@ -7,6 +7,8 @@ pkgs=(
   fuse-overlayfs                                  # the drop-in we compare against
   umoci skopeo buildah busybox-static             # real tools that build reference images
   docker-registry                                 # a real OCI registry on 127.0.0.1
+  uidmap passwd python3.11                        # rootless tests: newuidmap, useradd, a
+                                                  # python an unprivileged user can run
 )
 missing=()
 for p in "${pkgs[@]}"; do
