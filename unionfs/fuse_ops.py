@@ -112,7 +112,11 @@ class Operations(pyfuse3.Operations):
         try:
             # stat(2) of our own root is served by this loop: from a thread.
             st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-            bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+            if os.major(st.st_dev) != 0:
+                # A FUSE mount has an anonymous device (major 0): this is something else,
+                # mounted over us since; leave its readahead alone.
+                return
+            bdi = f"/sys/class/bdi/0:{os.minor(st.st_dev)}/read_ahead_kb"
             with open(bdi, "w") as f:
                 f.write(str(READAHEAD_KB))
         except OSError as exc:  # not root, or no sysfs: keep the kernel's default
