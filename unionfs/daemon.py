@@ -59,7 +59,20 @@ async def _run(ops: Operations) -> bool:
                     return
 
         nursery.start_soon(watch)
-        await pyfuse3.main()
+        try:
+            await pyfuse3.main()
+        except* OSError as group:
+            # An unmount while requests are still queued (releases of files closed just
+            # before it; since FLUSH is off, close() waits for nothing) makes reading the
+            # device fail with ECONNABORTED on this kernel (6.18), where pyfuse3 expects
+            # ENODEV and raises. The mount is gone either way (tests/hardening/test_faults.py
+            # test_thousands_of_open_files failed in most runs without this).
+            _, rest = group.split(
+                lambda e: isinstance(e, OSError) and e.errno == errno.ECONNABORTED
+            )
+            if rest is not None:
+                raise rest from None
+            log.debug("the kernel aborted the connection: the mount is gone")
         nursery.cancel_scope.cancel()
     return signalled
 

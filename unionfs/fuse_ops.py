@@ -38,9 +38,9 @@ INLINE_IO = 128 * 1024
 READAHEAD_KB = 1024
 
 
-def _buffer(b: bytearray) -> bytes:
+def _buffer(b: memoryview) -> bytes:
     # pyfuse3 replies with any contiguous buffer (it takes PyObject_GetBuffer of the result);
-    # its stub says bytes. Returning the bytearray saves copying every read once more.
+    # its stub says bytes. Returning a view saves copying every read once more.
     return cast(bytes, b)
 
 
@@ -103,6 +103,7 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.lock = trio.Lock()
         self.nowait = True  # the host filesystem supports RWF_NOWAIT reads (until it fails)
+        self._rbuf = bytearray(READAHEAD_KB * 1024)  # see read()
         self.mountpoint = mountpoint  # where we are mounted, to widen its readahead
         # The kernel keeps listings and drops them on any change made through the mount.
         cache_listings()
@@ -120,7 +121,11 @@ class Operations(pyfuse3.Operations):
         try:
             # stat(2) of our own root is served by this loop: from a thread.
             st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-            bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+            if os.major(st.st_dev) != 0:
+                # A FUSE mount has an anonymous device (major 0): this is something else,
+                # mounted over us since; leave its readahead alone.
+                return
+            bdi = f"/sys/class/bdi/0:{os.minor(st.st_dev)}/read_ahead_kb"
             with open(bdi, "w") as f:
                 f.write(str(READAHEAD_KB))
         except OSError as exc:  # not root, or no sysfs: keep the kernel's default
@@ -279,27 +284,31 @@ class Operations(pyfuse3.Operations):
         if self.nowait:
             # What the page cache holds is read here; only a read that would wait for the
             # disk goes to a worker thread, so cold reads of several files overlap.
-            buf = bytearray(size)
-            view = memoryview(buf)
+            # One buffer serves every such read (no 1 MiB allocation per read): pyfuse3
+            # copies our result into its reply before any other task runs (no await
+            # between our return and fuse_reply_buf), and we never await while it holds
+            # data that is still to be returned.
+            if len(self._rbuf) < size:
+                self._rbuf = bytearray(size)
+            view = memoryview(self._rbuf)[:size]
             got = 0
             try:
                 while got < size:
                     n = os.preadv(fd, [view[got:]], off + got, os.RWF_NOWAIT)
                     if n == 0:
-                        return _buffer(buf[:got])  # end of file
+                        break  # end of file
                     got += n
-                return _buffer(buf)
+                return _buffer(view[:got])
             except BlockingIOError:
                 pass
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 self.nowait = False  # the host filesystem cannot say "would block"
-            finally:
-                view.release()
             if got:
+                head = bytes(view[:got])  # copied out before the await
                 rest = await trio.to_thread.run_sync(os.pread, fd, size - got, off + got)
-                return _buffer(buf[:got] + rest)
+                return head + rest
             return await trio.to_thread.run_sync(os.pread, fd, size, off)
         if size <= INLINE_IO:
             return os.pread(fd, size, off)
