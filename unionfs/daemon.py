@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from layerstore.containers import is_mount_point
+from unionfs import fuse_loop
 from unionfs.core.errors import FsError
 from unionfs.core.fs import UnionFS
 from unionfs.core.idmap import Presentation
@@ -59,7 +60,7 @@ async def _run(ops: Operations) -> bool:
                     return
 
         nursery.start_soon(watch)
-        await pyfuse3.main()
+        await fuse_loop.main()
         nursery.cancel_scope.cancel()
     return signalled
 
