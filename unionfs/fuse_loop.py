@@ -74,8 +74,10 @@ class _Loop(trio.abc.Instrument):
             self.spares.unpark()
 
     def stop(self) -> None:
+        """End the loop: every spare and the waiting reader return False."""
         self.exiting = True
         self.spares.unpark_all()
+        trio.lowlevel.notify_closing(self.fd)
 
     async def wait_fuse_readable(self) -> bool:
         """pyfuse3's contract: True when the device is readable, False to end the loop."""
