@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -44,15 +45,31 @@ def stat_all(paths: list[bytes]) -> None:
         os.lstat(p)
 
 
-def one(root: Path, loop: str, n: int, procs: int) -> tuple[float, float]:
-    """Seconds of daemon CPU per request and wall seconds for lstat of n fresh names."""
+def create_all(paths: list[bytes]) -> None:
+    data = b"c" * 4096
+    for p in paths:
+        fd = os.open(p + b".new", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+
+
+OPS = {"lstat": stat_all, "create": create_all}
+
+
+def one(root: Path, loop: str, n: int, procs: int, op: str) -> tuple[float, float]:
+    """Seconds of daemon CPU per operation and wall seconds for `op` on n fresh names
+    (lstat: one LOOKUP each; create: create+write 4 KiB+close of NAME.new)."""
     env = dict(os.environ)
     if loop == "pyfuse3":
         env["LAYERFS_FUSE_LOOP"] = loop
     else:
         env.pop("LAYERFS_FUSE_LOOP", None)
     mnt = root / "mnt"
-    with overlay_mount("layerfs", [root / "lower"], mnt, env=env):
+    upper, work = root / "upper", root / "work"
+    for fresh in (upper, work):
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir()
+    with overlay_mount("layerfs", [root / "lower"], mnt, upper=upper, work=work, env=env):
         pid = daemon_pid(mnt)
         d = os.fsencode(mnt / "d")
         paths = [os.path.join(d, b"f%d" % i) for i in range(n)]
@@ -60,10 +77,10 @@ def one(root: Path, loop: str, n: int, procs: int) -> tuple[float, float]:
         chunks = [paths[i::procs] for i in range(procs)]
         c0, t0 = cpu_s(pid), time.perf_counter()
         if procs == 1:
-            stat_all(paths)
+            OPS[op](paths)
         else:
             with Pool(procs) as pool:
-                pool.map(stat_all, chunks)
+                pool.map(OPS[op], chunks)
         t1, c1 = time.perf_counter(), cpu_s(pid)
     return (c1 - c0) / n, t1 - t0
 
@@ -73,6 +90,7 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--procs", type=int, default=1)
+    ap.add_argument("--op", choices=sorted(OPS), default="lstat")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
         root = Path(tmp)
@@ -84,13 +102,13 @@ def main() -> int:
         for r in range(args.rounds):
             order = ["pyfuse3", "layerfs"] if r % 2 == 0 else ["layerfs", "pyfuse3"]
             for loop in order:
-                res[loop].append(one(root, loop, args.files, args.procs))
+                res[loop].append(one(root, loop, args.files, args.procs, args.op))
         for loop, rs in res.items():
             cpu = statistics.median(c for c, _ in rs) * 1e6
             wall = statistics.median(w for _, w in rs) * 1e3
             print(
-                f"{loop:8} loop: {cpu:6.1f} us daemon CPU/lstat, wall {wall:7.1f} ms "
-                f"({args.files} lstats, {args.procs} procs, {args.rounds} rounds)"
+                f"{loop:8} loop: {cpu:6.1f} us daemon CPU/{args.op}, wall {wall:7.1f} ms "
+                f"({args.files} x {args.op}, {args.procs} procs, {args.rounds} rounds)"
             )
     return 0
 
