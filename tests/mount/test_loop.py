@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_fuse
 from tests.mount import gatefs
-from tests.mounting import MOUNT_TIMEOUT, force_unmount, overlay_mount, reap, wait_mounted
+from tests.mounting import (
+    LAYERFS,
+    MOUNT_TIMEOUT,
+    force_unmount,
+    is_mounted,
+    overlay_mount,
+    overlay_options,
+    reap,
+    wait_mounted,
+)
 
 pytestmark = pytest.mark.mount
 
@@ -37,15 +49,12 @@ def _wait_byte(fd: int, timeout: float) -> None:
     assert os.read(fd, 1) == b"r"
 
 
-def test_requests_served_while_a_read_waits_on_its_lower(tmp_path: Path) -> None:
-    """A read whose lower layer blocks (in a worker thread of the daemon) must not stop the
-    daemon: another process stats, reads, lists and writes meanwhile, and the blocked read
-    completes with the right data once the lower answers."""
+@contextmanager
+def gated_lower(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
+    """A mounted gatefs: (its mount point, the gate's write end, the started FIFO's read end)."""
     require_fuse()
-    top, gmnt, upper, work, mnt = (tmp_path / n for n in ("top", "gmnt", "up", "wk", "mnt"))
-    for d in (top, gmnt, upper, work, mnt):
-        d.mkdir()
-    (top / "other").write_bytes(b"hello")
+    gmnt = tmp_path / "gmnt"
+    gmnt.mkdir()
     gate, started = tmp_path / "gate", tmp_path / "started"
     os.mkfifo(gate)
     os.mkfifo(started)
@@ -55,33 +64,84 @@ def test_requests_served_while_a_read_waits_on_its_lower(tmp_path: Path) -> None
         gproc = subprocess.Popen([*GATEFS, str(gmnt), str(gate), str(started)], stderr=log)
         try:
             wait_mounted(gmnt, proc=gproc, log=log)
-            with overlay_mount("layerfs", [top, gmnt], mnt, upper=upper, work=work):
-                reader = subprocess.Popen(
-                    [sys.executable, "-c", READER, str(mnt / "slow")], stdout=subprocess.PIPE
-                )
-                try:
-                    _wait_byte(started_fd, MOUNT_TIMEOUT)
-                    others = subprocess.run(
-                        [sys.executable, "-c", OTHERS, str(mnt)],
-                        capture_output=True,
-                        timeout=MOUNT_TIMEOUT,
-                        check=True,
-                    )
-                    assert others.stdout.decode().split("\n")[:4] == [
-                        "5",
-                        "hello",
-                        "['other', 'slow']",
-                        "300000",
-                    ]
-                    assert reader.poll() is None  # still waiting behind the gate
-                finally:
-                    os.write(gate_fd, b"g" * 4096)  # let every read of `slow` through
-                    out, _ = reader.communicate(timeout=MOUNT_TIMEOUT)
-                assert out.split() == [b"1048576", b"1048576"]
-                assert (upper / "new").stat().st_size == 300000
+            yield gmnt, gate_fd, started_fd
         finally:
-            os.write(gate_fd, b"g" * 4096)
+            os.write(gate_fd, b"g" * 4096)  # let every read of `slow` through
             force_unmount(gmnt)
             reap(gproc)
             os.close(gate_fd)
             os.close(started_fd)
+
+
+def test_requests_served_while_a_read_waits_on_its_lower(tmp_path: Path) -> None:
+    """A read whose lower layer blocks (in a worker thread of the daemon) must not stop the
+    daemon: another process stats, reads, lists and writes meanwhile, and the blocked read
+    completes with the right data once the lower answers."""
+    top, upper, work, mnt = (tmp_path / n for n in ("top", "up", "wk", "mnt"))
+    for d in (top, upper, work, mnt):
+        d.mkdir()
+    (top / "other").write_bytes(b"hello")
+    with (
+        gated_lower(tmp_path) as (gmnt, gate_fd, started_fd),
+        overlay_mount("layerfs", [top, gmnt], mnt, upper=upper, work=work),
+    ):
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, str(mnt / "slow")], stdout=subprocess.PIPE
+        )
+        try:
+            _wait_byte(started_fd, MOUNT_TIMEOUT)
+            others = subprocess.run(
+                [sys.executable, "-c", OTHERS, str(mnt)],
+                capture_output=True,
+                timeout=MOUNT_TIMEOUT,
+                check=True,
+            )
+            assert others.stdout.decode().split("\n")[:4] == [
+                "5",
+                "hello",
+                "['other', 'slow']",
+                "300000",
+            ]
+            assert reader.poll() is None  # still waiting behind the gate
+        finally:
+            os.write(gate_fd, b"g" * 4096)
+            out, _ = reader.communicate(timeout=MOUNT_TIMEOUT)
+        assert out.split() == [b"1048576", b"1048576"]
+        assert (upper / "new").stat().st_size == 300000
+
+
+def test_sigterm_while_a_read_waits_ends_the_daemon_once_the_read_returns(
+    tmp_path: Path,
+) -> None:
+    """The exit path with a handler in a worker thread: SIGTERM stops the loop (no task may
+    stay parked), the daemon exits 0 once the waiting handler returns, and unmounts."""
+    top, upper, work, mnt = (tmp_path / n for n in ("top", "up", "wk", "mnt"))
+    for d in (top, upper, work, mnt):
+        d.mkdir()
+    with gated_lower(tmp_path) as (gmnt, gate_fd, started_fd):
+        optstr = overlay_options([top, gmnt], upper, work)
+        daemon = subprocess.Popen(
+            [*LAYERFS, "overlay", "-f", "-o", optstr, str(mnt)], stderr=subprocess.PIPE
+        )
+        reader: subprocess.Popen[bytes] | None = None
+        try:
+            wait_mounted(mnt, proc=daemon)
+            reader = subprocess.Popen(
+                [sys.executable, "-c", READER, str(mnt / "slow")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            _wait_byte(started_fd, MOUNT_TIMEOUT)
+            for _ in range(3):  # more requests than one, served meanwhile
+                assert (mnt / "up-file").exists() is False
+            daemon.send_signal(signal.SIGTERM)
+            os.write(gate_fd, b"g" * 4096)
+            _, err = daemon.communicate(timeout=MOUNT_TIMEOUT)
+            assert daemon.returncode == 0, err
+            assert not is_mounted(mnt)
+        finally:
+            os.write(gate_fd, b"g" * 4096)
+            if reader is not None:
+                reader.communicate(timeout=MOUNT_TIMEOUT)  # data or an error: either is fine
+            force_unmount(mnt)
+            reap(daemon)
