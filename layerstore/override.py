@@ -96,7 +96,7 @@ def parse(value: bytes) -> Override:
         uid, gid, mode = int(parts[0]), int(parts[1]), int(parts[2], 8)
     except ValueError:
         raise OverrideError(f"bad override_stat value {value!r}") from None
-    if uid < 0 or gid < 0 or mode < 0 or mode > 0o177777:
+    if uid < 0 or gid < 0 or uid >= 1 << 32 or gid >= 1 << 32 or mode < 0 or mode > 0o177777:
         raise OverrideError(f"bad override_stat value {value!r}")
     fmt: int | None = None
     rdev = 0

@@ -17,85 +17,37 @@ import contextlib
 import errno
 import os
 import stat
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from layerstore.override import CONTAINERS_XATTR_PREFIX as CONTAINERS_XATTR_PREFIX
+from layerstore.override import OVERRIDE_XATTR as OVERRIDE_XATTR
+from layerstore.override import OVERRIDE_XATTRS as READ_XATTRS  # ours, then fuse-overlayfs
+from layerstore.override import Override as Override
+from layerstore.override import OverrideError
+from layerstore.override import parse as parse_strict
 from unionfs.core.types import Stat
 
-OVERRIDE_XATTR = b"user.containers.override_stat"
-FUSE_OVERLAYFS_XATTR = b"user.fuseoverlayfs.override_stat"
-READ_XATTRS = (OVERRIDE_XATTR, FUSE_OVERLAYFS_XATTR)
+# The value's format (Override, parse, encode) is the store's (layerstore.override): the mount
+# shows exactly what `commit` writes.
 XATTR_PREFIX = b"user.layerfs."
 STORED_XATTR_PREFIX = b"user.layerfs.xattr."
-CONTAINERS_XATTR_PREFIX = b"user.containers.override_"  # fuse-overlayfs >= 1.14
 # fuse-overlayfs' own markers in a rootless upper (opaque, origin, override_stat).
 FUSE_OVERLAYFS_PREFIX = b"user.fuseoverlayfs."
 # Names a rootless mount never shows (prefix match).
 HIDDEN_XATTRS = (OVERRIDE_XATTR, FUSE_OVERLAYFS_PREFIX, XATTR_PREFIX)
 
-_TYPE_NAMES = {
-    stat.S_IFREG: b"file",
-    stat.S_IFDIR: b"dir",
-    stat.S_IFLNK: b"symlink",
-    stat.S_IFIFO: b"pipe",
-    stat.S_IFSOCK: b"socket",
-}
-_NAME_TYPES = {v: k for k, v in _TYPE_NAMES.items()}
-_DEV_NAMES = {stat.S_IFCHR: b"char", stat.S_IFBLK: b"block"}
-_NAME_DEVS = {v: k for k, v in _DEV_NAMES.items()}
-
-
-@dataclass(frozen=True)
-class Override:
-    """What an object shows. `fmt` is the S_IFMT type (None: the object's own type, from the
-    3-field form); `rdev` counts for char/block devices only."""
-
-    uid: int
-    gid: int
-    mode: int  # permission bits, 0o7777 at most
-    fmt: int | None = None
-    rdev: int = 0
-
-    @classmethod
-    def of(cls, st: Stat) -> Override:
-        fmt = stat.S_IFMT(st.mode)
-        dev = fmt in (stat.S_IFCHR, stat.S_IFBLK)
-        return cls(st.uid, st.gid, stat.S_IMODE(st.mode), fmt, st.rdev if dev else 0)
-
 
 def parse(value: bytes) -> Override | None:
     """The override in `value`; None when it is not one (a damaged value is ignored)."""
-    parts = value.strip(b"\0 \n").split(b":")
-    if len(parts) not in (3, 4):
-        return None
     try:
-        uid, gid, mode = int(parts[0]), int(parts[1]), int(parts[2], 8)
-    except ValueError:
+        return parse_strict(value)
+    except OverrideError:
         return None
-    if uid < 0 or gid < 0 or mode < 0 or uid >= 1 << 32 or gid >= 1 << 32:
-        return None
-    if len(parts) == 3:
-        return Override(uid, gid, stat.S_IMODE(mode))
-    token = parts[3]
-    if token in _NAME_TYPES:
-        return Override(uid, gid, stat.S_IMODE(mode), _NAME_TYPES[token])
-    kind, _, nums = token.partition(b"-")
-    if kind not in _NAME_DEVS:
-        return None
-    major, sep, minor = nums.partition(b"-")
-    if not sep or not major.isdigit() or not minor.isdigit():
-        return None
-    rdev = os.makedev(int(major), int(minor))
-    return Override(uid, gid, stat.S_IMODE(mode), _NAME_DEVS[kind], rdev)
 
 
 def format_override(ov: Override, disk_fmt: int) -> bytes:
     """The 4-field value; `disk_fmt` is the object's type when the override keeps it."""
-    fmt = disk_fmt if ov.fmt is None else ov.fmt
-    if fmt in _DEV_NAMES:
-        token = b"%s-%d-%d" % (_DEV_NAMES[fmt], os.major(ov.rdev), os.minor(ov.rdev))
-    else:
-        token = _TYPE_NAMES[fmt]
-    return b"%d:%d:0%o:%s" % (ov.uid, ov.gid, ov.mode, token)
+    return (ov if ov.fmt is not None else replace(ov, fmt=disk_fmt)).encode()
 
 
 def apply(st: Stat, ov: Override) -> Stat:
