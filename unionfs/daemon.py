@@ -130,6 +130,9 @@ def _mount(ops: Operations, mountpoint: Path, options: Sequence[str]) -> None:
         pyfuse3.init(ops, os.fspath(mountpoint), set(options))
     except RuntimeError as exc:
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
+    fds = fuse_loop.fuse_fds()
+    if len(fds) == 1 and ops.start_passthrough(fds[0]):
+        log.debug("asking the kernel for passthrough")
 
 
 def _serve_mounted(ops: Operations) -> int:

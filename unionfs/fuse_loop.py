@@ -42,7 +42,7 @@ MAX_TASKS = 99
 ENV_LOOP = "LAYERFS_FUSE_LOOP"  # "pyfuse3" selects pyfuse3's own loop (for comparisons)
 
 
-def _fuse_fds() -> list[int]:
+def fuse_fds() -> list[int]:
     fds = []
     for name in os.listdir("/proc/self/fd"):
         try:
@@ -120,7 +120,7 @@ def _loop_for_this_pyfuse3() -> _Loop | None:
     if not ok:
         log.warning("pyfuse3 %s: using its own request loop", pyfuse3.__version__)
         return None
-    fds = _fuse_fds()
+    fds = fuse_fds()
     if len(fds) != 1:
         log.warning("%d FUSE devices open: using pyfuse3's own request loop", len(fds))
         return None

@@ -18,6 +18,7 @@ from unionfs.core.errors import FsError
 from unionfs.core.fs import Attributes, UnionFS
 from unionfs.core.types import Fh, Ino
 from unionfs.fuse_dircache import install as cache_listings
+from unionfs.fuse_passthrough import Passthrough
 
 log = logging.getLogger("layerfs")
 
@@ -105,12 +106,65 @@ class Operations(pyfuse3.Operations):
         self.nowait = True  # the host filesystem supports RWF_NOWAIT reads (until it fails)
         self._rbuf = bytearray(READAHEAD_KB * 1024)  # see read()
         self.mountpoint = mountpoint  # where we are mounted, to widen its readahead
+        # Kernel passthrough (see fuse_passthrough.py), once `start_passthrough` set it up:
+        # per inode with passthrough opens, [backing id, number of such opens]; and the
+        # inode of each passthrough handle.
+        self.passthrough: Passthrough | None = None
+        self._backing: dict[int, list[int]] = {}
+        self._direct: dict[int, int] = {}
         # The kernel keeps listings and drops them on any change made through the mount.
         cache_listings()
         # The inode table and the layer caches are many long-lived objects (a mounted
         # 100,000-file image: millions): with the default thresholds the collector scans
         # them again and again, 40% of a cold walk's time. Few of our objects form cycles.
         gc.set_threshold(50_000, 20, 100)
+
+    def start_passthrough(self, fuse_fd: int) -> bool:
+        """After mounting, before serving: ask the kernel for passthrough in the INIT reply."""
+        pt = Passthrough()
+        if not pt.install(fuse_fd):
+            return False
+        self.passthrough = pt
+        return True
+
+    def _file_info(self, ino: int, fh: Fh, keep: bool) -> pyfuse3.FileInfo:
+        """The reply to an OPEN or CREATE just served by the core (no await may follow: a
+        passthrough reply is armed here for pyfuse3's very next reply).
+
+        The kernel's rule: while an inode is open, all its opens pass through the same
+        backing file, or none does. An inode with ordinary opens gets ordinary ones (a
+        lower file opened before its copy-up follows the copy through us); one with
+        passthrough opens gets the same backing id; a free one passes through when its host
+        file can no longer change identity (fs.passthrough_fd)."""
+        pt = self.passthrough
+        if pt is not None and pt.usable:
+            node = self.fs.node(Ino(ino))
+            held = self._backing.get(ino)
+            if held is None and node.opens == 1:
+                fd = self.fs.passthrough_fd(fh)
+                bid = pt.backing_open(fd) if fd is not None else None
+                if bid is not None:
+                    held = self._backing[ino] = [bid, 0]
+            if held is not None:
+                held[1] += 1
+                self._direct[fh] = ino
+                node.passed_through = True
+                pt.arm(fh, held[0])
+                return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+            if node.passed_through:
+                keep = False  # the kernel wrote the host file directly: drop its cache
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    def _end_direct(self, fh: int) -> None:
+        ino = self._direct.pop(fh, None)
+        if ino is None:
+            return
+        held = self._backing[ino]
+        held[1] -= 1
+        if held[1] == 0:
+            del self._backing[ino]
+            assert self.passthrough is not None
+            self.passthrough.backing_close(held[0])
 
     async def _widen_readahead(self) -> None:
         """Once, at the first open: the kernel set the mount's readahead from INIT's reply
@@ -262,7 +316,7 @@ class Operations(pyfuse3.Operations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         copy = bool(writing) and self.fs.needs_copy_up(Ino(inode))
         fh, keep = await self._core(self.fs.open, Ino(inode), flags, thread=copy)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        return self._file_info(inode, fh, keep)
 
     @_guard
     async def create(
@@ -272,7 +326,7 @@ class Operations(pyfuse3.Operations):
             self.fs.create, Ino(parent_inode), name, mode, flags, ctx.uid, ctx.gid
         )
         # The new file changes only through this mount, so its page cache stays valid.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry_attributes(a)
+        return self._file_info(a.ino, fh, True), entry_attributes(a)
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -329,6 +383,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def release(self, fh: int) -> None:
+        self._end_direct(fh)
         await self._core(self.fs.release, Fh(fh))
 
     @_guard

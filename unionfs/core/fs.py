@@ -920,6 +920,15 @@ class UnionFS:
             h.upper = True
         return h.fd
 
+    def passthrough_fd(self, fh: Fh) -> int | None:
+        """The host fd the kernel may read and write `fh` through directly, for as long as it
+        is open: an upper file (it stays this inode's data), or any file when nothing can be
+        copied up (no upper). None for a lower file a copy-up may replace."""
+        h = self.handles.file(fh)
+        if h.upper or self.upper is None:
+            return h.fd
+        return None
+
     def write_fd(self, fh: Fh) -> int:
         h = self.handles.file(fh)
         if not h.upper:

@@ -44,6 +44,9 @@ class Node:
     lookups: int = 0
     opens: int = 0
     unlinked: bool = False
+    # Opened for kernel passthrough at least once: what the kernel cached of this inode
+    # from other opens may be stale since (the kernel wrote the host file directly).
+    passed_through: bool = False
     aliases: list[tuple[Node, bytes]] = field(default_factory=list)
 
     def path(self) -> bytes:
