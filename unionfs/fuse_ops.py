@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -37,6 +38,8 @@ INLINE_IO = 128 * 1024
 # Readahead window of the mount (KiB): the largest read request the kernel then sends is
 # min(this, max_pages = 1 MiB with libfuse 3), 8 times fewer requests than the default.
 READAHEAD_KB = 1024
+# Backing files kept registered for inodes with no open file (each holds the host file open).
+IDLE_BACKING = 1024
 
 
 def _buffer(b: memoryview) -> bytes:
@@ -107,11 +110,14 @@ class Operations(pyfuse3.Operations):
         self._rbuf = bytearray(READAHEAD_KB * 1024)  # see read()
         self.mountpoint = mountpoint  # where we are mounted, to widen its readahead
         # Kernel passthrough (see fuse_passthrough.py), once `start_passthrough` set it up:
-        # per inode with passthrough opens, [backing id, number of such opens]; and the
-        # inode of each passthrough handle.
+        # per inode with a registered backing file, [backing id, number of passthrough
+        # opens]; the inode of each passthrough handle; and the inodes whose backing file
+        # is kept while none of their files is open (least recently used first), so that
+        # opening a file again costs no registration.
         self.passthrough: Passthrough | None = None
         self._backing: dict[int, list[int]] = {}
         self._direct: dict[int, int] = {}
+        self._idle: collections.OrderedDict[int, None] = collections.OrderedDict()
         # The kernel keeps listings and drops them on any change made through the mount.
         cache_listings()
         # The inode table and the layer caches are many long-lived objects (a mounted
@@ -140,12 +146,16 @@ class Operations(pyfuse3.Operations):
         if pt is not None and pt.usable:
             node = self.fs.node(Ino(ino))
             held = self._backing.get(ino)
+            if held is not None and held[1] == 0 and node.opens > 1:
+                held = None  # kept from earlier opens, but the inode has ordinary ones now
             if held is None and node.opens == 1:
                 fd = self.fs.passthrough_fd(fh)
                 bid = pt.backing_open(fd) if fd is not None else None
                 if bid is not None:
                     held = self._backing[ino] = [bid, 0]
             if held is not None:
+                if held[1] == 0:
+                    self._idle.pop(ino, None)
                 held[1] += 1
                 self._direct[fh] = ino
                 node.passed_through = True
@@ -162,9 +172,16 @@ class Operations(pyfuse3.Operations):
         held = self._backing[ino]
         held[1] -= 1
         if held[1] == 0:
-            del self._backing[ino]
-            assert self.passthrough is not None
-            self.passthrough.backing_close(held[0])
+            self._idle[ino] = None
+            if len(self._idle) > IDLE_BACKING:
+                self._drop_backing(self._idle.popitem(last=False)[0])
+
+    def _drop_backing(self, ino: int) -> None:
+        """Unregister the backing file of `ino`, which has no passthrough open."""
+        self._idle.pop(ino, None)
+        held = self._backing.pop(ino)
+        assert self.passthrough is not None and held[1] == 0
+        self.passthrough.backing_close(held[0])
 
     async def _widen_readahead(self) -> None:
         """Once, at the first open: the kernel set the mount's readahead from INIT's reply
@@ -218,6 +235,10 @@ class Operations(pyfuse3.Operations):
     def _forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, n in inode_list:
             self.fs.forget(Ino(ino), n)
+            if ino in self._idle and not self.fs.known(Ino(ino)):
+                # Gone from the kernel and from us (an unlinked file's space is freed
+                # only once its backing file is closed).
+                self._drop_backing(ino)
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -153,9 +153,10 @@ def test_mixed_opens_match_kernel_overlayfs(tmp_path: Path) -> None:
 
 
 def test_many_files_written_and_read_back(tmp_path: Path) -> None:
-    """Each passthrough open registers a backing file and drops it at the last close: many
-    files, some open at once, all with the right bytes (and no backing id leaked into the
-    wrong file)."""
+    """Each passthrough open registers a backing file, kept after the last close for the
+    next open of the same file until 1024 others are kept (fuse_ops.IDLE_BACKING): more
+    files than that, some open at once, read twice; every open gets its own file's bytes
+    (no backing id reaches the wrong file, none is used after it was dropped)."""
     lower, upper, work, mnt = (tmp_path / d for d in ("l", "u", "w", "m"))
     for d in (lower, upper, work):
         d.mkdir()
@@ -165,13 +166,19 @@ def test_many_files_written_and_read_back(tmp_path: Path) -> None:
         try:
             for i, fd in enumerate(held):
                 os.write(fd, blob(i))
-            for i in range(300):
+            for i in range(1100):
                 (mnt / f"f{i}").write_bytes(blob(i))
             for i, fd in enumerate(held):
                 assert os.pread(fd, 1 << 16, 0) == blob(i)
         finally:
             for fd in held:
                 os.close(fd)
-        for i in range(300):
-            assert read(mnt / f"f{i}") == blob(i)
-            assert read(upper / f"f{i}") == blob(i)
+        for _ in range(2):
+            for i in range(1100):
+                assert read(mnt / f"f{i}") == blob(i)
+        for i in range(0, 1100, 7):
+            os.unlink(mnt / f"f{i}")
+            (mnt / f"f{i}").write_bytes(blob(i + 1))
+            assert read(mnt / f"f{i}") == blob(i + 1)
+    for i in range(1100):
+        assert read(upper / f"f{i}") == blob(i + 1 if i % 7 == 0 else i)

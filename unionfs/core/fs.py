@@ -369,6 +369,10 @@ class UnionFS:
         node = self.inodes.get(ino)
         return node is not None and not node.upper and self.upper is not None
 
+    def known(self, ino: Ino) -> bool:
+        """Is `ino` in the inode table (looked up or open)?"""
+        return self.inodes.get(ino) is not None
+
     def incref(self, ino: Ino, n: int = 1) -> None:
         self.node(ino).lookups += n
 
