@@ -617,8 +617,9 @@ class Config:
     cold_ok: bool = True
 
 
-def overlay_opts(lowers: Sequence[Path], upper: Path, work: Path) -> str:
-    return f"lowerdir={':'.join(str(x) for x in lowers)},upperdir={upper},workdir={work}"
+def overlay_opts(lowers: Sequence[Path], upper: Path | None, work: Path | None) -> str:
+    opts = f"lowerdir={':'.join(str(x) for x in lowers)}"
+    return opts if upper is None else f"{opts},upperdir={upper},workdir={work}"
 
 
 @contextlib.contextmanager
@@ -626,8 +627,8 @@ def mounted(
     cfg: Config,
     impl: str,
     lowers: Sequence[Path],
-    upper: Path,
-    work: Path,
+    upper: Path | None,
+    work: Path | None,
     mnt: Path,
     label: str,
 ) -> Iterator[Mounted]:
@@ -650,10 +651,8 @@ def mounted(
                     # mount(2) takes one page of options: name the layers relative to their
                     # common parent, which the kernel resolves against our working directory.
                     kcwd = Path(os.path.commonpath([str(x) for x in lowers]))
-                    rel = [os.path.relpath(x, kcwd) for x in lowers]
-                    kopts = (
-                        f"lowerdir={':'.join(rel)},upperdir={upper},workdir={work},redirect_dir=on"
-                    )
+                    rel = [Path(os.path.relpath(x, kcwd)) for x in lowers]
+                    kopts = overlay_opts(rel, upper, work) + ",redirect_dir=on"
                 r = subprocess.run(
                     ["mount", "-t", "overlay", "overlay", "-o", kopts, str(mnt)],
                     capture_output=True,
@@ -847,6 +846,7 @@ class Workload:
     touched: tuple[str, ...]  # mount-relative subtrees compared across implementations
     cold: bool  # drop caches after the fresh mount, before the workload
     run: Callable[[Ctx, Path, dict[str, float]], None]
+    readonly: bool = False  # mounted without an upper layer (lowerdir only)
 
 
 def top_first(n: int) -> list[str]:
@@ -1002,6 +1002,21 @@ def parallel_read(paths: Sequence[str]) -> float:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
+
+
+def read_only(
+    fn: Callable[[Ctx, Path, dict[str, float]], None],
+) -> Callable[[Ctx, Path, dict[str, float]], None]:
+    """`fn` on a read-only mount, its rows named X-ro-cold/warm for X-cold/warm."""
+
+    def run(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
+        got: dict[str, float] = {}
+        fn(ctx, mnt, got)
+        for row, t in got.items():
+            head, _, temp = row.rpartition("-")
+            rec[f"{head}-ro-{temp}"] = t
+
+    return run
 
 
 def wl_parread(ctx: Ctx, mnt: Path, rec: dict[str, float]) -> None:
@@ -1166,6 +1181,32 @@ def all_workloads(p: Params) -> list[Workload]:
             True,
             wl_parread,
         ),
+        # The same reads on read-only mounts (as `layerfs mount --ro` of an image): there,
+        # layerfs lets the kernel read lower files directly (passthrough).
+        Workload(
+            "seqread-ro",
+            ("seqread-ro-cold", "seqread-ro-warm"),
+            f"read {p.seq_bytes // MiB} MiB file, read-only mount",
+            "seq",
+            lambda p: ["1", "0"],
+            ("big.bin",),
+            True,
+            read_only(wl_seqread),
+            readonly=True,
+        ),
+        Workload(
+            "parread-ro",
+            ("parread-ro-cold", "parread-ro-warm"),
+            f"{p.par_procs} processes each read a {p.par_bytes // MiB} MiB file, read-only mount",
+            "p",
+            # Kernel overlayfs wants two lower layers without an upper: the seq group's small
+            # top layer (one README) goes on top.
+            lambda p: ["../seq/1", "0"],
+            tuple(f"p{i}.bin" for i in range(p.par_procs)),
+            True,
+            read_only(wl_parread),
+            readonly=True,
+        ),
         Workload(
             "untar",
             ("untar", "compile"),
@@ -1273,8 +1314,10 @@ def measure(
     group_dir = ctx.root / wl.group
     lowers = [group_dir / rel for rel in wl.lowers(ctx.params)]
     run_dir = fresh_dir(cfg.workdir / "u")
-    upper = fresh_dir(run_dir / "u")
-    work = fresh_dir(run_dir / "w")
+    upper: Path | None = fresh_dir(run_dir / "u")
+    work: Path | None = fresh_dir(run_dir / "w")
+    if wl.readonly:
+        upper = work = None
     mnt = cfg.workdir / "m"
     rec: dict[str, float] = {}
     snap: Snap | None = None
@@ -2003,7 +2046,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         unmount(mnt, fuse=True)
     shutil.rmtree(workdir / "logs", ignore_errors=True)
     root.mkdir(parents=True, exist_ok=True)
-    for gname in dict.fromkeys([w.group for w in wls] + (["i"] if tools else [])):
+    # A workload may also stack a layer of another group ("../seq/1").
+    borrowed = [rel.split("/")[1] for w in wls for rel in w.lowers(params) if rel.startswith("../")]
+    for gname in dict.fromkeys([w.group for w in wls] + borrowed + (["i"] if tools else [])):
         ensure_group(root, GROUPS[gname], params, args.rebuild)
 
     ctx = Ctx(cfg=cfg, params=params, root=root)
