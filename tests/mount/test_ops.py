@@ -148,6 +148,35 @@ def test_metadata_ops(stack: Stack) -> None:
         assert os.statvfs(m).f_namemax == 255
 
 
+def root_metadata_changes(root: Path) -> list[object]:
+    """chmod, chown and utime of the mount's root, and what each left."""
+    out: list[object] = []
+    os.chmod(root, 0o1777)
+    out.append(stat.S_IMODE(os.lstat(root).st_mode))
+    os.chown(root, 1234, 4321)
+    out.append((os.lstat(root).st_uid, os.lstat(root).st_gid))
+    os.utime(root, ns=(10**18, 2 * 10**18))
+    out.append((os.lstat(root).st_atime_ns, os.lstat(root).st_mtime_ns))
+    os.chmod(root, 0o755)
+    out.append(stat.S_IMODE(os.lstat(root).st_mode))
+    return out
+
+
+def test_metadata_of_the_root(stack: Stack, tmp_path: Path) -> None:
+    """The root directory (an O_PATH fd in the upper: fchmod refused it with EBADF once)."""
+    require_root()
+    require_kernel_overlay()
+    with stack.mount() as m:
+        ours = root_metadata_changes(m)
+    kdirs = [tmp_path / "k" / d for d in ("u", "w", "m")]
+    for d in kdirs:
+        d.mkdir(parents=True)
+    with overlay_mount("kernel", [stack.l0, stack.l1], kdirs[2], kdirs[0], kdirs[1]) as km:
+        assert ours == root_metadata_changes(km)
+    up = os.lstat(stack.upper)
+    assert (stat.S_IMODE(up.st_mode), up.st_uid, up.st_gid) == (0o755, 1234, 4321)
+
+
 def test_paths_beyond_path_max(stack: Stack) -> None:
     comp = "d" * 250
     with stack.mount() as m:

@@ -494,7 +494,8 @@ class UnionFS:
             return self.attributes(node)
         dfd, name = self._upper_loc(node)
         is_link = stat.S_ISLNK(self._stat(node).mode)
-        target: bytes | int = b"/proc/self/fd/%d/%s" % (dfd, name) if name else dfd
+        # The root's location is an O_PATH fd, which fchmod refuses (EBADF): always a path.
+        target = b"/proc/self/fd/%d/%s" % (dfd, name) if name else b"/proc/self/fd/%d" % dfd
         if size is not None:
             if node.is_dir:
                 raise FsError(errno.EISDIR)
@@ -510,12 +511,13 @@ class UnionFS:
             self._set_override(node, dfd, name, uid, gid, None if is_link else mode)
         else:
             if uid is not None or gid is not None:
+                # The root: through its /proc link, followed (not the link itself).
                 os.chown(
                     name if name else b"/proc/self/fd/%d" % dfd,
                     -1 if uid is None else uid,
                     -1 if gid is None else gid,
                     dir_fd=dfd if name else None,
-                    follow_symlinks=False,
+                    follow_symlinks=not name,
                 )
             if mode is not None and not is_link:
                 os.chmod(target, stat.S_IMODE(mode))
