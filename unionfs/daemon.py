@@ -181,6 +181,10 @@ def serve(
         raise MountError(f"cannot use upperdir/workdir: {exc}") from None
     if upper_layer is None and "ro" not in options:
         options.append("ro")
+    if os.geteuid() == 0 and not {"allow_other", "allow_root"} & set(options):
+        # As kernel overlayfs (and fuse-overlayfs run as root): other users reach the mount
+        # as the modes allow (default_permissions is always on), instead of EACCES for all.
+        options.append("allow_other")
     fs = UnionFS(layers, upper_layer, presentation)
     ops = Operations(fs, os.fspath(mountpoint))
     os.chdir("/")

@@ -9,6 +9,7 @@ import mmap
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -175,6 +176,90 @@ def test_metadata_of_the_root(stack: Stack, tmp_path: Path) -> None:
         assert ours == root_metadata_changes(km)
     up = os.lstat(stack.upper)
     assert (stat.S_IMODE(up.st_mode), up.st_uid, up.st_gid) == (0o755, 1234, 4321)
+
+
+def as_nobody(root: Path) -> list[str]:
+    """In a forked child running as 65534:65534 with no groups, below `root` (reached
+    through an fd opened before dropping privileges: the test's own directories are
+    root's): read a 0644 file, append to it, append to a 06777 file, list the root."""
+
+    def t(f: Callable[[], object]) -> str:
+        try:
+            return repr(f())
+        except OSError as e:
+            return errno.errorcode[e.errno or 0]
+
+    def append(dfd: int, name: str, data: bytes) -> int:
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND, dir_fd=dfd)
+        try:
+            return os.write(fd, data)
+        finally:
+            os.close(fd)
+
+    def read(dfd: int, name: str) -> bytes:
+        fd = os.open(name, os.O_RDONLY, dir_fd=dfd)
+        try:
+            return os.read(fd, 100)
+        finally:
+            os.close(fd)
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.close(r)
+            dfd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            lines = [
+                t(lambda: read(dfd, "mine")),
+                t(lambda: append(dfd, "mine", b"no")),
+                t(lambda: append(dfd, "suid", b"more")),
+                t(lambda: sorted(os.listdir(os.open(".", os.O_RDONLY, dir_fd=dfd)))),
+            ]
+            os.write(w, "\n".join(lines).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return out.splitlines()
+
+
+def other_user_view(root: Path) -> list[object]:
+    """What another user can do on a mount made with no allow_* option."""
+    os.chmod(root, 0o777)
+    (root / "mine").write_bytes(b"root's file")
+    os.chmod(root / "mine", 0o644)
+    (root / "suid").write_bytes(b"x")
+    os.chmod(root / "suid", 0o6777)
+    out: list[object] = list(as_nobody(root))
+    st = os.lstat(root / "suid")
+    out.append((stat.S_IMODE(st.st_mode), st.st_size))
+    return out
+
+
+def test_other_users_reach_a_root_mount_as_modes_allow(stack: Stack, tmp_path: Path) -> None:
+    """As kernel overlayfs: a mount made by root with no allow_* option is open to other
+    users within the modes (layerfs adds allow_other; default_permissions checks), and a
+    write by a user without CAP_FSETID clears set-id bits (through passthrough too)."""
+    require_root()
+    require_kernel_overlay()
+    with stack.mount() as m:
+        ours = other_user_view(m)
+    kdirs = [tmp_path / "k" / d for d in ("u", "w", "m")]
+    for d in kdirs:
+        d.mkdir(parents=True)
+    with overlay_mount("kernel", [stack.l0, stack.l1], kdirs[2], kdirs[0], kdirs[1]) as km:
+        theirs = other_user_view(km)
+    assert ours == theirs
+    assert ours[:3] == [repr(b"root's file"), "EACCES", "4"]
+    assert ours[-1] == (0o777, 5)
 
 
 def test_paths_beyond_path_max(stack: Stack) -> None:
