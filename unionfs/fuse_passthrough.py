@@ -6,12 +6,13 @@ import ctypes
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import struct
 from pathlib import Path
 
 import pyfuse3
+
+from unionfs.fuse_got import GotSlot, address, loaded_library
 
 log = logging.getLogger("layerfs")
 
@@ -81,49 +82,6 @@ def _has_cap_sys_admin() -> bool:
     return False
 
 
-def _loaded_path(soname: str) -> tuple[str, int] | None:
-    """The file and load address of the loaded library `soname` (from /proc/self/maps)."""
-    want = os.path.realpath(f"/lib/x86_64-linux-gnu/{soname}")
-    best: tuple[str, int] | None = None
-    with open("/proc/self/maps") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) < 6 or not parts[5].startswith("/"):
-                continue
-            path = parts[5]
-            if os.path.basename(path).startswith(soname) or path == want:
-                start = int(parts[0].split("-")[0], 16)
-                if int(parts[2], 16) == 0 and (best is None or start < best[1]):
-                    best = (path, start)
-    return best
-
-
-def _got_offset(path: str, symbol: bytes) -> int | None:
-    """Offset of the GOT slot through which the ELF64 library `path` calls `symbol`."""
-    data = Path(path).read_bytes()
-    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None  # not a 64-bit little-endian ELF
-    (shoff,) = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
-    sections = [
-        struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)
-    ]
-    for _name, typ, _flags, _addr, off, size, link, _info, _align, entsize in sections:
-        if typ != 4 or entsize != 24:  # SHT_RELA
-            continue
-        symtab = sections[link]
-        strtab = sections[symtab[6]]
-        for i in range(size // 24):
-            r_offset, r_info, _addend = struct.unpack_from("<QQq", data, off + 24 * i)
-            if r_info & 0xFFFFFFFF not in (6, 7):  # R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT
-                continue
-            (st_name,) = struct.unpack_from("<I", data, symtab[4] + 24 * (r_info >> 32))
-            name_at = strtab[4] + st_name
-            if data[name_at : data.index(b"\0", name_at)] == symbol:
-                return int(r_offset)
-    return None
-
-
 class Passthrough:
     """The connection's passthrough: set up by `install` before the INIT request is served;
     `usable` once the kernel took it (known at the first `backing_open`)."""
@@ -131,8 +89,7 @@ class Passthrough:
     def __init__(self) -> None:
         self.fuse_fd = -1
         self.usable = False
-        self._slot: ctypes.c_uint64 | None = None
-        self._real_writev = 0
+        self._slot: GotSlot | None = None
         self._hook_addr = 0
         self._hook = _WRITEV(self._writev)  # kept alive as long as the slot may point at it
         libc = ctypes.CDLL(None, use_errno=True)
@@ -155,37 +112,18 @@ class Passthrough:
             or not _has_cap_sys_admin()
         ):
             return False
-        try:
-            found = _loaded_path(_LIBFUSE)
-            if found is None or not os.path.basename(found[0]).startswith("libfuse3.so.3.14"):
-                log.debug("passthrough: libfuse %s is not 3.14", found)
-                return False
-            offset = _got_offset(found[0], b"writev")
-        except (OSError, ValueError, struct.error, IndexError) as exc:
-            log.debug("passthrough: cannot read libfuse: %s", exc)
+        found = loaded_library(_LIBFUSE)
+        if found is None or not os.path.basename(found[0]).startswith("libfuse3.so.3.14"):
+            log.debug("passthrough: libfuse %s is not 3.14", found)
             return False
-        if offset is None:
-            return False
-        slot_addr = found[1] + offset
-        libc = ctypes.CDLL(None, use_errno=True)
-        real = ctypes.cast(libc.writev, ctypes.c_void_p).value
-        slot = ctypes.c_uint64.from_address(slot_addr)
-        if real is None or slot.value != real:
-            log.debug("passthrough: libfuse's writev slot is not libc's writev")
-            return False
-        page = slot_addr & ~(mmap.PAGESIZE - 1)
-        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        if libc.mprotect(ctypes.c_void_p(page), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE):
-            log.debug("passthrough: mprotect: %s", os.strerror(ctypes.get_errno()))
+        slot = GotSlot.find(found[0], b"writev", address(ctypes.CDLL(None).writev))
+        if slot is None:
             return False
         self.fuse_fd = fuse_fd
         self._slot = slot
-        self._real_writev = real
-        hook_addr = ctypes.cast(self._hook, ctypes.c_void_p).value
-        assert hook_addr is not None
-        self._hook_addr = hook_addr
+        self._hook_addr = address(self._hook)
         self._init_pending = True
-        slot.value = hook_addr
+        slot.point(self._hook_addr)
         return True
 
     # -- the hook ----------------------------------------------------------------------
@@ -193,7 +131,7 @@ class Passthrough:
         # Runs inside libfuse's reply; never raises (ctypes would only print it).
         try:
             if self._slot is not None:
-                self._slot.value = self._real_writev  # one reply, then libc's again
+                self._slot.restore()  # one reply, then libc's writev again
             if count == 2 and iov[0].len == _HEADER_SIZE:
                 payload = iov[1]
                 if self._init_pending:
@@ -267,4 +205,4 @@ class Passthrough:
         pass through `backing_id`. Call with no await between this and the handler's return."""
         assert self._slot is not None
         self._armed = (fh, backing_id)
-        self._slot.value = self._hook_addr
+        self._slot.point(self._hook_addr)
