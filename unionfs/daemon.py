@@ -126,6 +126,7 @@ def privileged_upper(work: Path) -> bool:
 
 
 def _mount(ops: Operations, mountpoint: Path, options: Sequence[str]) -> None:
+    ops.prepare_session()
     try:
         pyfuse3.init(ops, os.fspath(mountpoint), set(options))
     except RuntimeError as exc:

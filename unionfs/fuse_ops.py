@@ -19,6 +19,7 @@ from unionfs.core.errors import FsError
 from unionfs.core.fs import Attributes, UnionFS
 from unionfs.core.types import Fh, Ino
 from unionfs.fuse_dircache import install as cache_listings
+from unionfs.fuse_fallocate import Fallocate
 from unionfs.fuse_passthrough import Passthrough
 
 log = logging.getLogger("layerfs")
@@ -124,6 +125,17 @@ class Operations(pyfuse3.Operations):
         # 100,000-file image: millions): with the default thresholds the collector scans
         # them again and again, 40% of a cold walk's time. Few of our objects form cycles.
         gc.set_threshold(50_000, 20, 100)
+
+    def prepare_session(self) -> None:
+        """Right before pyfuse3.init: add the FALLOCATE handler pyfuse3 lacks."""
+        self._fallocate = Fallocate(self._allocate)
+        if not self._fallocate.prepare():
+            log.debug("fallocate stays unsupported with pyfuse3 %s", pyfuse3.__version__)
+
+    def _allocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        # Called synchronously in the loop's thread (see fuse_fallocate.py): it only looks
+        # up the handle and calls fallocate(2) on its upper fd, as an inline write does.
+        self.fs.fallocate(Fh(fh), mode, offset, length)
 
     def start_passthrough(self, fuse_fd: int) -> bool:
         """After mounting, before serving: ask the kernel for passthrough in the INIT reply."""

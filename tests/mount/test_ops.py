@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import mmap
 import os
 import stat
@@ -260,6 +261,61 @@ def test_other_users_reach_a_root_mount_as_modes_allow(stack: Stack, tmp_path: P
     assert ours == theirs
     assert ours[:3] == [repr(b"root's file"), "EACCES", "4"]
     assert ours[-1] == (0o777, 5)
+
+
+# The modes FUSE passes on (fs/fuse/file.c refuses collapse and insert range itself).
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+def fallocate_steps(root: Path) -> list[object]:
+    """fallocate(2) with each mode on a lower file (copied up by the write open) and a new
+    one; each step's errno or the file's size and digest after it."""
+    _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    out: list[object] = []
+
+    def step(fd: int, mode: int, off: int, length: int) -> None:
+        if _libc.fallocate(fd, mode, off, length) != 0:
+            out.append(errno.errorcode[ctypes.get_errno()])
+        else:
+            st = os.fstat(fd)
+            data = os.pread(fd, st.st_size + 1, 0)
+            out.append((st.st_size, hashlib.sha256(data).hexdigest()[:16]))
+
+    ro = os.open(root / "big", os.O_RDONLY)
+    step(ro, 0, 0, 4096)  # not open for writing: EBADF, before any copy-up
+    os.close(ro)
+    for name in ("big", "new"):
+        fd = os.open(root / name, os.O_RDWR | os.O_CREAT, 0o644)
+        if name == "new":
+            os.write(fd, bytes(range(256)) * 64)
+        step(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
+        step(fd, FALLOC_FL_PUNCH_HOLE, 0, 4096)  # punch needs keep_size: EOPNOTSUPP
+        step(fd, FALLOC_FL_ZERO_RANGE, 100, 300)
+        step(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 1 << 19, 4096)
+        step(fd, 0, 0, 1 << 20)  # grows the file
+        step(fd, FALLOC_FL_KEEP_SIZE, 0, 1 << 21)
+        os.close(fd)
+    return out
+
+
+def test_fallocate_matches_kernel(tmp_path: Path) -> None:
+    """Every fallocate mode through the mount as through kernel overlayfs (pyfuse3 has no
+    handler for it; fuse_fallocate.py adds one)."""
+    require_root()
+    require_kernel_overlay()
+    lower = tmp_path / "l"
+    lower.mkdir()
+    (lower / "big").write_bytes(bytes(range(251)) * 200)
+    results = []
+    for impl in ("kernel", "layerfs"):
+        dirs = [tmp_path / impl / d for d in ("u", "w", "m")]
+        for d in dirs:
+            d.mkdir(parents=True)
+        with overlay_mount(impl, [lower], dirs[2], dirs[0], dirs[1]) as m:
+            results.append(fallocate_steps(m))
+    assert results[1] == results[0]
+    assert "EOPNOTSUPP" not in results[1][2:4], results[1]
+    assert (lower / "big").read_bytes() == bytes(range(251)) * 200
 
 
 def test_paths_beyond_path_max(stack: Stack) -> None:

@@ -27,7 +27,13 @@ from unionfs.core.resolve import (
     resolve_child,
 )
 from unionfs.core.types import ROOT_INO, Fh, Ino, Stat
-from unionfs.core.upper import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, UpperLayer
+from unionfs.core.upper import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    UpperLayer,
+    fallocate,
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -948,6 +954,15 @@ class UnionFS:
             os.close(fd)
         h.node.opens -= 1
         self.inodes.drop_if_unused(h.node)
+
+    @_oserr
+    def fallocate(self, fh: Fh, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on an open file (the kernel sends it only for files open for
+        writing, which are upper files)."""
+        h = self.handles.file(fh)
+        if not h.upper:
+            raise FsError(errno.EBADF)
+        fallocate(h.fd, mode, offset, length)
 
     @_oserr
     def fsync(self, fh: Fh, datasync: bool) -> None:

@@ -28,6 +28,9 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
 
 WORK_SUBDIR = b"work"
 TMP_PREFIX = b"#layerfs-"
@@ -35,6 +38,13 @@ TMP_PREFIX = b"#layerfs-"
 
 def renameat2(sfd: int, sname: bytes, dfd: int, dname: bytes, flags: int = 0) -> None:
     if _renameat2(sfd, sname, dfd, dname, flags) != 0:
+        err = ctypes.get_errno()
+        raise FsError(err, os.strerror(err))
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its mode flags (os.posix_fallocate has none)."""
+    if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise FsError(err, os.strerror(err))
 
