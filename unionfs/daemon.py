@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import logging.handlers
 import os
 import resource
 import signal
@@ -25,6 +26,7 @@ from unionfs.core.upper import UpperLayer
 from unionfs.fuse_ops import Operations
 
 log = logging.getLogger("layerfs")
+ENV_LOG_SOCKET = "LAYERFS_LOG_SOCKET"
 
 
 class MountError(Exception):
@@ -125,6 +127,24 @@ def privileged_upper(work: Path) -> bool:
     return True
 
 
+def _log_to_syslog() -> None:
+    """A detached daemon has no stderr: its log goes to syslog ($LAYERFS_LOG_SOCKET, by
+    default /dev/log) when there is one, else nowhere (image mounts log to the store)."""
+    address = os.environ.get(ENV_LOG_SOCKET, "/dev/log")
+    try:
+        handler = logging.handlers.SysLogHandler(
+            address, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+    except OSError:
+        return
+    handler.ident = f"layerfs[{os.getpid()}]: "
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    root = logging.getLogger()
+    for h in root.handlers[:]:
+        root.removeHandler(h)
+    root.addHandler(handler)
+
+
 def _mount(ops: Operations, mountpoint: Path, options: Sequence[str]) -> None:
     ops.prepare_session()
     try:
@@ -217,6 +237,7 @@ def serve(
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
+        _log_to_syslog()
         os.write(wfd, b"ok\n")
         os.close(wfd)
         code = _serve_mounted(ops)

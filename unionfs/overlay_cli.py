@@ -234,6 +234,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         ",squash_to_root,uidmapping=C:H:N[:C:H:N...],gidmapping=...][,FUSE options]",
     )
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
-    p.add_argument("-d", "--debug", action="store_true", help="debug log on stderr (with -f)")
+    p.add_argument(
+        "-d", "--debug", action="store_true", help="debug log (on stderr with -f, else to syslog)"
+    )
     p.add_argument("mountpoint", help="where to mount")
     p.set_defaults(func=run_overlay)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -82,6 +83,30 @@ def test_daemonize_returns_once_mounted_and_exits_on_umount(dirs: dict[str, Path
     finally:
         subprocess.run(["umount", str(dirs["mnt"])], check=True)
     _wait_gone(dirs["mnt"])
+
+
+def test_daemonized_log_goes_to_syslog(dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A detached daemon has no stderr: with -d its log reaches the syslog socket."""
+    sock_path = tmp_path / "log.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(MOUNT_TIMEOUT)
+        env = dict(os.environ, LAYERFS_LOG_SOCKET=str(sock_path))
+        r = subprocess.run(
+            [*LAYERFS, "overlay", "-d", "-o", opts(dirs), str(dirs["mnt"])],
+            capture_output=True,
+            timeout=MOUNT_TIMEOUT,
+            env=env,
+        )
+        assert r.returncode == 0, r.stderr
+        try:
+            (dirs["mnt"] / "f").read_bytes()
+            got = sock.recv(65536)
+        finally:
+            subprocess.run(["umount", str(dirs["mnt"])], check=True)
+    _wait_gone(dirs["mnt"])
+    # <facility daemon (3) * 8 + severity>layerfs[PID]: LEVEL message
+    assert got.startswith(b"<3") and b"layerfs[" in got and b"DEBUG" in got, got
 
 
 @pytest.mark.parametrize("how", ["umount", "fusermount3", "SIGTERM", "SIGINT"])
