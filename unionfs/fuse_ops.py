@@ -31,7 +31,7 @@ P = ParamSpec("P")
 IMMUTABLE_TIMEOUT = 86400.0
 # Upper objects change only through this daemon, which answers every change with fresh
 # attributes; the short timeout only bounds how long a change made behind our back shows.
-UPPER_TIMEOUT = 1.0
+UPPER_TIMEOUT = float(os.environ.get("LAYERFS_UPPER_TIMEOUT", "1.0"))
 NEGATIVE_TIMEOUT = 3600.0
 # Reads and writes up to this size run on the event loop (page-cache speed); larger ones
 # go to a worker thread so one big transfer does not stall every other request.
@@ -39,6 +39,8 @@ INLINE_IO = 128 * 1024
 # Readahead window of the mount (KiB): the largest read request the kernel then sends is
 # min(this, max_pages = 1 MiB with libfuse 3), 8 times fewer requests than the default.
 READAHEAD_KB = 1024
+# A file opened only for reading passes through from this size on (see _file_info).
+PASSTHROUGH_MIN_READ = 256 * 1024
 # Backing files kept registered for inodes with no open file (each holds the host file open).
 IDLE_BACKING = 1024
 
@@ -145,26 +147,31 @@ class Operations(pyfuse3.Operations):
         self.passthrough = pt
         return True
 
-    def _file_info(self, ino: int, fh: Fh, keep: bool) -> pyfuse3.FileInfo:
+    def _file_info(self, ino: int, fh: Fh, keep: bool, writing: bool) -> pyfuse3.FileInfo:
         """The reply to an OPEN or CREATE just served by the core (no await may follow: a
         passthrough reply is armed here for pyfuse3's very next reply).
 
         The kernel's rule: while an inode is open, all its opens pass through the same
-        backing file, or none does. An inode with ordinary opens gets ordinary ones (a
-        lower file opened before its copy-up follows the copy through us); one with
-        passthrough opens gets the same backing id; a free one passes through when its host
-        file can no longer change identity (fs.passthrough_fd)."""
+        backing file, or none does. An inode with passthrough opens gets the same backing
+        id; one with ordinary opens gets ordinary ones (a lower file opened before its
+        copy-up follows the copy through us). An inode with no open file passes through
+        when its host file can no longer change identity (fs.passthrough_fd) and the open
+        writes or reads a large file: a small file read through us stays in the kernel's
+        page cache across opens, while each passthrough read makes the next stat ask us
+        for the atime (fs/fuse: fuse_file_accessed)."""
         pt = self.passthrough
         if pt is not None and pt.usable:
             node = self.fs.node(Ino(ino))
             held = self._backing.get(ino)
-            if held is not None and held[1] == 0 and node.opens > 1:
-                held = None  # kept from earlier opens, but the inode has ordinary ones now
-            if held is None and node.opens == 1:
-                fd = self.fs.passthrough_fd(fh)
-                bid = pt.backing_open(fd) if fd is not None else None
-                if bid is not None:
-                    held = self._backing[ino] = [bid, 0]
+            if held is None or held[1] == 0:  # no passthrough open: a free choice?
+                if node.opens == 1 and (writing or self._large(fh)):
+                    if held is None:
+                        fd = self.fs.passthrough_fd(fh)
+                        bid = pt.backing_open(fd) if fd is not None else None
+                        if bid is not None:
+                            held = self._backing[ino] = [bid, 0]
+                else:
+                    held = None
             if held is not None:
                 if held[1] == 0:
                     self._idle.pop(ino, None)
@@ -174,8 +181,16 @@ class Operations(pyfuse3.Operations):
                 pt.arm(fh, held[0])
                 return pyfuse3.FileInfo(fh=fh, keep_cache=False)
             if node.passed_through:
-                keep = False  # the kernel wrote the host file directly: drop its cache
+                # The kernel wrote the host file directly since it last cached pages of
+                # this inode: this open drops them (and later ones may keep theirs again).
+                # (Its mtime usually tells the kernel too, but not within one clock tick.)
+                keep = False
+                node.passed_through = False
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    def _large(self, fh: Fh) -> bool:
+        fd = self.fs.passthrough_fd(fh)
+        return fd is not None and os.fstat(fd).st_size >= PASSTHROUGH_MIN_READ
 
     def _end_direct(self, fh: int) -> None:
         ino = self._direct.pop(fh, None)
@@ -349,7 +364,7 @@ class Operations(pyfuse3.Operations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         copy = bool(writing) and self.fs.needs_copy_up(Ino(inode))
         fh, keep = await self._core(self.fs.open, Ino(inode), flags, thread=copy)
-        return self._file_info(inode, fh, keep)
+        return self._file_info(inode, fh, keep, bool(writing))
 
     @_guard
     async def create(
@@ -359,7 +374,7 @@ class Operations(pyfuse3.Operations):
             self.fs.create, Ino(parent_inode), name, mode, flags, ctx.uid, ctx.gid
         )
         # The new file changes only through this mount, so its page cache stays valid.
-        return self._file_info(a.ino, fh, True), entry_attributes(a)
+        return self._file_info(a.ino, fh, True, True), entry_attributes(a)
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -48,17 +48,25 @@ def read(path: Path) -> bytes:
         return f.read()
 
 
+LARGE = 1 << 20  # read-only opens pass through from fuse_ops.PASSTHROUGH_MIN_READ (256 KiB)
+SMALL = 4096
+
+
 @pytest.mark.parametrize("passthrough", [True, False], ids=["passthrough", "off"])
-def test_upper_file_is_read_by_the_kernel(tmp_path: Path, passthrough: bool) -> None:
+@pytest.mark.parametrize("size", [LARGE, SMALL], ids=["large", "small"])
+def test_upper_file_is_read_by_the_kernel(tmp_path: Path, passthrough: bool, size: int) -> None:
+    """A large upper file is read by the kernel directly; a small one is read through us
+    once and then served from the kernel's page cache (no request per open)."""
     lower, upper, work, mnt = (tmp_path / d for d in ("l", "u", "w", "m"))
     for d in (lower, upper, work):
         d.mkdir()
+    old, new = b"A" * size, b"B" * size
     with overlay_mount("layerfs", [lower], mnt, upper, work, env=env(passthrough)):
-        (mnt / "f").write_bytes(b"AAAA" * 1024)  # created through the mount: an upper file
-        assert read(mnt / "f") == b"AAAA" * 1024
-        rewrite_behind(upper / "f", b"BBBB" * 1024)
+        (mnt / "f").write_bytes(old)  # created through the mount: an upper file
+        assert read(mnt / "f") == old
+        rewrite_behind(upper / "f", new)
         got = read(mnt / "f")
-        assert got == (b"BBBB" * 1024 if passthrough else b"AAAA" * 1024)
+        assert got == (new if passthrough and size == LARGE else old)
 
 
 @pytest.mark.parametrize("passthrough", [True, False], ids=["passthrough", "off"])
@@ -66,12 +74,31 @@ def test_read_only_mount_passes_lower_files_through(tmp_path: Path, passthrough:
     top, bottom, mnt = tmp_path / "top", tmp_path / "bottom", tmp_path / "m"
     top.mkdir()
     bottom.mkdir()
-    (bottom / "f").write_bytes(b"AAAA" * 1024)
+    (bottom / "f").write_bytes(b"A" * LARGE)
     with overlay_mount("layerfs", [top, bottom], mnt, env=env(passthrough)):
-        assert read(mnt / "f") == b"AAAA" * 1024
-        rewrite_behind(bottom / "f", b"BBBB" * 1024)
+        assert read(mnt / "f") == b"A" * LARGE
+        rewrite_behind(bottom / "f", b"B" * LARGE)
         got = read(mnt / "f")
-        assert got == (b"BBBB" * 1024 if passthrough else b"AAAA" * 1024)
+        assert got == (b"B" * LARGE if passthrough else b"A" * LARGE)
+
+
+def test_small_file_written_directly_is_read_fresh(tmp_path: Path) -> None:
+    """A small file written through passthrough, then opened for reading only (an ordinary
+    open): the kernel's earlier pages of it are dropped at that open, so the reader sees
+    what the passthrough writes put in the host file."""
+    lower, upper, work, mnt = (tmp_path / d for d in ("l", "u", "w", "m"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    with overlay_mount("layerfs", [lower], mnt, upper, work, env=env(True)):
+        (mnt / "f").write_bytes(b"1" * SMALL)
+        assert read(mnt / "f") == b"1" * SMALL  # ordinary open: now in the page cache
+        with open(mnt / "f", "r+b", buffering=0) as w:  # writing: passthrough
+            rewrite_behind(upper / "f", b"3" * SMALL)
+            assert w.read() == b"3" * SMALL  # the host file itself, not cached pages
+            w.seek(0)
+            w.write(b"2" * SMALL)
+        assert read(mnt / "f") == b"2" * SMALL
+        assert read(mnt / "f") == b"2" * SMALL
 
 
 def test_lower_file_of_a_writable_mount_is_not_passed_through(tmp_path: Path) -> None:
@@ -80,11 +107,11 @@ def test_lower_file_of_a_writable_mount_is_not_passed_through(tmp_path: Path) ->
     lower, upper, work, mnt = (tmp_path / d for d in ("l", "u", "w", "m"))
     for d in (lower, upper, work):
         d.mkdir()
-    (lower / "f").write_bytes(b"AAAA" * 1024)
+    (lower / "f").write_bytes(b"A" * LARGE)
     with overlay_mount("layerfs", [lower], mnt, upper, work, env=env(True)):
-        assert read(mnt / "f") == b"AAAA" * 1024
-        rewrite_behind(lower / "f", b"BBBB" * 1024)
-        assert read(mnt / "f") == b"AAAA" * 1024
+        assert read(mnt / "f") == b"A" * LARGE
+        rewrite_behind(lower / "f", b"B" * LARGE)
+        assert read(mnt / "f") == b"A" * LARGE
 
 
 def scenario(mnt: Path) -> list[object]:
