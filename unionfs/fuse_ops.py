@@ -29,9 +29,12 @@ P = ParamSpec("P")
 
 # Lower layers never change: the kernel may cache what only they provide for a long time.
 IMMUTABLE_TIMEOUT = 86400.0
-# Upper objects change only through this daemon, which answers every change with fresh
-# attributes; the short timeout only bounds how long a change made behind our back shows.
-UPPER_TIMEOUT = float(os.environ.get("LAYERFS_UPPER_TIMEOUT", "1.0"))
+# Upper objects change only through this daemon, and the kernel learns every change from
+# its own requests and our replies (or drops what it cached: writes, renames, failed renames
+# through invalidate_inode), as it does for lower objects; fuse-overlayfs caches both for
+# ever. The timeout bounds how long a change made behind the mount's back (undefined for
+# overlayfs too) stays unseen; $LAYERFS_UPPER_TIMEOUT sets it (seconds).
+UPPER_TIMEOUT = float(os.environ.get("LAYERFS_UPPER_TIMEOUT", "3600"))
 NEGATIVE_TIMEOUT = 3600.0
 # Reads and writes up to this size run on the event loop (page-cache speed); larger ones
 # go to a worker thread so one big transfer does not stall every other request.
@@ -199,6 +202,12 @@ class Operations(pyfuse3.Operations):
         held = self._backing[ino]
         held[1] -= 1
         if held[1] == 0:
+            if self.fs.gone(Ino(ino)):
+                # Unlinked while open: keeping it registered would keep its blocks.
+                del self._backing[ino]
+                assert self.passthrough is not None
+                self.passthrough.backing_close(held[0])
+                return
             self._idle[ino] = None
             if len(self._idle) > IDLE_BACKING:
                 self._drop_backing(self._idle.popitem(last=False)[0])
@@ -308,7 +317,17 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._core(self.fs.unlink, Ino(parent_inode), name)
+        try:
+            await self._core(self.fs.unlink, Ino(parent_inode), name)
+        finally:
+            self._unregister_unlinked()
+
+    def _unregister_unlinked(self) -> None:
+        """A backing file kept for a file whose last name is gone would keep its blocks in
+        use until the kernel forgets the inode: unregister it now."""
+        for ino in self.fs.take_unlinked():
+            if ino in self._idle:
+                self._drop_backing(ino)
 
     @_guard
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -349,6 +368,8 @@ class Operations(pyfuse3.Operations):
                 with contextlib.suppress(OSError):
                     pyfuse3.invalidate_inode(ino, attr_only=True)
             raise
+        finally:
+            self._unregister_unlinked()  # a file renamed over
 
     @_guard
     async def link(

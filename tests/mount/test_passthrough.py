@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import require_fuse, require_root
-from tests.mounting import overlay_mount
+from tests.mounting import force_unmount, overlay_mount
 
 pytestmark = pytest.mark.mount
 
@@ -209,3 +210,37 @@ def test_many_files_written_and_read_back(tmp_path: Path) -> None:
             assert read(mnt / f"f{i}") == blob(i + 1)
     for i in range(1100):
         assert read(upper / f"f{i}") == blob(i + 1 if i % 7 == 0 else i)
+
+
+def test_space_of_unlinked_files_comes_back(tmp_path: Path) -> None:
+    """Backing files are kept registered after the last close, holding the host file open:
+    an unlinked file's blocks must still come back at once — unlinked after the last close,
+    and unlinked while open (then closed). The upper is a 4 MiB tmpfs; each file is 3 MiB."""
+    lower, mnt, small = tmp_path / "l", tmp_path / "m", tmp_path / "small"
+    lower.mkdir()
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(small)], check=True)
+    try:
+        upper, work = small / "u", small / "w"
+        upper.mkdir()
+        work.mkdir()
+        data = b"z" * (3 << 20)
+        with overlay_mount("layerfs", [lower], mnt, upper, work, env=env(True)):
+            free = os.statvfs(small).f_bfree
+            for _ in range(3):
+                (mnt / "a").write_bytes(data)
+                assert read(mnt / "a") == data  # a large file: read through passthrough too
+                os.unlink(mnt / "a")
+                assert os.statvfs(small).f_bfree == free
+            for _ in range(3):
+                fd = os.open(mnt / "b", os.O_CREAT | os.O_RDWR, 0o644)
+                os.write(fd, data)
+                os.unlink(mnt / "b")
+                assert os.pread(fd, 8, 0) == b"z" * 8
+                os.close(fd)
+                (mnt / "sync").write_bytes(b"")  # a request after the release: it is served
+                assert os.statvfs(small).f_bfree == free  # (an empty file takes no block)
+                os.unlink(mnt / "sync")
+            (mnt / "c").write_bytes(data)
+    finally:
+        force_unmount(small)

@@ -105,6 +105,8 @@ class UnionFS:
             (b"user.overlay.", *override.HIDDEN_XATTRS) if self.metadata_xattrs else ()
         )
         self.present = presentation if presentation and not presentation.identity else None
+        # Files whose last name went away since the adapter last asked (take_unlinked).
+        self._unlinked_files: list[Ino] = []
         root = Node(ino=ROOT_INO, key=(-1, 0), is_dir=True, parent=None, name=b"")
         root.upper = upper is not None
         root.lower = tuple((i, b"") for i in range(len(self.lowers)))
@@ -210,6 +212,17 @@ class UnionFS:
                     node.parent, node.name = p, n
                     return
             node.unlinked = True
+            self._unlinked_files.append(node.ino)
+
+    def gone(self, ino: Ino) -> bool:
+        """Has `ino` no name left (or is it no longer in the table)?"""
+        node = self.inodes.get(ino)
+        return node is None or node.unlinked
+
+    def take_unlinked(self) -> list[Ino]:
+        """The files whose last name went away since the last call (open ones live on)."""
+        out, self._unlinked_files = self._unlinked_files, []
+        return out
 
     def _upper_path(self, node: Node) -> bytes:
         return node.path()
