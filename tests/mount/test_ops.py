@@ -57,6 +57,13 @@ class Stack:
     def mount(self) -> AbstractContextManager[Path]:
         return overlay_mount("layerfs", [self.l0, self.l1], self.mnt, self.upper, self.work)
 
+    def kernel_mount(self, base: Path) -> AbstractContextManager[Path]:
+        """Kernel overlayfs over the same lowers, with its own upper below `base`."""
+        upper, work, mnt = (base / d for d in ("u", "w", "m"))
+        for d in (upper, work, mnt):
+            d.mkdir(parents=True)
+        return overlay_mount("kernel", [self.l0, self.l1], mnt, upper, work)
+
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Stack:
@@ -170,10 +177,7 @@ def test_metadata_of_the_root(stack: Stack, tmp_path: Path) -> None:
     require_kernel_overlay()
     with stack.mount() as m:
         ours = root_metadata_changes(m)
-    kdirs = [tmp_path / "k" / d for d in ("u", "w", "m")]
-    for d in kdirs:
-        d.mkdir(parents=True)
-    with overlay_mount("kernel", [stack.l0, stack.l1], kdirs[2], kdirs[0], kdirs[1]) as km:
+    with stack.kernel_mount(tmp_path / "k") as km:
         assert ours == root_metadata_changes(km)
     up = os.lstat(stack.upper)
     assert (stat.S_IMODE(up.st_mode), up.st_uid, up.st_gid) == (0o755, 1234, 4321)
@@ -253,10 +257,7 @@ def test_other_users_reach_a_root_mount_as_modes_allow(stack: Stack, tmp_path: P
     require_kernel_overlay()
     with stack.mount() as m:
         ours = other_user_view(m)
-    kdirs = [tmp_path / "k" / d for d in ("u", "w", "m")]
-    for d in kdirs:
-        d.mkdir(parents=True)
-    with overlay_mount("kernel", [stack.l0, stack.l1], kdirs[2], kdirs[0], kdirs[1]) as km:
+    with stack.kernel_mount(tmp_path / "k") as km:
         theirs = other_user_view(km)
     assert ours == theirs
     assert ours[:3] == [repr(b"root's file"), "EACCES", "4"]
