@@ -35,8 +35,9 @@ from .blobs import DecompressingReader, HashingReader, PeekReader, Readable, sni
 from .errors import LayerError, StoreError
 from .index import ENTRY_COLS, INSERT_ENTRY, connect, entry_from_row, entry_row, schema_sql
 from .model import Entry, EntryKind
-from .paths import ancestors, show
+from .paths import ancestors, join, show
 from .paths import split as _split
+from .pipeline import ContentWriter, ReadAhead
 from .progress import Progress
 from .sources import SourceImage
 from .store import Store, crashpoint, same_bytes, with_tag
@@ -45,12 +46,29 @@ from .tarstream import read_layer
 
 COPY = 1 << 20
 SMALL = 1 << 20  # files up to this size are hashed in memory before anything is written
+STAGE_CACHE_KIB = 256 << 10  # SQLite page cache of stage.db and of the index while committing
 
 
 def _file_is(path: str, data: bytes) -> bool:
     """True if the file at `path` holds exactly `data` (a small content)."""
     with open(path, "rb") as fh:
         return fh.read(len(data) + 1) == data
+
+
+def _same_file(path: str, data: bytes | None, tmp: str | None) -> bool:
+    """True if the file at `path` holds the content given as `data` or as file `tmp`."""
+    if tmp is not None:
+        return same_bytes(Path(tmp), Path(path))
+    assert data is not None
+    return _file_is(path, data)
+
+
+def _same(queued: bytes, data: bytes | None, tmp: str | None) -> bool:
+    """True if `queued` (bytes still on their way to a file) is the content `data` or `tmp`."""
+    if tmp is not None:
+        with open(tmp, "rb") as fh:
+            return fh.read(len(queued) + 1) == queued
+    return data == queued
 
 
 @dataclass
@@ -92,9 +110,11 @@ class Importer:
         with self.store.shared():
             stage = self.store.tmp_dir / f"imp-{os.getpid()}-{secrets.token_hex(4)}"
             stage.mkdir()
+            self.writer = ContentWriter()
             try:
                 return self._run(stage, images, extra_tags)
             finally:
+                self.writer.abort()  # (a no-op after a successful run's close)
                 if hasattr(self, "sdb"):
                     self.sdb.close()
                 shutil.rmtree(stage, ignore_errors=True)
@@ -104,8 +124,14 @@ class Importer:
         (stage / "c").mkdir()
         self.sdb = connect(stage / "stage.db")
         self.sdb.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;\n" + schema_sql())
+        # One transaction for the whole staging (committed before the store's commit attaches
+        # it): in autocommit every row would be its own transaction, with its locks, page
+        # writes and journal probes. The cache holds the staged rows and their indexes.
+        self.sdb.execute(f"PRAGMA cache_size = -{STAGE_CACHE_KIB}")
+        self.sdb.execute("BEGIN")
         self.staged_keys: dict[str, int] = {}  # key -> size, contents in stage/c
         self.reused_keys: set[str] = set()  # keys found already in the store
+        self._stager: dict[str, StagedLayer] = {}  # key given to the writer -> its layer
         self._tmpn = 0
         self.cdir = str(stage / "c")
         self._subdirs: set[str] = set()
@@ -127,11 +153,20 @@ class Importer:
                     len(staged) + 1, lref.diff_id, lref.digest or "", lref.media_type,
                     0, 0,
                 )  # fmt: skip
-                with self.progress.bar(short, lref.size) as tick:
-                    self._ingest_layer(sl, lref.opener, lref.digest, lref.size, label, tick)
+                # One read snapshot of the index per layer: _stored() then costs no lock.
+                self.store.conn.execute("BEGIN")
+                try:
+                    with self.progress.bar(short, lref.size) as tick:
+                        self._ingest_layer(sl, lref.opener, lref.digest, lref.size, label, tick)
+                finally:
+                    self.store.conn.execute("COMMIT")
                 staged[lref.diff_id] = sl
                 self.progress.line(f"{short}: Pull complete")
                 crashpoint("layer-staged")
+        self.writer.close()  # every staged content is on disk from here on
+        for key in self.writer.found:  # staged as new, but the store had them
+            self._stager[key].new_bytes -= self.staged_keys.pop(key)
+            self.reused_keys.add(key)
         self.sdb.commit()
         crashpoint("before-commit")
         with self.store.commit_lock():
@@ -157,19 +192,23 @@ class Importer:
         except OSError as exc:
             raise LayerError(f"layer {label}: cannot read: {exc}") from None
         with raw:
-            counted = _Ticking(raw, tick)
-            blob = HashingReader(counted)
+            blob = HashingReader(raw)
             peek = PeekReader(blob)
             kind = sniff(peek.peek(4))
             plain: Readable = peek if kind == "none" else DecompressingReader(peek, kind, label)
             tar = HashingReader(plain)
+            # Reading, both SHA-256s and decompression run in a worker thread (C code that
+            # releases the GIL), ahead of the tar parser.
+            ahead = ReadAhead(tar, lambda: blob.count, tick)
             split = open(self._split_path(sl), "xb")  # noqa: SIM115 - closed in finally
-            rec = SplitRecorder(tar, split)
+            rec = SplitRecorder(ahead, split)
             try:
                 self._entries(sl, rec, label)
                 rec.drain()  # padding after the end-of-archive marker belongs to the DiffID
+                ahead.close()  # at the end of `tar`: the worker is done with the chain
                 rec.finish()
                 blob.drain()
+                self.writer.check()
             except LayerError as exc:
                 msg = str(exc)
                 raise LayerError(
@@ -180,6 +219,7 @@ class Importer:
             except OSError as exc:
                 raise LayerError(f"layer {label}: read error: {exc}") from None
             finally:
+                ahead.close()
                 split.close()
         if digest is not None and blob.digest() != digest:
             raise LayerError(
@@ -287,6 +327,8 @@ class Importer:
             self._pending_x.clear()
 
     def _get(self, lid: int, parent: bytes, name: bytes) -> Entry | None:
+        if join(parent, name) not in self._seen:
+            return None  # no row: no need to flush and ask
         self._flush()
         row = self.sdb.execute(
             f"SELECT {ENTRY_COLS} FROM entries WHERE layer = ? AND parent = ? AND name = ?",
@@ -399,7 +441,6 @@ class Importer:
             # A content only an overwritten duplicate had: nothing would keep it alive, so
             # this layer goes without a tar-split rather than with a dangling one.
             sl.tarsplit = False
-        db.commit()
 
     # ---- contents --------------------------------------------------------------------------
 
@@ -407,17 +448,12 @@ class Importer:
         """Store one file's bytes in the staging area (or find them already there or in the
         store, bytes compared); return its content key."""
         if size <= SMALL:
-            data = bytearray()
-            while len(data) < size:
-                chunk = self._read(fobj, min(COPY, size - len(data)), path)
-                if not chunk:
-                    break
-                data += chunk
+            data = self._read(fobj, size, path)  # a buffered reader: short only at the end
             if len(data) != size or self._read(fobj, 1, path):
                 raise LayerError(
                     f"entry {show(path)}: truncated data ({len(data)} of {size} bytes)"
                 )
-            return self._key_for(xxhash.xxh3_128_hexdigest(data), size, bytes(data), None, sl)
+            return self._key_for(xxhash.xxh3_128_hexdigest(data), size, data, None, sl)
         self._tmpn += 1
         tmp = os.path.join(self.cdir, f".tmp-{self._tmpn}")
         h = xxhash.xxh3_128()
@@ -454,33 +490,50 @@ class Importer:
         n = 0
         while True:
             key = base if n == 0 else f"{base}.{n}"
+            same: bool | None = None  # None: no content under this key yet
             if key in self.staged_keys:
                 other = self._staged(key)
-            elif key in self.reused_keys or os.path.exists(self.store.content_str(key)):
-                other = self.store.content_str(key)
-            else:
+                queued = self.writer.pending(other)  # not on disk yet: compare in memory
+                if queued is not None:
+                    same = _same(queued, data, tmp)
+                elif key in self.writer.found:  # the store had these bytes: nothing staged
+                    same = _same_file(self.store.content_str(key), data, tmp)
+                else:
+                    self.writer.check()
+                    same = _same_file(other, data, tmp)
+            elif key in self.reused_keys or (tmp is not None and self._stored(key)):
+                try:
+                    same = _same_file(self.store.content_str(key), data, tmp)
+                except FileNotFoundError:
+                    pass  # indexed but missing (a damaged store): staged anew, placed again
+                else:
+                    if same:
+                        self.reused_keys.add(key)
+            if same is None:
                 dst = self._staged(key)
                 if tmp is not None:
                     os.chmod(tmp, 0o444)
                     os.rename(tmp, dst)
                 else:
+                    # The writer looks for the bytes in the store first (off this thread):
+                    # if there, the key ends up in writer.found and nothing is staged.
                     assert data is not None
-                    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-                    try:
-                        os.write(fd, data)
-                    finally:
-                        os.close(fd)
+                    self.writer.write(key, dst, data, self.store.content_str(key))
+                    self._stager[key] = sl
                 self.staged_keys[key] = size
                 sl.new_bytes += size
                 return key
-            same = same_bytes(Path(tmp), Path(other)) if tmp else _file_is(other, data or b"")
             if same:
                 if tmp is not None:
                     os.unlink(tmp)
-                if other != self._staged(key):
-                    self.reused_keys.add(key)
                 return key
             n += 1
+
+    def _stored(self, key: str) -> bool:
+        """True if the index records content `key`. (A content committed by a concurrent
+        import after this check is staged again; placing it finds the file and compares.)"""
+        row = self.store.conn.execute("SELECT 1 FROM contents WHERE key = ?", (key,)).fetchone()
+        return row is not None
 
     # ---- commit ----------------------------------------------------------------------------
 
@@ -637,17 +690,6 @@ class Importer:
                 )
             out.append((image, names))
         return out
-
-
-class _Ticking:
-    def __init__(self, src: IO[bytes], tick: Callable[[int], None]) -> None:
-        self._src = src
-        self._tick = tick
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._src.read(n)
-        self._tick(len(data))
-        return data
 
 
 def _implicit_dir(parent: bytes, name: bytes) -> Entry:
