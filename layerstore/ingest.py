@@ -37,7 +37,7 @@ from .index import ENTRY_COLS, INSERT_ENTRY, connect, entry_from_row, entry_row,
 from .model import Entry, EntryKind
 from .paths import ancestors, join, show
 from .paths import split as _split
-from .pipeline import ContentWriter, ReadAhead
+from .pipeline import ContentWriter, ReadAhead, Unlinker, link_all
 from .progress import Progress
 from .sources import SourceImage
 from .store import Store, crashpoint, same_bytes, with_tag
@@ -111,10 +111,13 @@ class Importer:
             stage = self.store.tmp_dir / f"imp-{os.getpid()}-{secrets.token_hex(4)}"
             stage.mkdir()
             self.writer = ContentWriter()
+            self._cleanup: Unlinker | None = None
             try:
                 return self._run(stage, images, extra_tags)
             finally:
                 self.writer.abort()  # (a no-op after a successful run's close)
+                if self._cleanup is not None:
+                    self._cleanup.join()
                 if hasattr(self, "sdb"):
                     self.sdb.close()
                 shutil.rmtree(stage, ignore_errors=True)
@@ -537,6 +540,36 @@ class Importer:
 
     # ---- commit ----------------------------------------------------------------------------
 
+    def _place_all(self, keys: list[str], layers: list[StagedLayer]) -> None:
+        """Link staged contents into content/ (in parallel); a name already taken there
+        goes through _place (compare, or re-key)."""
+        for key in keys:
+            sub = os.path.dirname(self.store.content_str(key))
+            if sub not in self._subdirs:
+                try:
+                    os.mkdir(sub)
+                    self._new_subdirs.append(sub)
+                except FileExistsError:
+                    pass
+                self._subdirs.add(sub)
+        dsts = [self.store.content_str(k) for k in keys]
+        results = link_all([(self._staged(k), dst) for k, dst in zip(keys, dsts, strict=True)])
+        taken: list[str] = []
+        error: OSError | None = None
+        for i, (key, dst, res) in enumerate(zip(keys, dsts, results, strict=True)):
+            if res is None:
+                self._placed.append(dst)
+            elif isinstance(res, FileExistsError):
+                taken.append(key)
+            elif error is None:
+                error = res
+            if i % 64 == 63:
+                crashpoint(f"placed-{i + 1}")
+        if error is not None:
+            raise error
+        for key in taken:
+            self._place(key, layers)
+
     def _place(self, key: str, layers: list[StagedLayer]) -> None:
         """Link a staged content into content/; on a collision re-key it in stage.db."""
         src = self._staged(key)
@@ -578,13 +611,10 @@ class Importer:
         new = [sl for sl in staged.values() if st.layer_by_diff_id(sl.diff_id) is None]
         keys = sorted({k for sl in new for k in sl.keys})
         try:
-            for i, key in enumerate(keys):
-                if key in self.staged_keys:
-                    self._place(key, new)
-                elif not os.path.exists(st.content_str(key)):
+            self._place_all([k for k in keys if k in self.staged_keys], new)
+            for key in keys:
+                if key not in self.staged_keys and not os.path.exists(st.content_str(key)):
                     raise StoreError(f"content {key} vanished from the store during the import")
-                if i % 64 == 63:
-                    crashpoint(f"placed-{i + 1}")
             self.sdb.commit()
             for sl in new:
                 if sl.tarsplit:
@@ -596,6 +626,8 @@ class Importer:
                         pass  # a leftover of a killed import of the same layer: same bytes
             crashpoint("placed")
             st.adopt([*self._new_subdirs, *self._placed])
+            # The staged names are not needed any more: drop them while the index commits.
+            self._cleanup = Unlinker([self._staged(k) for k in keys if k in self.staged_keys])
             c.execute("ATTACH DATABASE ? AS stage", (str(self.stage / "stage.db"),))
             try:
                 c.execute("BEGIN IMMEDIATE")

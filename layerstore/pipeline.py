@@ -10,15 +10,19 @@ their worker on close, whatever happened.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from .blobs import CHUNK, Readable
 
 AHEAD = 8  # chunks of CHUNK bytes decompressed ahead of the parser
 IN_FLIGHT = 8  # batches of content files queued for writing
+WRITERS = 2  # file creation scales on ext4/xfs across directories (a store shards by key)
+PARALLEL_MIN = 512  # fewer links than this are done in the calling thread
 BATCH = 32  # files per batch (one queue operation, one thread switch)
 BATCH_BYTES = 1 << 20  # ... or fewer when they add up to this many bytes
 
@@ -141,8 +145,12 @@ class ContentWriter:
         self._batch_bytes = 0
         self._error: BaseException | None = None
         self._drop = False
-        self._thread = threading.Thread(target=self._work, name="layerfs-write", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"layerfs-write-{i}", daemon=True)
+            for i in range(WRITERS)
+        ]
+        for t in self._threads:
+            t.start()
 
     def _work(self) -> None:
         while True:
@@ -183,19 +191,22 @@ class ContentWriter:
 
     def close(self) -> None:
         """Wait until every queued file is written; raise the worker's error if it had one."""
-        if self._thread.is_alive():
-            self._send()
-            self._q.put(None)
-            self._thread.join()
+        self._send()
+        self._stop()
         self.check()
+
+    def _stop(self) -> None:
+        for _ in self._threads:
+            self._q.put(None)  # one each; a worker takes one and ends
+        for t in self._threads:
+            t.join()
+        self._threads = []
 
     def abort(self) -> None:
         """Stop without writing what is still queued (after a failure elsewhere)."""
         self._drop = True
         self._batch = []
-        if self._thread.is_alive():
-            self._q.put(None)  # the worker skips the rest, so the queue drains
-            self._thread.join()
+        self._stop()  # the workers skip the rest, so the queue drains
 
 
 def _holds(path: str, data: bytes) -> bool:
@@ -226,3 +237,46 @@ def _create(path: str, data: bytes) -> None:
             view = view[os.write(fd, view) :]
     finally:
         os.close(fd)
+
+
+def link_all(pairs: list[tuple[str, str]]) -> list[OSError | None]:
+    """os.link(src, dst) for each pair, by WRITERS threads when there are many; the result of
+    each (None or its error), in order. Every pair is tried whatever the others gave."""
+    if len(pairs) < PARALLEL_MIN:
+        return _link_some(pairs)
+    step = max(256, -(-len(pairs) // (4 * WRITERS)))
+    chunks = [pairs[i : i + step] for i in range(0, len(pairs), step)]
+    with ThreadPoolExecutor(WRITERS, thread_name_prefix="layerfs-link") as ex:
+        return [r for part in ex.map(_link_some, chunks) for r in part]
+
+
+def _link_some(pairs: list[tuple[str, str]]) -> list[OSError | None]:
+    out: list[OSError | None] = []
+    for src, dst in pairs:
+        try:
+            os.link(src, dst)
+            out.append(None)
+        except OSError as exc:
+            out.append(exc)
+    return out
+
+
+class Unlinker:
+    """Removes files in a worker thread (a staging area's names, once linked elsewhere) while
+    the caller goes on; `join()` waits for it. Errors are ignored: what is left goes with the
+    staging directory."""
+
+    def __init__(self, paths: list[str]) -> None:
+        self._thread = threading.Thread(
+            target=_unlink_all, args=(paths,), name="layerfs-unlink", daemon=True
+        )
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for p in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(p)
