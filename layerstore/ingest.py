@@ -46,6 +46,7 @@ from .tarstream import read_layer
 
 COPY = 1 << 20
 SMALL = 1 << 20  # files up to this size are hashed in memory before anything is written
+ROWS_PER_INSERT = 500  # rows of one multi-row INSERT into stage.db
 STAGE_CACHE_KIB = 256 << 10  # SQLite page cache of stage.db and of the index while committing
 
 
@@ -131,6 +132,7 @@ class Importer:
         # it): in autocommit every row would be its own transaction, with its locks, page
         # writes and journal probes. The cache holds the staged rows and their indexes.
         self.sdb.execute(f"PRAGMA cache_size = -{STAGE_CACHE_KIB}")
+        self._max_vars = self.sdb.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
         self.sdb.execute("BEGIN")
         self.staged_keys: dict[str, int] = {}  # key -> size, contents in stage/c
         self.reused_keys: set[str] = set()  # keys found already in the store
@@ -319,15 +321,28 @@ class Importer:
 
     def _flush(self) -> None:
         if self._pending:
-            self.sdb.executemany(INSERT_ENTRY, self._pending)
+            self._insert_rows(INSERT_ENTRY, self._pending)
             self._pending.clear()
         if self._pending_x:
-            self.sdb.executemany(
+            self._insert_rows(
                 "INSERT OR REPLACE INTO xattrs (layer, parent, name, key, value) "
                 "VALUES (?,?,?,?,?)",
                 self._pending_x,
             )
             self._pending_x.clear()
+
+    def _insert_rows(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        """executemany(sql, rows) with many rows per statement: the same rows in the same
+        order, far fewer statement steps (each step releases the GIL, which the worker
+        threads then hold for a while)."""
+        head, sep, one = sql.partition(" VALUES ")
+        assert sep and rows
+        per = max(1, min(ROWS_PER_INSERT, self._max_vars // len(rows[0])))
+        for i in range(0, len(rows), per):
+            part = rows[i : i + per]
+            self.sdb.execute(
+                f"{head} VALUES {','.join([one] * len(part))}", [v for r in part for v in r]
+            )
 
     def _get(self, lid: int, parent: bytes, name: bytes) -> Entry | None:
         if join(parent, name) not in self._seen:

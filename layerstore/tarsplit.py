@@ -18,7 +18,7 @@ import zstandard
 from .blobs import CHUNK, Readable
 from .errors import IntegrityError
 
-OUT = 1 << 16
+OUT = 1 << 20
 
 
 class SplitRecorder:
