@@ -462,7 +462,7 @@ class Importer:
 
     # ---- contents --------------------------------------------------------------------------
 
-    def _stage_content(self, fobj: IO[bytes], size: int, path: bytes, sl: StagedLayer) -> str:
+    def _stage_content(self, fobj: Readable, size: int, path: bytes, sl: StagedLayer) -> str:
         """Store one file's bytes in the staging area (or find them already there or in the
         store, bytes compared); return its content key."""
         if size <= SMALL:
@@ -494,7 +494,7 @@ class Importer:
         return f"{sub}/{key}"
 
     @staticmethod
-    def _read(fobj: IO[bytes], n: int, path: bytes) -> bytes:
+    def _read(fobj: Readable, n: int, path: bytes) -> bytes:
         try:
             return fobj.read(n)
         except tarfile.TarError as exc:
