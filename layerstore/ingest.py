@@ -5,14 +5,20 @@ Protocol (crash-safe at every step, see store.py for the layout):
    a staging dir STORE/tmp/imp-<pid>-<rand>/ holding `stage.db` (entries of the new layers,
    same tables as the index) and `c/` (contents not yet in the store).
 2. For each layer whose DiffID the store lacks: stream blob -> SHA-256 (blob digest) ->
-   gzip/zstd -> SHA-256 (DiffID) -> tar reader -> entries. Each file's bytes go to a temp file
-   while hashed with xxh3-128; on a key hit (staged or stored) the bytes are compared and the
-   temp file dropped. Nothing is written to the index.
+   gzip/zstd -> SHA-256 (DiffID) -> tar reader -> entries. Each file's bytes are hashed with
+   xxh3-128; on a key hit (staged or stored) the bytes are compared, else they are staged.
+   Nothing is written to the index.
 3. When every layer is verified: take the commit lock, hard-link staged contents into
    content/ (os.link never overwrites: a key hit is compared again, a collision gets `.<n>`),
    then insert layers, entries, xattrs, contents refcounts and images in ONE transaction.
 4. Remove the staging dir. A crash before the transaction leaves files the index does not
    know plus the staging dir; the next open removes both (store.Store.recover).
+
+Speed (pipeline.py): this thread parses tar headers and indexes entries; a read-ahead thread
+reads the blob, computes both SHA-256s and decompresses; writer threads look for small
+contents in the store and create the staged files. Every check of the protocol stays: a
+layer's digests are compared once its stream has been read to the end, and the writers are
+waited for (their errors raised) before anything is committed.
 """
 
 from __future__ import annotations
@@ -164,7 +170,8 @@ class Importer:
                     with self.progress.bar(short, lref.size) as tick:
                         self._ingest_layer(sl, lref.opener, lref.digest, lref.size, label, tick)
                 finally:
-                    self.store.conn.execute("COMMIT")
+                    if self.store.conn.in_transaction:
+                        self.store.conn.execute("COMMIT")
                 staged[lref.diff_id] = sl
                 self.progress.line(f"{short}: Pull complete")
                 crashpoint("layer-staged")
@@ -466,7 +473,7 @@ class Importer:
         """Store one file's bytes in the staging area (or find them already there or in the
         store, bytes compared); return its content key."""
         if size <= SMALL:
-            data = self._read(fobj, size, path)  # a buffered reader: short only at the end
+            data = self._read(fobj, size, path)  # short only if the stream ends
             if len(data) != size or self._read(fobj, 1, path):
                 raise LayerError(
                     f"entry {show(path)}: truncated data ({len(data)} of {size} bytes)"
