@@ -319,7 +319,7 @@ class Importer:
                 if cut:
                     tar.file(key, cut.pop())
                     sl.split_keys.add(key)
-                self._put(lid, replace(e, content=key), dirs)
+                self._put(lid, e, dirs, key)
                 nfile += 1
                 if nfile % 64 == 0:
                     crashpoint(f"file-{nfile}")
@@ -399,8 +399,9 @@ class Importer:
         )
         self._put(lid, replace(e, opaque=opaque), dirs)
 
-    def _put(self, lid: int, e: Entry, dirs: set[bytes]) -> None:
-        """Insert or replace one entry (rows are buffered; _get and _flush write them)."""
+    def _put(self, lid: int, e: Entry, dirs: set[bytes], content: str | None = None) -> None:
+        """Insert or replace one entry, with `content` as its content key if given (rows are
+        buffered; _get and _flush write them)."""
         db = self.sdb
         path = e.path
         if path in dirs and e.kind != EntryKind.DIR:
@@ -423,7 +424,7 @@ class Importer:
                 (lid, e.parent, e.name),
             )
         self._seen.add(path)
-        self._pending.append(entry_row(lid, e))
+        self._pending.append(entry_row(lid, e, content))
         self._pending_x.extend((lid, e.parent, e.name, k, v) for k, v in e.xattrs)
         if len(self._pending) >= 2000:
             self._flush()
@@ -651,6 +652,9 @@ class Importer:
             # The staged names are not needed any more: drop them while the index commits.
             self._cleanup = Unlinker([self._staged(k) for k in keys if k in self.staged_keys])
             c.execute("ATTACH DATABASE ? AS stage", (str(self.stage / "stage.db"),))
+            # A cache that holds what the transaction touches (index pages of random keys).
+            cache = c.execute("PRAGMA main.cache_size").fetchone()[0]
+            c.execute(f"PRAGMA main.cache_size = -{STAGE_CACHE_KIB}")
             try:
                 c.execute("BEGIN IMMEDIATE")
                 try:
@@ -661,6 +665,7 @@ class Importer:
                     c.execute("ROLLBACK")
                     raise
             finally:
+                c.execute(f"PRAGMA main.cache_size = {int(cache)}")
                 c.execute("DETACH DATABASE stage")
         except BaseException:
             self._unplace()
