@@ -1,11 +1,12 @@
-"""Worker threads of an import: read-ahead (read, hash, decompress) and content file writes.
+"""Worker threads of an import: read-ahead (read, hash, decompress), content writes, links.
 
-An import is one Python thread parsing tar headers and indexing entries, and two kinds of work
-that spend their time in C code or in the kernel with the GIL released: reading, SHA-256 and
-zlib/zstd on the blob, and creating the content files. Doing those in worker threads lets a
-second core do them while the parser runs. Both helpers keep memory bounded (a fixed number of
-chunks or files in flight), hand any exception of the worker to the parsing thread, and stop
-their worker on close, whatever happened.
+An import is one Python thread parsing tar headers and indexing entries, and work that spends
+its time in C code or in the kernel with the GIL released: reading, SHA-256 and zlib/zstd on
+the blob, creating the content files, and at commit linking them into the store and dropping
+the staged names. Doing that in worker threads lets a second core do it while the parser runs.
+The helpers keep memory bounded (a fixed number of chunks or batches of files in flight), hand
+any exception of a worker to the calling thread, and stop their workers on close, whatever
+happened.
 """
 
 from __future__ import annotations
