@@ -2,9 +2,11 @@
 
 Run: .venv/bin/python -m layerstore.bench [--files N] [--rounds R] [--json]
 Builds two gzip OCI images sharing a base layer (N small files + a few large ones each), then
-times, interleaved and R times each, `layerfs import` into a fresh store and `umoci unpack` of
-the same image, and reports medians; finally imports both images into one store and reports
-logical bytes (every image's files), bytes after layer dedup and bytes stored.
+times, interleaved (order alternating) and R times each, caches dropped before each (when
+root), `layerfs import` into a fresh store and `umoci unpack` of the same image, and reports
+medians; finally imports both images into one store and reports logical bytes (every image's
+files), bytes after layer dedup and bytes stored. (scripts/bench.py's import row is the
+heavier case: 100,000 files of random bytes in 3 layers.)
 """
 
 from __future__ import annotations
@@ -34,7 +36,18 @@ def _layer(tag: str, n: int, shared_every: int) -> bytes:
     return layer_tar(members)
 
 
+def _drop_caches() -> None:
+    """Cold page cache for each timed run, as scripts/bench.py does (root only)."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError:
+        pass
+
+
 def _timed(cmd: list[str]) -> float:
+    _drop_caches()
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t
@@ -59,15 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         ours: list[float] = []
         theirs: list[float] = []
         for r in range(args.rounds):
-            store = tmp / f"store{r}"
-            ours.append(_timed([*layerfs, "import", "-q", "--store", str(store),
-                                f"oci:{tmp / 'img'}:a"]))  # fmt: skip
-            shutil.rmtree(store)
-            if umoci:
-                bundle = tmp / f"bundle{r}"
-                theirs.append(_timed([umoci, "unpack", "--image", f"{tmp / 'img'}:a",
-                                      str(bundle)]))  # fmt: skip
-                shutil.rmtree(bundle)
+            for tool in ("layerfs", "umoci") if r % 2 == 0 else ("umoci", "layerfs"):
+                if tool == "layerfs":
+                    store = tmp / f"store{r}"
+                    ours.append(_timed([*layerfs, "import", "-q", "--store", str(store),
+                                        f"oci:{tmp / 'img'}:a"]))  # fmt: skip
+                    shutil.rmtree(store)
+                elif umoci:
+                    bundle = tmp / f"bundle{r}"
+                    theirs.append(_timed([umoci, "unpack", "--image", f"{tmp / 'img'}:a",
+                                          str(bundle)]))  # fmt: skip
+                    shutil.rmtree(bundle)
         store = tmp / "both"
         for ref in ("a", "b"):
             subprocess.run([*layerfs, "import", "-q", "--store", str(store),

@@ -60,7 +60,8 @@ def entry_from_row(row: tuple[Any, ...], xattrs: tuple[tuple[bytes, bytes], ...]
     )
 
 
-def entry_row(layer: int, e: Entry) -> tuple[Any, ...]:
+def entry_row(layer: int, e: Entry, content: str | None = None) -> tuple[Any, ...]:
+    """The entries row of `e` in `layer`; `content`, if given, replaces e.content."""
     return (
         layer,
         e.parent,
@@ -74,7 +75,7 @@ def entry_row(layer: int, e: Entry) -> tuple[Any, ...]:
         e.rdev[0] if e.rdev else None,
         e.rdev[1] if e.rdev else None,
         e.link,
-        e.content,
+        e.content if content is None else content,
         int(e.opaque),
         e.nlink,
         int(e.implicit),

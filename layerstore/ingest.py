@@ -5,14 +5,20 @@ Protocol (crash-safe at every step, see store.py for the layout):
    a staging dir STORE/tmp/imp-<pid>-<rand>/ holding `stage.db` (entries of the new layers,
    same tables as the index) and `c/` (contents not yet in the store).
 2. For each layer whose DiffID the store lacks: stream blob -> SHA-256 (blob digest) ->
-   gzip/zstd -> SHA-256 (DiffID) -> tar reader -> entries. Each file's bytes go to a temp file
-   while hashed with xxh3-128; on a key hit (staged or stored) the bytes are compared and the
-   temp file dropped. Nothing is written to the index.
+   gzip/zstd -> SHA-256 (DiffID) -> tar reader -> entries. Each file's bytes are hashed with
+   xxh3-128; on a key hit (staged or stored) the bytes are compared, else they are staged.
+   Nothing is written to the index.
 3. When every layer is verified: take the commit lock, hard-link staged contents into
    content/ (os.link never overwrites: a key hit is compared again, a collision gets `.<n>`),
    then insert layers, entries, xattrs, contents refcounts and images in ONE transaction.
 4. Remove the staging dir. A crash before the transaction leaves files the index does not
    know plus the staging dir; the next open removes both (store.Store.recover).
+
+Speed (pipeline.py): this thread parses tar headers and indexes entries; a read-ahead thread
+reads the blob, computes both SHA-256s and decompresses; writer threads look for small
+contents in the store and create the staged files. Every check of the protocol stays: a
+layer's digests are compared once its stream has been read to the end, and the writers are
+waited for (their errors raised) before anything is committed.
 """
 
 from __future__ import annotations
@@ -35,8 +41,9 @@ from .blobs import DecompressingReader, HashingReader, PeekReader, Readable, sni
 from .errors import LayerError, StoreError
 from .index import ENTRY_COLS, INSERT_ENTRY, connect, entry_from_row, entry_row, schema_sql
 from .model import Entry, EntryKind
-from .paths import ancestors, show
+from .paths import ancestors, join, show
 from .paths import split as _split
+from .pipeline import ContentWriter, ReadAhead, Unlinker, link_all
 from .progress import Progress
 from .sources import SourceImage
 from .store import Store, crashpoint, same_bytes, with_tag
@@ -45,12 +52,30 @@ from .tarstream import read_layer
 
 COPY = 1 << 20
 SMALL = 1 << 20  # files up to this size are hashed in memory before anything is written
+ROWS_PER_INSERT = 500  # rows of one multi-row INSERT into stage.db
+STAGE_CACHE_KIB = 256 << 10  # SQLite page cache of stage.db and of the index while committing
 
 
 def _file_is(path: str, data: bytes) -> bool:
     """True if the file at `path` holds exactly `data` (a small content)."""
     with open(path, "rb") as fh:
         return fh.read(len(data) + 1) == data
+
+
+def _same_file(path: str, data: bytes | None, tmp: str | None) -> bool:
+    """True if the file at `path` holds the content given as `data` or as file `tmp`."""
+    if tmp is not None:
+        return same_bytes(Path(tmp), Path(path))
+    assert data is not None
+    return _file_is(path, data)
+
+
+def _same(queued: bytes, data: bytes | None, tmp: str | None) -> bool:
+    """True if `queued` (bytes still on their way to a file) is the content `data` or `tmp`."""
+    if tmp is not None:
+        with open(tmp, "rb") as fh:
+            return fh.read(len(queued) + 1) == queued
+    return data == queued
 
 
 @dataclass
@@ -92,9 +117,14 @@ class Importer:
         with self.store.shared():
             stage = self.store.tmp_dir / f"imp-{os.getpid()}-{secrets.token_hex(4)}"
             stage.mkdir()
+            self.writer = ContentWriter()
+            self._cleanup: Unlinker | None = None
             try:
                 return self._run(stage, images, extra_tags)
             finally:
+                self.writer.abort()  # (a no-op after a successful run's close)
+                if self._cleanup is not None:
+                    self._cleanup.join()
                 if hasattr(self, "sdb"):
                     self.sdb.close()
                 shutil.rmtree(stage, ignore_errors=True)
@@ -104,8 +134,15 @@ class Importer:
         (stage / "c").mkdir()
         self.sdb = connect(stage / "stage.db")
         self.sdb.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF;\n" + schema_sql())
+        # One transaction for the whole staging (committed before the store's commit attaches
+        # it): in autocommit every row would be its own transaction, with its locks, page
+        # writes and journal probes. The cache holds the staged rows and their indexes.
+        self.sdb.execute(f"PRAGMA cache_size = -{STAGE_CACHE_KIB}")
+        self._max_vars = self.sdb.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+        self.sdb.execute("BEGIN")
         self.staged_keys: dict[str, int] = {}  # key -> size, contents in stage/c
         self.reused_keys: set[str] = set()  # keys found already in the store
+        self._stager: dict[str, StagedLayer] = {}  # key given to the writer -> its layer
         self._tmpn = 0
         self.cdir = str(stage / "c")
         self._subdirs: set[str] = set()
@@ -127,11 +164,21 @@ class Importer:
                     len(staged) + 1, lref.diff_id, lref.digest or "", lref.media_type,
                     0, 0,
                 )  # fmt: skip
-                with self.progress.bar(short, lref.size) as tick:
-                    self._ingest_layer(sl, lref.opener, lref.digest, lref.size, label, tick)
+                # One read snapshot of the index per layer: _stored() then costs no lock.
+                self.store.conn.execute("BEGIN")
+                try:
+                    with self.progress.bar(short, lref.size) as tick:
+                        self._ingest_layer(sl, lref.opener, lref.digest, lref.size, label, tick)
+                finally:
+                    if self.store.conn.in_transaction:
+                        self.store.conn.execute("COMMIT")
                 staged[lref.diff_id] = sl
                 self.progress.line(f"{short}: Pull complete")
                 crashpoint("layer-staged")
+        self.writer.close()  # every staged content is on disk from here on
+        for key in self.writer.found:  # staged as new, but the store had them
+            self._stager[key].new_bytes -= self.staged_keys.pop(key)
+            self.reused_keys.add(key)
         self.sdb.commit()
         crashpoint("before-commit")
         with self.store.commit_lock():
@@ -157,19 +204,23 @@ class Importer:
         except OSError as exc:
             raise LayerError(f"layer {label}: cannot read: {exc}") from None
         with raw:
-            counted = _Ticking(raw, tick)
-            blob = HashingReader(counted)
+            blob = HashingReader(raw)
             peek = PeekReader(blob)
             kind = sniff(peek.peek(4))
             plain: Readable = peek if kind == "none" else DecompressingReader(peek, kind, label)
             tar = HashingReader(plain)
+            # Reading, both SHA-256s and decompression run in a worker thread (C code that
+            # releases the GIL), ahead of the tar parser.
+            ahead = ReadAhead(tar, lambda: blob.count, tick)
             split = open(self._split_path(sl), "xb")  # noqa: SIM115 - closed in finally
-            rec = SplitRecorder(tar, split)
+            rec = SplitRecorder(ahead, split)
             try:
                 self._entries(sl, rec, label)
                 rec.drain()  # padding after the end-of-archive marker belongs to the DiffID
+                ahead.close()  # at the end of `tar`: the worker is done with the chain
                 rec.finish()
                 blob.drain()
+                self.writer.check()
             except LayerError as exc:
                 msg = str(exc)
                 raise LayerError(
@@ -180,6 +231,7 @@ class Importer:
             except OSError as exc:
                 raise LayerError(f"layer {label}: read error: {exc}") from None
             finally:
+                ahead.close()
                 split.close()
         if digest is not None and blob.digest() != digest:
             raise LayerError(
@@ -267,7 +319,7 @@ class Importer:
                 if cut:
                     tar.file(key, cut.pop())
                     sl.split_keys.add(key)
-                self._put(lid, replace(e, content=key), dirs)
+                self._put(lid, e, dirs, key)
                 nfile += 1
                 if nfile % 64 == 0:
                     crashpoint(f"file-{nfile}")
@@ -276,17 +328,32 @@ class Importer:
 
     def _flush(self) -> None:
         if self._pending:
-            self.sdb.executemany(INSERT_ENTRY, self._pending)
+            self._insert_rows(INSERT_ENTRY, self._pending)
             self._pending.clear()
         if self._pending_x:
-            self.sdb.executemany(
+            self._insert_rows(
                 "INSERT OR REPLACE INTO xattrs (layer, parent, name, key, value) "
                 "VALUES (?,?,?,?,?)",
                 self._pending_x,
             )
             self._pending_x.clear()
 
+    def _insert_rows(self, sql: str, rows: list[tuple[object, ...]]) -> None:
+        """executemany(sql, rows) with many rows per statement: the same rows in the same
+        order, far fewer statement steps (each step releases the GIL, which the worker
+        threads then hold for a while)."""
+        head, sep, one = sql.partition(" VALUES ")
+        assert sep and rows
+        per = max(1, min(ROWS_PER_INSERT, self._max_vars // len(rows[0])))
+        for i in range(0, len(rows), per):
+            part = rows[i : i + per]
+            self.sdb.execute(
+                f"{head} VALUES {','.join([one] * len(part))}", [v for r in part for v in r]
+            )
+
     def _get(self, lid: int, parent: bytes, name: bytes) -> Entry | None:
+        if join(parent, name) not in self._seen:
+            return None  # no row: no need to flush and ask
         self._flush()
         row = self.sdb.execute(
             f"SELECT {ENTRY_COLS} FROM entries WHERE layer = ? AND parent = ? AND name = ?",
@@ -332,8 +399,9 @@ class Importer:
         )
         self._put(lid, replace(e, opaque=opaque), dirs)
 
-    def _put(self, lid: int, e: Entry, dirs: set[bytes]) -> None:
-        """Insert or replace one entry (rows are buffered; _get and _flush write them)."""
+    def _put(self, lid: int, e: Entry, dirs: set[bytes], content: str | None = None) -> None:
+        """Insert or replace one entry, with `content` as its content key if given (rows are
+        buffered; _get and _flush write them)."""
         db = self.sdb
         path = e.path
         if path in dirs and e.kind != EntryKind.DIR:
@@ -356,7 +424,7 @@ class Importer:
                 (lid, e.parent, e.name),
             )
         self._seen.add(path)
-        self._pending.append(entry_row(lid, e))
+        self._pending.append(entry_row(lid, e, content))
         self._pending_x.extend((lid, e.parent, e.name, k, v) for k, v in e.xattrs)
         if len(self._pending) >= 2000:
             self._flush()
@@ -399,25 +467,19 @@ class Importer:
             # A content only an overwritten duplicate had: nothing would keep it alive, so
             # this layer goes without a tar-split rather than with a dangling one.
             sl.tarsplit = False
-        db.commit()
 
     # ---- contents --------------------------------------------------------------------------
 
-    def _stage_content(self, fobj: IO[bytes], size: int, path: bytes, sl: StagedLayer) -> str:
+    def _stage_content(self, fobj: Readable, size: int, path: bytes, sl: StagedLayer) -> str:
         """Store one file's bytes in the staging area (or find them already there or in the
         store, bytes compared); return its content key."""
         if size <= SMALL:
-            data = bytearray()
-            while len(data) < size:
-                chunk = self._read(fobj, min(COPY, size - len(data)), path)
-                if not chunk:
-                    break
-                data += chunk
+            data = self._read(fobj, size, path)  # short only if the stream ends
             if len(data) != size or self._read(fobj, 1, path):
                 raise LayerError(
                     f"entry {show(path)}: truncated data ({len(data)} of {size} bytes)"
                 )
-            return self._key_for(xxhash.xxh3_128_hexdigest(data), size, bytes(data), None, sl)
+            return self._key_for(xxhash.xxh3_128_hexdigest(data), size, data, None, sl)
         self._tmpn += 1
         tmp = os.path.join(self.cdir, f".tmp-{self._tmpn}")
         h = xxhash.xxh3_128()
@@ -440,7 +502,7 @@ class Importer:
         return f"{sub}/{key}"
 
     @staticmethod
-    def _read(fobj: IO[bytes], n: int, path: bytes) -> bytes:
+    def _read(fobj: Readable, n: int, path: bytes) -> bytes:
         try:
             return fobj.read(n)
         except tarfile.TarError as exc:
@@ -454,35 +516,82 @@ class Importer:
         n = 0
         while True:
             key = base if n == 0 else f"{base}.{n}"
+            same: bool | None = None  # None: no content under this key yet
             if key in self.staged_keys:
                 other = self._staged(key)
-            elif key in self.reused_keys or os.path.exists(self.store.content_str(key)):
-                other = self.store.content_str(key)
-            else:
+                queued = self.writer.pending(other)  # not on disk yet: compare in memory
+                if queued is not None:
+                    same = _same(queued, data, tmp)
+                elif key in self.writer.found:  # the store had these bytes: nothing staged
+                    same = _same_file(self.store.content_str(key), data, tmp)
+                else:
+                    self.writer.check()
+                    same = _same_file(other, data, tmp)
+            elif key in self.reused_keys or (tmp is not None and self._stored(key)):
+                try:
+                    same = _same_file(self.store.content_str(key), data, tmp)
+                except FileNotFoundError:
+                    pass  # indexed but missing (a damaged store): staged anew, placed again
+                else:
+                    if same:
+                        self.reused_keys.add(key)
+            if same is None:
                 dst = self._staged(key)
                 if tmp is not None:
                     os.chmod(tmp, 0o444)
                     os.rename(tmp, dst)
                 else:
+                    # The writer looks for the bytes in the store first (off this thread):
+                    # if there, the key ends up in writer.found and nothing is staged.
                     assert data is not None
-                    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
-                    try:
-                        os.write(fd, data)
-                    finally:
-                        os.close(fd)
+                    self.writer.write(key, dst, data, self.store.content_str(key))
+                    self._stager[key] = sl
                 self.staged_keys[key] = size
                 sl.new_bytes += size
                 return key
-            same = same_bytes(Path(tmp), Path(other)) if tmp else _file_is(other, data or b"")
             if same:
                 if tmp is not None:
                     os.unlink(tmp)
-                if other != self._staged(key):
-                    self.reused_keys.add(key)
                 return key
             n += 1
 
+    def _stored(self, key: str) -> bool:
+        """True if the index records content `key`. (A content committed by a concurrent
+        import after this check is staged again; placing it finds the file and compares.)"""
+        row = self.store.conn.execute("SELECT 1 FROM contents WHERE key = ?", (key,)).fetchone()
+        return row is not None
+
     # ---- commit ----------------------------------------------------------------------------
+
+    def _place_all(self, keys: list[str], layers: list[StagedLayer]) -> None:
+        """Link staged contents into content/ (in parallel); a name already taken there
+        goes through _place (compare, or re-key)."""
+        for key in keys:
+            sub = os.path.dirname(self.store.content_str(key))
+            if sub not in self._subdirs:
+                try:
+                    os.mkdir(sub)
+                    self._new_subdirs.append(sub)
+                except FileExistsError:
+                    pass
+                self._subdirs.add(sub)
+        dsts = [self.store.content_str(k) for k in keys]
+        results = link_all([(self._staged(k), dst) for k, dst in zip(keys, dsts, strict=True)])
+        taken: list[str] = []
+        error: OSError | None = None
+        for i, (key, dst, res) in enumerate(zip(keys, dsts, results, strict=True)):
+            if res is None:
+                self._placed.append(dst)
+            elif isinstance(res, FileExistsError):
+                taken.append(key)
+            elif error is None:
+                error = res
+            if i % 64 == 63:
+                crashpoint(f"placed-{i + 1}")
+        if error is not None:
+            raise error
+        for key in taken:
+            self._place(key, layers)
 
     def _place(self, key: str, layers: list[StagedLayer]) -> None:
         """Link a staged content into content/; on a collision re-key it in stage.db."""
@@ -525,13 +634,10 @@ class Importer:
         new = [sl for sl in staged.values() if st.layer_by_diff_id(sl.diff_id) is None]
         keys = sorted({k for sl in new for k in sl.keys})
         try:
-            for i, key in enumerate(keys):
-                if key in self.staged_keys:
-                    self._place(key, new)
-                elif not os.path.exists(st.content_str(key)):
+            self._place_all([k for k in keys if k in self.staged_keys], new)
+            for key in keys:
+                if key not in self.staged_keys and not os.path.exists(st.content_str(key)):
                     raise StoreError(f"content {key} vanished from the store during the import")
-                if i % 64 == 63:
-                    crashpoint(f"placed-{i + 1}")
             self.sdb.commit()
             for sl in new:
                 if sl.tarsplit:
@@ -543,7 +649,12 @@ class Importer:
                         pass  # a leftover of a killed import of the same layer: same bytes
             crashpoint("placed")
             st.adopt([*self._new_subdirs, *self._placed])
+            # The staged names are not needed any more: drop them while the index commits.
+            self._cleanup = Unlinker([self._staged(k) for k in keys if k in self.staged_keys])
             c.execute("ATTACH DATABASE ? AS stage", (str(self.stage / "stage.db"),))
+            # A cache that holds what the transaction touches (index pages of random keys).
+            cache = c.execute("PRAGMA main.cache_size").fetchone()[0]
+            c.execute(f"PRAGMA main.cache_size = -{STAGE_CACHE_KIB}")
             try:
                 c.execute("BEGIN IMMEDIATE")
                 try:
@@ -554,6 +665,7 @@ class Importer:
                     c.execute("ROLLBACK")
                     raise
             finally:
+                c.execute(f"PRAGMA main.cache_size = {int(cache)}")
                 c.execute("DETACH DATABASE stage")
         except BaseException:
             self._unplace()
@@ -637,17 +749,6 @@ class Importer:
                 )
             out.append((image, names))
         return out
-
-
-class _Ticking:
-    def __init__(self, src: IO[bytes], tick: Callable[[int], None]) -> None:
-        self._src = src
-        self._tick = tick
-
-    def read(self, n: int = -1, /) -> bytes:
-        data = self._src.read(n)
-        self._tick(len(data))
-        return data
 
 
 def _implicit_dir(parent: bytes, name: bytes) -> Entry:

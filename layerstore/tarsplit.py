@@ -18,6 +18,8 @@ import zstandard
 from .blobs import CHUNK, Readable
 from .errors import IntegrityError
 
+OUT = 1 << 20
+
 
 class SplitRecorder:
     """Passes a tar stream through, writing everything but declared file data to `out`.
@@ -33,6 +35,7 @@ class SplitRecorder:
         self._flushed = 0
         self._pos = 0
         self._skip = 0  # data bytes still to drop as they arrive
+        self._out = bytearray()  # records not yet handed to the compressor (one call per OUT)
 
     def read(self, n: int = -1, /) -> bytes:
         data = self._src.read(n if n >= 0 else CHUNK)
@@ -49,8 +52,12 @@ class SplitRecorder:
     def _raw(self, upto: int) -> None:
         n = upto - self._flushed
         if n > 0:
-            self._z.write(b"R" + struct.pack("<Q", n) + bytes(self._pending[:n]))
+            self._out += b"R" + struct.pack("<Q", n)
+            self._out += self._pending[:n]
             del self._pending[:n]
+            if len(self._out) >= OUT:
+                self._z.write(self._out)
+                self._out.clear()
             self._flushed = upto
 
     def cut(self, offset: int, size: int) -> None:
@@ -62,7 +69,7 @@ class SplitRecorder:
 
     def file(self, key: str, size: int) -> None:
         kb = key.encode()
-        self._z.write(b"F" + struct.pack("<QH", size, len(kb)) + kb)
+        self._out += b"F" + struct.pack("<QH", size, len(kb)) + kb
 
     def drain(self) -> None:
         while self.read(CHUNK):
@@ -70,6 +77,8 @@ class SplitRecorder:
 
     def finish(self) -> None:
         self._raw(self._pos)
+        self._z.write(self._out)
+        self._out.clear()
         self._z.flush(zstandard.FLUSH_FRAME)
         self._z.close()  # type: ignore[no-untyped-call]  # zstandard leaves close untyped
 

@@ -7,7 +7,7 @@ import tarfile
 import urllib.parse
 from collections.abc import Callable, Iterator
 from decimal import Decimal, InvalidOperation
-from typing import IO
+from typing import Protocol
 
 from .blobs import Readable
 from .errors import LayerError
@@ -61,7 +61,32 @@ def _xattrs(ti: tarfile.TarInfo) -> tuple[tuple[bytes, bytes], ...]:
     return tuple(sorted(out.items()))
 
 
-Item = tuple[Entry, IO[bytes] | None]
+Item = tuple[Entry, Readable | None]
+
+
+class _Stream(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
+class _MemberData:
+    """The data of one member, read straight from the archive stream: at most `size` bytes,
+    fewer only if the stream ends. (tarfile's extractfile() adds two buffered layers and an
+    object per member; the stream position after the header is the data's, and tarfile
+    skips whatever is not read when it moves to the next header.)"""
+
+    def __init__(self, stream: _Stream, size: int) -> None:
+        self._stream = stream
+        self._left = size
+
+    def read(self, n: int = -1, /) -> bytes:
+        if n < 0 or n > self._left:
+            n = self._left
+        if n == 0:
+            return b""
+        data = self._stream.read(n)
+        self._left -= len(data)
+        return data
+
 
 ID_LIMIT = 1 << 32  # uid/gid/device numbers are 32-bit on Linux (-1 means "unchanged")
 
@@ -190,7 +215,12 @@ def _convert(
             raise LayerError(
                 f"entry {show(raw)}: sparse file of {ti.size} bytes (the limit is {MAX_SPARSE})"
             )
-        fobj = tf.extractfile(ti)
+        stream = tf.fileobj
+        fobj: Readable | None
+        if ti.sparse is None and stream is not None and stream.tell() == ti.offset_data:
+            fobj = _MemberData(stream, ti.size)
+        else:
+            fobj = tf.extractfile(ti)
         if on_data is not None and ti.size > 0 and ti.sparse is None:
             on_data(ti.offset_data, ti.size)
         yield Entry(parent, name, kind, mode, ti.uid, ti.gid, ti.size, mtime, xattrs=xattrs), fobj
