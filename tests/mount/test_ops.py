@@ -9,6 +9,7 @@ import hashlib
 import mmap
 import os
 import stat
+import struct
 import subprocess
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -317,6 +318,47 @@ def test_fallocate_matches_kernel(tmp_path: Path) -> None:
     assert results[1] == results[0]
     assert "EOPNOTSUPP" not in results[1][2:4], results[1]
     assert (lower / "big").read_bytes() == bytes(range(251)) * 200
+
+
+CAPS = b"security.capability"
+NET_BIND = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # v2, effective, one cap
+
+
+def capability_steps(root: Path) -> list[object]:
+    """security.capability of a file made through the mount: none, set, killed by a write."""
+
+    def caps(path: Path) -> object:
+        try:
+            return os.getxattr(path, CAPS)
+        except OSError as exc:
+            return errno.errorcode[exc.errno or 0]
+
+    f = root / "tool"
+    out: list[object] = []
+    with open(f, "wb") as w:
+        w.write(b"#!/bin/sh\n")
+        out.append(caps(f))
+    os.setxattr(f, CAPS, NET_BIND)
+    out.append(caps(f))
+    with open(f, "ab") as w:
+        w.write(b"exit 0\n")  # a write drops file capabilities (even root's)
+    out.append(caps(f))
+    os.setxattr(f, CAPS, NET_BIND)
+    os.link(f, root / "tool2")
+    out.append(caps(root / "tool2"))
+    return out
+
+
+def test_file_capabilities_match_kernel(stack: Stack, tmp_path: Path) -> None:
+    """A file made through the mount answers "no capability" without asking the host, until
+    it is given one (then every name of it shows it) — as kernel overlayfs."""
+    require_root()
+    require_kernel_overlay()
+    with stack.mount() as m:
+        ours = capability_steps(m)
+    with stack.kernel_mount(tmp_path / "k") as km:
+        assert ours == capability_steps(km)
+    assert ours == ["ENODATA", NET_BIND, "ENODATA", NET_BIND]
 
 
 def test_paths_beyond_path_max(stack: Stack) -> None:

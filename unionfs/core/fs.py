@@ -64,6 +64,9 @@ class Attributes:
     immutable: bool
 
 
+CAPS_XATTR = b"security.capability"
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError(errno.ENAMETOOLONG)
@@ -685,6 +688,7 @@ class UnionFS:
             os.close(fd)
             raise
         node.opens += 1
+        node.no_caps = True
         fh = self.handles.add_file(FileHandle(fd, node, True, flags))
         return fh, self.attributes(node)
 
@@ -1039,6 +1043,8 @@ class UnionFS:
         if name.startswith(self.private):
             raise FsError(errno.ENODATA)  # hidden, as the kernel hides its own xattrs
         node = self.node(ino)
+        if node.no_caps and name == CAPS_XATTR:
+            raise FsError(errno.ENODATA)
         if node.upper:
             path = self._loc_path(node)
             if self.rootless and self._keeps_stored(name):
@@ -1079,6 +1085,8 @@ class UnionFS:
 
     @_oserr
     def setxattr(self, ino: Ino, name: bytes, value: bytes) -> None:
+        if name == CAPS_XATTR:
+            self.node(ino).no_caps = False
         target = self._xattr_target(ino, name)
         if self.rootless and self._keeps_stored(name):
             # trusted.* always, security.* when refused: kept under a user.* name.

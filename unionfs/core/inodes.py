@@ -47,6 +47,10 @@ class Node:
     # Opened for kernel passthrough at least once: what the kernel cached of this inode
     # from other opens may be stale since (the kernel wrote the host file directly).
     passed_through: bool = False
+    # Made through this mount as an empty file and never given security.capability since:
+    # the kernel's question before every write (may it drop file capabilities?) is answered
+    # without a system call.
+    no_caps: bool = False
     aliases: list[tuple[Node, bytes]] = field(default_factory=list)
 
     def path(self) -> bytes:
