@@ -563,18 +563,21 @@ class Importer:
 
     # ---- commit ----------------------------------------------------------------------------
 
+    def _ensure_subdir(self, sub: str) -> None:
+        """content/<xx> exists (made by this import: removed again if it fails)."""
+        if sub not in self._subdirs:
+            try:
+                os.mkdir(sub)
+                self._new_subdirs.append(sub)
+            except FileExistsError:
+                pass
+            self._subdirs.add(sub)
+
     def _place_all(self, keys: list[str], layers: list[StagedLayer]) -> None:
         """Link staged contents into content/ (in parallel); a name already taken there
         goes through _place (compare, or re-key)."""
         for key in keys:
-            sub = os.path.dirname(self.store.content_str(key))
-            if sub not in self._subdirs:
-                try:
-                    os.mkdir(sub)
-                    self._new_subdirs.append(sub)
-                except FileExistsError:
-                    pass
-                self._subdirs.add(sub)
+            self._ensure_subdir(os.path.dirname(self.store.content_str(key)))
         dsts = [self.store.content_str(k) for k in keys]
         results = link_all([(self._staged(k), dst) for k, dst in zip(keys, dsts, strict=True)])
         taken: list[str] = []
@@ -601,14 +604,7 @@ class Importer:
         while True:
             cand = base if n == 0 else f"{base}.{n}"
             dst = self.store.content_str(cand)
-            sub = os.path.dirname(dst)
-            if sub not in self._subdirs:
-                try:
-                    os.mkdir(sub)
-                    self._new_subdirs.append(sub)
-                except FileExistsError:
-                    pass
-                self._subdirs.add(sub)
+            self._ensure_subdir(os.path.dirname(dst))
             try:
                 os.link(src, dst)
                 self._placed.append(dst)
