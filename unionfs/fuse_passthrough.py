@@ -105,12 +105,8 @@ class Passthrough:
         this process cannot use it or the library is not the one we know."""
         if os.environ.get(ENV) == "0":
             return False
-        if (
-            pyfuse3.__version__ != "3.5.0"
-            or ctypes.sizeof(ctypes.c_void_p) != 8
-            or os.uname().machine != "x86_64"
-            or not _has_cap_sys_admin()
-        ):
+        # (GotSlot.find checks the machine: x86-64, 64-bit pointers.)
+        if pyfuse3.__version__ != "3.5.0" or not _has_cap_sys_admin():
             return False
         found = loaded_library(_LIBFUSE)
         if found is None or not os.path.basename(found[0]).startswith("libfuse3.so.3.14"):
