@@ -17,7 +17,7 @@ import pyfuse3
 import trio
 
 from layerstore.containers import is_mount_point
-from unionfs import fuse_loop
+from unionfs import fuse_loop, fuse_wire
 from unionfs.core.errors import FsError
 from unionfs.core.fs import UnionFS
 from unionfs.core.idmap import Presentation
@@ -63,7 +63,11 @@ async def _run(ops: Operations) -> bool:
 
         nursery.start_soon(watch)
         try:
-            await fuse_loop.main()
+            wire = fuse_wire.Wire.start(ops)
+            if wire is not None:
+                await wire.run()
+            else:
+                await fuse_loop.main()
         except* OSError as group:
             # An unmount while requests are still queued (releases of files closed just
             # before it; since FLUSH is off, close() waits for nothing) makes reading the

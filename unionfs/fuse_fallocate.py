@@ -51,6 +51,7 @@ class Fallocate:
     def __init__(self, allocate: Allocate) -> None:
         self.allocate = allocate
         self.installed = False  # the session was made with our handler
+        self.session: int | None = None  # libfuse's struct fuse_session *, once made
         self._slot: GotSlot | None = None
         self._hook = _SESSION_NEW(self._session_new)
         self._handler = _HANDLER(self._fallocate)
@@ -89,7 +90,9 @@ class Fallocate:
                 log.debug("fallocate: pyfuse3's handler table is not the one we know")
         except Exception:  # pragma: no cover - must not raise into libfuse
             log.exception("fallocate: setting up the handler failed")
-        return int(self._real_new(args, ops, size, userdata) or 0)
+        session = int(self._real_new(args, ops, size, userdata) or 0)
+        self.session = session or None
+        return session
 
     def _fallocate(self, req: int, ino: int, mode: int, offset: int, length: int, fi: int) -> None:
         err = 0

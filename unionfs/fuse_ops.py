@@ -151,8 +151,17 @@ class Operations(pyfuse3.Operations):
         return True
 
     def _file_info(self, ino: int, fh: Fh, keep: bool, writing: bool) -> pyfuse3.FileInfo:
-        """The reply to an OPEN or CREATE just served by the core (no await may follow: a
-        passthrough reply is armed here for pyfuse3's very next reply).
+        """The reply to an OPEN or CREATE just served by the core, through pyfuse3 (no await
+        may follow: a passthrough reply is armed here for pyfuse3's very next reply)."""
+        keep, backing = self.open_choice(ino, fh, keep, writing)
+        if backing is not None:
+            assert self.passthrough is not None
+            self.passthrough.arm(fh, backing)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    def open_choice(self, ino: int, fh: Fh, keep: bool, writing: bool) -> tuple[bool, int | None]:
+        """For an OPEN or CREATE just served by the core: may the kernel keep the page cache,
+        and the backing id when the open passes through (see fuse_passthrough.py).
 
         The kernel's rule: while an inode is open, all its opens pass through the same
         backing file, or none does. An inode with passthrough opens gets the same backing
@@ -181,15 +190,14 @@ class Operations(pyfuse3.Operations):
                 held[1] += 1
                 self._direct[fh] = ino
                 node.passed_through = True
-                pt.arm(fh, held[0])
-                return pyfuse3.FileInfo(fh=fh, keep_cache=False)
+                return False, held[0]
             if node.passed_through:
                 # The kernel wrote the host file directly since it last cached pages of
                 # this inode: this open drops them (and later ones may keep theirs again).
                 # (Its mtime usually tells the kernel too, but not within one clock tick.)
                 keep = False
                 node.passed_through = False
-        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+        return keep, None
 
     def _large(self, fh: Fh) -> bool:
         fd = self.fs.passthrough_fd(fh)
@@ -248,21 +256,28 @@ class Operations(pyfuse3.Operations):
                 return await trio.to_thread.run_sync(functools.partial(fn, *args))
             return fn(*args)
 
+    def lookup_now(self, parent_inode: int, name: bytes) -> Attributes | None:
+        """fs.lookup; None when there is no such name. Names appear only through this
+        mount, and the kernel replaces a cached negative entry when one does: the reply
+        caches "no such name" (compilers probe many paths)."""
+        try:
+            return self.fs.lookup(Ino(parent_inode), name)
+        except FsError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return None
+
     @_guard
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        try:
-            return entry_attributes(await self._core(self.fs.lookup, Ino(parent_inode), name))
-        except FsError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
-            # Names appear only through this mount, and the kernel replaces a cached negative
-            # entry when one does: cache "no such name" (compilers probe many paths).
-            neg = pyfuse3.EntryAttributes()
-            neg.st_ino = 0
-            neg.entry_timeout = NEGATIVE_TIMEOUT
-            return neg
+        a = await self._core(self.lookup_now, parent_inode, name)
+        if a is not None:
+            return entry_attributes(a)
+        neg = pyfuse3.EntryAttributes()
+        neg.st_ino = 0
+        neg.entry_timeout = NEGATIVE_TIMEOUT
+        return neg
 
     @_guard
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -404,38 +419,41 @@ class Operations(pyfuse3.Operations):
         fd = self.fs.ready_fd(Fh(fh))
         if fd is None:
             fd = await self._core(self.fs.read_fd, Fh(fh))
-        if self.nowait:
-            # What the page cache holds is read here; only a read that would wait for the
-            # disk goes to a worker thread, so cold reads of several files overlap.
-            # One buffer serves every such read (no 1 MiB allocation per read): pyfuse3
-            # copies our result into its reply before any other task runs (no await
-            # between our return and fuse_reply_buf), and we never await while it holds
-            # data that is still to be returned.
-            if len(self._rbuf) < size:
-                self._rbuf = bytearray(size)
-            view = memoryview(self._rbuf)[:size]
-            got = 0
-            try:
-                while got < size:
-                    n = os.preadv(fd, [view[got:]], off + got, os.RWF_NOWAIT)
-                    if n == 0:
-                        break  # end of file
-                    got += n
-                return _buffer(view[:got])
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                self.nowait = False  # the host filesystem cannot say "would block"
-            if got:
-                head = bytes(view[:got])  # copied out before the await
-                rest = await trio.to_thread.run_sync(os.pread, fd, size - got, off + got)
-                return head + rest
-            return await trio.to_thread.run_sync(os.pread, fd, size, off)
-        if size <= INLINE_IO:
-            return os.pread(fd, size, off)
-        return await trio.to_thread.run_sync(os.pread, fd, size, off)
+        view, done = self.read_now(fd, off, size)
+        if done:
+            return _buffer(view)
+        head = bytes(view)  # copied out of the shared buffer before the await
+        rest = await trio.to_thread.run_sync(os.pread, fd, size - len(head), off + len(head))
+        return head + rest if head else rest
+
+    def read_now(self, fd: int, off: int, size: int) -> tuple[memoryview, bool]:
+        """What can be read at once: (data, complete). Only a read that would wait for the
+        disk is incomplete (its rest goes to a worker thread, so cold reads of several files
+        overlap); the page cache is read here. `data` is a view of one buffer that serves
+        every read (no 1 MiB allocation per read): the reply must be sent, or the data
+        copied, before the next call."""
+        if len(self._rbuf) < size:
+            self._rbuf = bytearray(size)
+        view = memoryview(self._rbuf)[:size]
+        if not self.nowait:
+            if size <= INLINE_IO:
+                return view[: os.preadv(fd, [view], off)], True
+            return view[:0], False
+        got = 0
+        try:
+            while got < size:
+                n = os.preadv(fd, [view[got:]], off + got, os.RWF_NOWAIT)
+                if n == 0:
+                    break  # end of file
+                got += n
+            return view[:got], True
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            self.nowait = False  # the host filesystem cannot say "would block"
+        return view[:got], False
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
