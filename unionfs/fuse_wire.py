@@ -3,6 +3,8 @@ here; every other request goes to libfuse and pyfuse3 as before."""
 
 from __future__ import annotations
 
+import bisect
+import collections
 import ctypes
 import errno
 import inspect
@@ -16,6 +18,7 @@ from typing import Any
 
 import pyfuse3
 import trio
+import xxhash
 
 from unionfs import fuse_loop
 from unionfs.core.fs import Attributes
@@ -67,7 +70,8 @@ LOOKUP, FORGET, GETATTR = 1, 2, 3
 READLINK, SYMLINK, MKDIR, UNLINK, RMDIR = 5, 6, 9, 10, 11
 OPEN, READ, WRITE, RELEASE = 14, 15, 16, 18
 GETXATTR = 22
-CREATE, INTERRUPT, IOCTL, BATCH_FORGET = 35, 36, 39, 42
+OPENDIR, READDIR = 27, 28
+CREATE, INTERRUPT, IOCTL, BATCH_FORGET, READDIRPLUS = 35, 36, 39, 42, 44
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
@@ -77,6 +81,8 @@ _ATTR = "QQQqqqIIIIIIIIII"
 # fuse_entry_out: nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec
 _ENTRY = "QQQQII" + _ATTR
 ENTRY_REPLY = struct.Struct("<IiQ" + _ENTRY)
+ENTRY_OUT = struct.Struct("<" + _ENTRY)
+DIRENT = struct.Struct("<QQII")  # fuse_dirent: ino off namelen type, then the name
 ATTR_REPLY = struct.Struct("<IiQ" + "QII" + _ATTR)  # fuse_attr_out: valid valid_nsec dummy
 OPEN_REPLY = struct.Struct("<IiQ" + "QIi")  # fuse_open_out: fh open_flags backing_id
 CREATE_REPLY = struct.Struct("<IiQ" + _ENTRY + "QIi")
@@ -92,6 +98,7 @@ WRITE_IN = struct.Struct("<QQII")  # fh offset size write_flags (lock_owner flag
 WRITE_IN_SIZE = 40
 
 FOPEN_KEEP_CACHE = 1 << 1
+LISTINGS = 64  # directories whose listing is kept between READDIRPLUS requests
 FOPEN_PASSTHROUGH = 1 << 7
 _NS = 1_000_000_000
 
@@ -122,6 +129,34 @@ class _FuseBuf(ctypes.Structure):
 Handler = Callable[[int, int, int, int, memoryview], None]
 
 
+def cookie(name: bytes) -> int:
+    """The directory offset after `name`: from its hash, in [3, 2**62 + 3) (1 and 2 follow
+    "." and "..")."""
+    return (xxhash.xxh64_intdigest(name) >> 2) + 3
+
+
+class _Listing:
+    """A directory's names for READDIRPLUS, ordered by their cookies (`cookie`), which are
+    the offsets the kernel resumes from. Without OPENDIR (see Wire.opendir) requests carry
+    no handle, so readers of one directory cannot be told apart; with offsets that name a
+    place in the order of hashes, any listing of the directory resumes where another left
+    off: a name present throughout is returned exactly once to each reader, whatever was
+    added or removed between two reads (a seekdir/telldir offset stays valid too). Two
+    names with one hash (one chance in 2**62 per pair) get consecutive cookies."""
+
+    __slots__ = ("fh", "cookies")
+
+    def __init__(self, fh: Fh, names: list[bytes]) -> None:
+        self.fh = fh
+        keyed = sorted((cookie(n), n) for n in names)
+        names[:] = [n for _c, n in keyed]  # the core's handle now reads in this order
+        cookies = [c for c, _n in keyed]
+        for i in range(1, len(cookies)):
+            if cookies[i] <= cookies[i - 1]:
+                cookies[i] = cookies[i - 1] + 1
+        self.cookies = cookies
+
+
 class Wire:
     """The loop. `start` builds one when this pyfuse3 and libfuse are the ones it knows."""
 
@@ -148,6 +183,9 @@ class Wire:
         self._imm = _valid(IMMUTABLE_TIMEOUT)
         self._upp = _valid(UPPER_TIMEOUT)
         self._neg = _valid(NEGATIVE_TIMEOUT)
+        # Directory listings being read, by inode: the core's directory handles (the kernel
+        # opens directories itself, see opendir), least recently used first.
+        self._listings: collections.OrderedDict[int, _Listing] = collections.OrderedDict()
         # opcode -> (handler, needs the core's lock)
         self.fast: dict[int, tuple[Handler, bool]] = {
             LOOKUP: (self.lookup, True),
@@ -165,6 +203,9 @@ class Wire:
             WRITE: (self.write, False),
             RELEASE: (self.release, True),
             GETXATTR: (self.getxattr, True),
+            OPENDIR: (self.opendir, False),
+            READDIRPLUS: (self.readdirplus, True),
+            READDIR: (self.readdir, True),
             INTERRUPT: (self.interrupt, False),
             IOCTL: (self.ioctl, False),
         }
@@ -385,13 +426,18 @@ class Wire:
         self._send(ENTRY_REPLY.pack(ENTRY_REPLY.size, 0, unique, 0, 0, sec, 0, nsec, 0, *zeros))
 
     def forget(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
-        self.ops._forget([(nodeid, U64.unpack_from(body)[0])])  # FORGET has no reply
+        self._forget([(nodeid, U64.unpack_from(body)[0])])  # FORGET has no reply
+
+    def _forget(self, pairs: list[tuple[int, int]]) -> None:
+        self.ops._forget(pairs)
+        if self._listings:
+            for ino, _n in pairs:
+                if ino in self._listings and not self.fs.known(Ino(ino)):
+                    self.fs.releasedir(self._listings.pop(ino).fh)
 
     def batch_forget(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
         count = U32X2.unpack_from(body)[0]
-        self.ops._forget(
-            [FORGET_ONE.unpack_from(body, 8 + 16 * i) for i in range(count)]
-        )  # no reply
+        self._forget([FORGET_ONE.unpack_from(body, 8 + 16 * i) for i in range(count)])  # no reply
 
     def getattr(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
         a = self.fs.getattr(Ino(nodeid))
@@ -500,6 +546,85 @@ class Wire:
             self._send(OUT_HEADER.pack(16, -errno.ERANGE, unique))
         else:
             self._send(OUT_HEADER.pack(16 + len(value), 0, unique) + value)
+
+    def opendir(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
+        # A listing needs no open handle here (see readdirplus): ENOSYS tells the kernel to
+        # stop asking. It then opens directories itself, as if we had answered with
+        # FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR (fs/fuse/file.c: fuse_file_open), and sends no
+        # RELEASEDIR: two round trips less per directory read (a `find` does one per
+        # directory), and listings stay cached in the kernel as before.
+        self._send(OUT_HEADER.pack(16, -errno.ENOSYS, unique))
+
+    def readdirplus(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
+        _fh, off, size, _flags = READ_IN.unpack_from(body)
+        self._readdir(unique, nodeid, off, size, True)
+
+    def readdir(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
+        _fh, off, size, _flags = READ_IN.unpack_from(body)
+        self._readdir(unique, nodeid, off, size, False)
+
+    def _listing(self, ino: int, start: int) -> _Listing:
+        """The listing to read `ino` from offset `start`: a fresh one at offset 0, else the
+        one read before (any listing of the directory resumes alike, see _Listing)."""
+        listing = self._listings.pop(ino, None)
+        if listing is not None and (
+            start == 0 or self.fs.handles.dir(listing.fh).node is not self.fs.node(Ino(ino))
+        ):
+            self.fs.releasedir(listing.fh)
+            listing = None
+        if listing is None:
+            fh = self.fs.opendir(Ino(ino))
+            try:
+                listing = _Listing(fh, self.fs.listing(fh))
+            except BaseException:
+                self.fs.releasedir(fh)
+                raise
+        self._listings[ino] = listing
+        while len(self._listings) > LISTINGS:
+            self.fs.releasedir(self._listings.popitem(last=False)[1].fh)
+        return listing
+
+    def _readdir(self, unique: int, ino: int, start: int, size: int, plus: bool) -> None:
+        # Offsets: 1 after ".", 2 after "..", an entry's cookie after it (see _Listing).
+        listing = self._listing(ino, start)
+        node = self.fs.handles.dir(listing.fh).node
+        parts: list[bytes] = []
+        room = size
+
+        def add(name: bytes, a: Attributes, off: int) -> bool:
+            nonlocal room
+            head = DIRENT.pack(a.ino, off, len(name), (a.st.mode >> 12) & 0o17)
+            pad = b"\0" * (-len(name) % 8)
+            rec = ENTRY_OUT.pack(*self._entry_fields(a)) + head if plus else head
+            if len(rec) + len(name) + len(pad) > room:
+                return False
+            parts.append(rec + name + pad)
+            room -= len(parts[-1])
+            return True
+
+        done = True
+        if start == 0:
+            # "." and ".." are never linked by the kernel: no lookup count, no forget.
+            done = add(b".", self.fs.getattr(node.ino), 1)
+            start = 1
+        if done and start == 1:
+            parent = node.parent.ino if node.parent is not None else node.ino
+            done = add(b"..", self.fs.getattr(parent), 2)
+        if done:
+            cookies = listing.cookies
+            first = bisect.bisect_right(cookies, start)
+            for name, a, nxt in self.fs.readdir_iter(listing.fh, first):
+                if not add(name, a, cookies[nxt - 1]):
+                    self.fs.drop_if_unused(a.ino)
+                    break
+                if plus:
+                    self.fs.incref(a.ino)
+                else:
+                    self.fs.drop_if_unused(a.ino)
+        if not parts:
+            self.fs.releasedir(self._listings.pop(ino).fh)  # the end of the listing
+        data = b"".join(parts)
+        self._send(OUT_HEADER.pack(16 + len(data), 0, unique) + data)
 
     def interrupt(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
         # Our handlers are not interruptible (as with pyfuse3): no reply is expected.

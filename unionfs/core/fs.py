@@ -1004,6 +1004,15 @@ class UnionFS:
         return self.handles.add_dir(DirHandle(self.dir_node(ino), None))
 
     @_oserr
+    def listing(self, fh: Fh) -> list[bytes]:
+        """The names `readdir_iter` goes through, in its order (read now if not yet); the
+        caller may reorder the list in place before reading."""
+        h = self.handles.dir(fh)
+        if h.names is None:
+            h.names = [] if h.node.unlinked else self._names(h.node)
+        return h.names
+
+    @_oserr
     def readdir(self, fh: Fh, start: int) -> list[tuple[bytes, Attributes, int]]:
         """Up to 64 entries from offset `start` (see `readdir_iter`)."""
         return list(itertools.islice(self.readdir_iter(fh, start), 64))
