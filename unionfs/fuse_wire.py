@@ -73,6 +73,16 @@ GETXATTR = 22
 OPENDIR, READDIR = 27, 28
 CREATE, INTERRUPT, IOCTL, BATCH_FORGET, READDIRPLUS = 35, 36, 39, 42, 44
 
+OPNAMES = {
+    1: "LOOKUP", 2: "FORGET", 3: "GETATTR", 4: "SETATTR", 5: "READLINK", 6: "SYMLINK",
+    8: "MKNOD", 9: "MKDIR", 10: "UNLINK", 11: "RMDIR", 12: "RENAME", 13: "LINK", 14: "OPEN",
+    15: "READ", 16: "WRITE", 17: "STATFS", 18: "RELEASE", 20: "FSYNC", 21: "SETXATTR",
+    22: "GETXATTR", 23: "LISTXATTR", 24: "REMOVEXATTR", 25: "FLUSH", 26: "INIT",
+    27: "OPENDIR", 28: "READDIR", 29: "RELEASEDIR", 30: "FSYNCDIR", 34: "ACCESS",
+    35: "CREATE", 36: "INTERRUPT", 39: "IOCTL", 42: "BATCH_FORGET", 43: "FALLOCATE",
+    44: "READDIRPLUS", 45: "RENAME2", 46: "LSEEK", 47: "COPY_FILE_RANGE",
+}  # fmt: skip
+
 IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("<IiQ")  # len error unique
 # struct fuse_attr: ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode
@@ -176,6 +186,7 @@ class Wire:
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
         self.exiting = False
+        self.debug = log.isEnabledFor(logging.DEBUG)  # -d: every request is logged
         self.inflight = 0  # tasks serving requests (they may wait for threads or the lock)
         self.nursery: trio.Nursery | None = None
         self._pending: Coroutine[Any, Any, Any] | None = None
@@ -283,7 +294,10 @@ class Wire:
             if served >= (_FAIR_BUSY if self.inflight else _FAIR):
                 served = 0
                 await trio.lowlevel.checkpoint()
-            _len, opcode, unique, nodeid, uid, gid, _pid, _ext, _pad = IN_HEADER.unpack_from(buf)
+            _len, opcode, unique, nodeid, uid, gid, pid, _ext, _pad = IN_HEADER.unpack_from(buf)
+            if self.debug:
+                name = OPNAMES.get(opcode, opcode)
+                log.debug("%s unique %d node %d (pid %d)", name, unique, nodeid, pid)
             entry = fast.get(opcode)
             if entry is None:
                 self._to_pyfuse3(ctypes.addressof(self.cbuf), n)
