@@ -13,6 +13,7 @@ import os
 import select
 import struct
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -63,6 +64,15 @@ BUFSIZE = 1024 * 1024 + 64 * 1024
 _FAIR = 64  # requests served in a row before other tasks get a turn (when none waits)
 _FAIR_BUSY = 4  # the same while tasks wait (a read in a worker thread, a copy-up)
 _IDLE_MS = 50  # longest wait in poll(2) before trio gets a turn
+# After serving a request with nothing else to do, watch the device this long before
+# sleeping in poll(2): the next request of a process doing one file operation after another
+# (stat, open, create ...) usually comes within tens of microseconds, and a sleeping daemon
+# (and its idle virtual CPU) takes longer than that to wake up. Bounded, only while no task
+# waits, and never on one CPU (the process sending the next request would need it).
+# $LAYERFS_SPIN_US sets it (0: never).
+SPIN_NS = (
+    int(float(os.environ.get("LAYERFS_SPIN_US", "30")) * 1000) if (os.cpu_count() or 1) > 1 else 0
+)
 _DEAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 # Opcodes (enum fuse_opcode).
@@ -280,7 +290,13 @@ class Wire:
                         return
                 else:
                     # Nothing else to run: wait here, without a trip through the scheduler.
-                    ready = self.poller.poll(_IDLE_MS)
+                    ready = None
+                    if SPIN_NS:
+                        until = time.perf_counter_ns() + SPIN_NS
+                        while not ready and time.perf_counter_ns() < until:
+                            ready = self.poller.poll(0)
+                    if not ready:
+                        ready = self.poller.poll(_IDLE_MS)
                     if not ready:
                         served = _FAIR  # quiet: let trio run (signals) before waiting again
                     elif ready[0][1] & _DEAD:
