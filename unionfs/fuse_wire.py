@@ -76,7 +76,7 @@ SPIN_NS = (
 _DEAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 # Opcodes (enum fuse_opcode).
-LOOKUP, FORGET, GETATTR = 1, 2, 3
+LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
 READLINK, SYMLINK, MKDIR, UNLINK, RMDIR = 5, 6, 9, 10, 11
 OPEN, READ, WRITE, RELEASE = 14, 15, 16, 18
 GETXATTR = 22
@@ -116,6 +116,11 @@ RELEASE_IN = struct.Struct("<QIIQ")  # fh flags release_flags lock_owner
 READ_IN = struct.Struct("<QQII")  # fh offset size read_flags (lock_owner flags padding)
 WRITE_IN = struct.Struct("<QQII")  # fh offset size write_flags (lock_owner flags padding)
 WRITE_IN_SIZE = 40
+# fuse_setattr_in: valid padding fh size lock_owner atime mtime ctime atimensec mtimensec
+# ctimensec mode unused4 uid gid unused5
+SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")
+FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
+FATTR_ATIME, FATTR_MTIME, FATTR_FH, FATTR_ATIME_NOW, FATTR_MTIME_NOW = 16, 32, 64, 128, 256
 
 FOPEN_KEEP_CACHE = 1 << 1
 READ_BUFFERS = 8  # kept for reads in worker threads, BUFSIZE each
@@ -215,6 +220,7 @@ class Wire:
             FORGET: (self.forget, True),
             BATCH_FORGET: (self.batch_forget, True),
             GETATTR: (self.getattr, True),
+            SETATTR: (self.setattr, True),
             READLINK: (self.readlink, True),
             SYMLINK: (self.symlink, True),
             MKDIR: (self.mkdir, True),
@@ -473,6 +479,36 @@ class Wire:
 
     def getattr(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
         a = self.fs.getattr(Ino(nodeid))
+        f = self._entry_fields(a)
+        self._send(ATTR_REPLY.pack(ATTR_REPLY.size, 0, unique, f[3], f[5], 0, *f[6:]))
+
+    def setattr(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
+        # As pyfuse3 and libfuse pass it on: *_NOW is the current CLOCK_REALTIME time.
+        valid, _p, fh, size, _lo, atime, mtime, _c, ans, mns, _cns, mode, _u, suid, sgid, _u5 = (
+            SETATTR_IN.unpack_from(body)
+        )
+        if self.fs.needs_copy_up(Ino(nodeid)):
+            raise _Slow  # a copy-up takes a worker thread
+        now = time.time_ns() if valid & (FATTR_ATIME_NOW | FATTR_MTIME_NOW) else 0
+        atime_ns = mtime_ns = None
+        if valid & FATTR_ATIME:
+            atime_ns = atime * _NS + ans
+        elif valid & FATTR_ATIME_NOW:
+            atime_ns = now
+        if valid & FATTR_MTIME:
+            mtime_ns = mtime * _NS + mns
+        elif valid & FATTR_MTIME_NOW:
+            mtime_ns = now
+        a = self.fs.setattr(
+            Ino(nodeid),
+            mode=mode if valid & FATTR_MODE else None,
+            uid=suid if valid & FATTR_UID else None,
+            gid=sgid if valid & FATTR_GID else None,
+            size=size if valid & FATTR_SIZE else None,
+            atime_ns=atime_ns,
+            mtime_ns=mtime_ns,
+            fh=Fh(fh) if valid & FATTR_FH else None,
+        )
         f = self._entry_fields(a)
         self._send(ATTR_REPLY.pack(ATTR_REPLY.size, 0, unique, f[3], f[5], 0, *f[6:]))
 
