@@ -21,7 +21,8 @@ from unionfs import fuse_loop, fuse_wire
 from unionfs.core.errors import FsError
 from unionfs.core.fs import UnionFS
 from unionfs.core.idmap import Presentation
-from unionfs.core.layers import Layer
+from unionfs.core.layers import DirLayer, Layer
+from unionfs.core.statahead import StatAhead
 from unionfs.core.upper import UpperLayer
 from unionfs.fuse_ops import Operations
 
@@ -210,6 +211,11 @@ def serve(
         # As kernel overlayfs (and fuse-overlayfs run as root): other users reach the mount
         # as the modes allow (default_permissions is always on), instead of EACCES for all.
         options.append("allow_other")
+    if os.environ.get("LAYERFS_STATAHEAD") != "0":
+        ahead = StatAhead()  # see core/statahead.py; started at the first listing
+        for layer in layers:
+            if isinstance(layer, DirLayer) and layer.immutable:
+                layer.statahead = ahead
     fs = UnionFS(layers, upper_layer, presentation)
     ops = Operations(fs, os.fspath(mountpoint))
     os.chdir("/")

@@ -23,6 +23,10 @@ def loaded_library(path_test: str) -> tuple[str, int] | None:
     """The file and load address of the loaded library whose real path is `path_test`, or
     whose file name starts with it (from /proc/self/maps)."""
     best: tuple[str, int] | None = None
+    if path_test.startswith("/"):
+        # The maps name the file by its real path: a module imported through a symlink (a
+        # venv reached through a linked directory) has a __file__ that differs from it.
+        path_test = os.path.realpath(path_test)
     with open("/proc/self/maps") as f:
         for line in f:
             parts = line.split()

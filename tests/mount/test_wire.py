@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import require_fuse
 from tests.mount.test_loop import READER, _wait_byte, gated_lower
-from tests.mounting import MOUNT_TIMEOUT, overlay_mount
+from tests.mounting import MOUNT_TIMEOUT, force_unmount, overlay_mount, reap, wait_mounted
 
 pytestmark = pytest.mark.mount
 
@@ -191,3 +191,55 @@ def test_requests_wait_for_a_copy_up_holding_the_core(tmp_path: Path) -> None:
         ).stdout
     assert out.split() == [b"1048576", b"1048575"]  # one "s" replaced by "W"
     assert (upper / "slow").read_bytes()[:2] == b"Ws"
+
+
+def test_library_found_through_a_symlinked_venv(tmp_path: Path) -> None:
+    """/proc/self/maps names libraries by their real path: a venv reached through a linked
+    directory must still find pyfuse3's library (the GOT hooks, and with them this loop,
+    fallocate and the session, were silently off when run from a linked venv)."""
+    from unionfs.fuse_got import loaded_library
+
+    ctypes.CDLL("libfuse3.so.3")
+    by_name = loaded_library("libfuse3.so")
+    assert by_name is not None
+    real = by_name[0]
+    link_dir = tmp_path / "linked"
+    link_dir.symlink_to(os.path.dirname(real))
+    found = loaded_library(str(link_dir / os.path.basename(real)))
+    assert found is not None and found[0] == real
+
+
+def test_wire_serves_from_a_symlinked_venv(tmp_path: Path) -> None:
+    """The daemon run by an interpreter reached through a symlinked directory serves with
+    this loop (its -d log names the requests) and fallocate works."""
+    require_fuse()
+    prefix = Path(sys.prefix)
+    linked = tmp_path / "venv"
+    linked.symlink_to(prefix)
+    python = linked / "bin" / Path(sys.executable).name
+    assert python.exists()
+    lower, upper, work, mnt = (tmp_path / n for n in ("l", "u", "w", "m"))
+    for d in (lower, upper, work, mnt):
+        d.mkdir()
+    (lower / "f").write_bytes(b"x")
+    log = tmp_path / "daemon.log"
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(
+            [str(python), "-m", "unionfs", "overlay", "-f", "-d", "-o", opts, str(mnt)],
+            stdout=subprocess.DEVNULL,
+            stderr=logf,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        try:
+            wait_mounted(mnt, proc=proc)
+            assert (mnt / "f").read_bytes() == b"x"
+            with open(mnt / "g", "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, 1 << 20)
+            assert os.stat(mnt / "g").st_size == 1 << 20
+        finally:
+            force_unmount(mnt)
+            reap(proc)
+    text = log.read_text(errors="replace")
+    assert "serving through pyfuse3's request loop" not in text
+    assert "LOOKUP unique" in text

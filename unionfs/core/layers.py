@@ -10,6 +10,7 @@ from typing import Protocol
 
 from unionfs.core import override
 from unionfs.core.errors import FsError
+from unionfs.core.statahead import StatAhead
 from unionfs.core.types import Entry, Kind, Stat, kind_of_mode
 
 NAME_MAX = 255
@@ -117,6 +118,8 @@ class DirLayer:
         # Apply override_stat xattrs (a rootless upper used as a lower layer): set by the
         # command line for rootless mounts only.
         self.overrides = False
+        # Set by the daemon: warms the host's inode cache for a directory once it is listed.
+        self.statahead: StatAhead | None = None
 
     def set_spellings(self, prefixes: tuple[bytes, ...]) -> None:
         """Which overlay xattr namespaces to read (a lower layer reads both)."""
@@ -293,6 +296,16 @@ class DirLayer:
         if len(self._listings) > LISTING_CACHE:
             self._listings.popitem(last=False)
         return out
+
+    def stat_ahead(self, dir_path: bytes) -> None:
+        """Lookups are coming for many names of `dir_path`: warm the host's inode cache for
+        its entries in the background (see statahead.py), when the daemon set that up."""
+        if self.statahead is None:
+            return
+        names = self._listings.get(dir_path)
+        dfd = self._dirfd_or_none(dir_path) if names else None
+        if names and dfd is not None:
+            self.statahead.submit(dfd, list(names))
 
     def _names(self, dir_path: bytes) -> dict[bytes, bool]:
         dfd = self._dirfd_or_none(dir_path)

@@ -78,6 +78,12 @@ class LowerIndex:
         if len(self._dirs) > self.size:
             self._dirs.popitem(last=False)
         self._last = (sources, idx)
+        if not build:
+            # Built because lookups keep coming here (a listing reads the entries itself).
+            for li, lp in sources:
+                ahead = getattr(self.lowers[li], "stat_ahead", None)
+                if ahead is not None:
+                    ahead(lp)
         return idx
 
 
