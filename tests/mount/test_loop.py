@@ -73,10 +73,10 @@ def gated_lower(tmp_path: Path) -> Iterator[tuple[Path, int, int]]:
             os.close(started_fd)
 
 
-def test_requests_served_while_a_read_waits_on_its_lower(tmp_path: Path) -> None:
-    """A read whose lower layer blocks (in a worker thread of the daemon) must not stop the
-    daemon: another process stats, reads, lists and writes meanwhile, and the blocked read
-    completes with the right data once the lower answers."""
+@contextmanager
+def gated_stack(tmp_path: Path) -> Iterator[tuple[Path, Path, int, int]]:
+    """layerfs over a top layer holding `other` (b"hello") and a gated lower holding `slow`:
+    (its mount point, its upper, the gate's write end, the started FIFO's read end)."""
     top, upper, work, mnt = (tmp_path / n for n in ("top", "up", "wk", "mnt"))
     for d in (top, upper, work, mnt):
         d.mkdir()
@@ -85,6 +85,14 @@ def test_requests_served_while_a_read_waits_on_its_lower(tmp_path: Path) -> None
         gated_lower(tmp_path) as (gmnt, gate_fd, started_fd),
         overlay_mount("layerfs", [top, gmnt], mnt, upper=upper, work=work),
     ):
+        yield mnt, upper, gate_fd, started_fd
+
+
+def test_requests_served_while_a_read_waits_on_its_lower(tmp_path: Path) -> None:
+    """A read whose lower layer blocks (in a worker thread of the daemon) must not stop the
+    daemon: another process stats, reads, lists and writes meanwhile, and the blocked read
+    completes with the right data once the lower answers."""
+    with gated_stack(tmp_path) as (mnt, upper, gate_fd, started_fd):
         reader = subprocess.Popen(
             [sys.executable, "-c", READER, str(mnt / "slow")], stdout=subprocess.PIPE
         )

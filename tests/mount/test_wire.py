@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import require_fuse
-from tests.mount.test_loop import READER, _wait_byte, gated_lower
+from tests.mount.test_loop import READER, _wait_byte, gated_stack
 from tests.mounting import MOUNT_TIMEOUT, force_unmount, overlay_mount, reap, wait_mounted
 
 pytestmark = pytest.mark.mount
@@ -155,14 +155,7 @@ def test_older_loops_still_serve(tmp_path: Path, loop: str) -> None:
 def test_requests_wait_for_a_copy_up_holding_the_core(tmp_path: Path) -> None:
     """A copy-up whose lower blocks holds the core (in a worker thread); lookups, creates and
     listings that arrive meanwhile are served once it is done, with the right answers."""
-    top, upper, work, mnt = (tmp_path / n for n in ("top", "up", "wk", "mnt"))
-    for d in (top, upper, work, mnt):
-        d.mkdir()
-    (top / "other").write_bytes(b"hello")
-    with (
-        gated_lower(tmp_path) as (gmnt, gate_fd, started_fd),
-        overlay_mount("layerfs", [top, gmnt], mnt, upper=upper, work=work),
-    ):
+    with gated_stack(tmp_path) as (mnt, upper, gate_fd, started_fd):
         writer = subprocess.Popen(
             [sys.executable, "-c", "import sys; open(sys.argv[1], 'r+b').write(b'W')", mnt / "slow"]
         )
