@@ -314,6 +314,8 @@ class Wire:
                 if exc.errno in (errno.ENODEV, errno.ECONNABORTED):
                     return  # unmounted (ECONNABORTED: aborted with requests queued)
                 raise
+            if n < IN_HEADER.size:
+                return  # end of the stream (a device read never returns less than a header)
             served += 1
             if served >= (_FAIR_BUSY if self.inflight else _FAIR):
                 served = 0
@@ -365,20 +367,23 @@ class Wire:
         self._process(self.session, ctypes.byref(fbuf))
         coro, self._pending = self._pending, None
         if coro is not None:
-            self._spawn(coro)
+            unique = U64.unpack_from(ctypes.string_at(mem + 8, 8))[0]
+            self._spawn(coro, unique)
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any], unique: int | None = None) -> None:
         assert self.nursery is not None
         self.inflight += 1
-        self.nursery.start_soon(self._task, coro)
+        self.nursery.start_soon(self._task, coro, unique)
 
-    async def _task(self, coro: Coroutine[Any, Any, Any]) -> None:
+    async def _task(self, coro: Coroutine[Any, Any, Any], unique: int | None) -> None:
         try:
             await coro
-        except Exception:
-            # pyfuse3's handlers catch what ours raise (FUSEError): this is a bug, and the
-            # request stays unanswered; the daemon goes on.
-            log.exception("unexpected error in a request handler")
+        except Exception as exc:
+            # pyfuse3's handlers answer what ours raise (FUSEError); anything else is a bug:
+            # logged, and the request (of pyfuse3's, `unique`) gets EIO. The daemon goes on.
+            log.error("unexpected error in a request handler", exc_info=exc)
+            if unique is not None:
+                self._send(OUT_HEADER.pack(16, -errno.EIO, unique))
         finally:
             self.inflight -= 1
 
