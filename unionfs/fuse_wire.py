@@ -441,6 +441,10 @@ class Wire:
             st.mode, st.nlink, st.uid, st.gid, st.rdev & 0xFFFFFFFF, 4096, 0,
         )  # fmt: skip
 
+    def _send_attr(self, unique: int, a: Attributes) -> None:
+        f = self._entry_fields(a)  # fuse_attr_out: attr_valid, its nsec, dummy, the attr
+        self._send(ATTR_REPLY.pack(ATTR_REPLY.size, 0, unique, f[3], f[5], 0, *f[6:]))
+
     def _send_entry(self, unique: int, a: Attributes) -> None:
         self._send(ENTRY_REPLY.pack(ENTRY_REPLY.size, 0, unique, *self._entry_fields(a)))
 
@@ -484,8 +488,7 @@ class Wire:
 
     def getattr(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
         a = self.fs.getattr(Ino(nodeid))
-        f = self._entry_fields(a)
-        self._send(ATTR_REPLY.pack(ATTR_REPLY.size, 0, unique, f[3], f[5], 0, *f[6:]))
+        self._send_attr(unique, a)
 
     def setattr(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
         # As pyfuse3 and libfuse pass it on: *_NOW is the current CLOCK_REALTIME time.
@@ -514,8 +517,7 @@ class Wire:
             mtime_ns=mtime_ns,
             fh=Fh(fh) if valid & FATTR_FH else None,
         )
-        f = self._entry_fields(a)
-        self._send(ATTR_REPLY.pack(ATTR_REPLY.size, 0, unique, f[3], f[5], 0, *f[6:]))
+        self._send_attr(unique, a)
 
     def readlink(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
         target = self.fs.readlink(Ino(nodeid))
