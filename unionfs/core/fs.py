@@ -54,8 +54,8 @@ def _oserr(fn: Callable[P, T]) -> Callable[P, T]:
     return wrapper
 
 
-@dataclass(frozen=True)
-class Attributes:
+@dataclass(slots=True)
+class Attributes:  # a value (see types.Stat)
     """What getattr reports. `immutable`: only lower layers provide the object, so the
     kernel may cache it for long."""
 

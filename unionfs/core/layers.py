@@ -19,6 +19,7 @@ WH_OPAQUE = b".wh..wh..opq"
 
 ENTRY_CACHE = 65536
 LISTING_CACHE = 1024
+_UNSEEN = object()  # not in a cache (None is a cached answer there)
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -233,12 +234,10 @@ class DirLayer:
         if not self.immutable:
             return self._lookup(dir_path, name)
         key = (dir_path, name)
-        try:
-            entry = self._entries[key]
+        entry = self._entries.get(key, _UNSEEN)
+        if entry is not _UNSEEN:
             self._entries.move_to_end(key)
-            return entry
-        except KeyError:
-            pass
+            return entry  # type: ignore[return-value]
         entry = self._lookup(dir_path, name)
         self._entries[key] = entry
         if len(self._entries) > ENTRY_CACHE:
@@ -313,29 +312,27 @@ class DirLayer:
             return {}
         out: dict[bytes, bool] = {}
         wh: list[bytes] = []
-        fd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
-        try:
-            with os.scandir(fd) as it:
-                for de in it:
-                    name = os.fsencode(de.name)
-                    if name.startswith(WH_PREFIX):
-                        if not name.startswith(WH_PREFIX + WH_PREFIX) and len(name) > 4:
-                            wh.append(name[len(WH_PREFIX) :])
+        # Through the fd's /proc name as bytes: scandir then yields bytes names (no decoding
+        # and encoding per entry) and opens the directory itself.
+        with os.scandir(_proc(dfd, b"")) as it:
+            for de in it:
+                name = de.name
+                if name.startswith(WH_PREFIX):
+                    if not name.startswith(WH_PREFIX + WH_PREFIX) and len(name) > 4:
+                        wh.append(name[len(WH_PREFIX) :])
+                    continue
+                if not (
+                    de.is_file(follow_symlinks=False)
+                    or de.is_dir(follow_symlinks=False)
+                    or de.is_symlink()
+                ):
+                    try:
+                        st = os.lstat(name, dir_fd=dfd)
+                    except FileNotFoundError:
                         continue
-                    if not (
-                        de.is_file(follow_symlinks=False)
-                        or de.is_dir(follow_symlinks=False)
-                        or de.is_symlink()
-                    ):
-                        try:
-                            st = os.lstat(name, dir_fd=dfd)
-                        except FileNotFoundError:
-                            continue
-                        out[name] = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
-                    else:
-                        out[name] = False
-        finally:
-            os.close(fd)
+                    out[name] = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                else:
+                    out[name] = False
         for name in wh:
             out.setdefault(name, True)
         return out

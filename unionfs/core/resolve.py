@@ -87,8 +87,8 @@ class LowerIndex:
         return idx
 
 
-@dataclass(frozen=True)
-class Resolved:
+@dataclass(slots=True)
+class Resolved:  # a value (see types.Stat)
     """What a merged name is.
 
     `upper` is the upper entry when the upper provides the object. For directories `lower`

@@ -40,7 +40,11 @@ def kind_of_mode(mode: int) -> Kind:
     return _FMT_TO_KIND[stat.S_IFMT(mode)]
 
 
-@dataclass(frozen=True, slots=True)
+# Values: Stat, Entry, Resolved and fs.Attributes are never changed once made (use
+# dataclasses.replace), but are not frozen: a frozen dataclass's __init__ sets each field
+# through object.__setattr__, 4x the cost (2.6 vs 0.7 us for a Stat), and a directory read
+# makes one of each per entry.
+@dataclass(slots=True)
 class Stat:
     """The attributes the union reports for an object (st_ino is decided by the inode table)."""
 
@@ -74,7 +78,7 @@ class Stat:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
     """One name in one layer, whiteout spellings already normalised.
 
