@@ -225,21 +225,37 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def is_mount_point(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` (resolved) is a mount point, read from /proc/self/mountinfo."""
-    target = os.fsencode(os.path.realpath(path))
+def mount_at(
+    path: str | os.PathLike[str], *, resolved: bool = False
+) -> tuple[int, int, str] | None:
+    """The mount on top at `path`, from /proc/self/mountinfo: its device (major, minor) and
+    filesystem type; None when nothing is mounted there. `resolved`: `path` is already a
+    real path (resolving it would stat the mount, which a daemon must not ask itself)."""
+    target = os.fsencode(path if resolved else os.path.realpath(path))
+    found = None
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
-            raw = line.split()[4]
+            fields = line.split()
             raw = (
-                raw.replace(b"\\040", b" ")
+                fields[4]
+                .replace(b"\\040", b" ")
                 .replace(b"\\011", b"\t")
                 .replace(b"\\012", b"\n")
                 .replace(b"\\134", b"\\")
             )
             if raw == target:
-                return True
-    return False
+                major, _, minor = fields[2].partition(b":")
+                sep = fields.index(b"-", 5) if b"-" in fields[5:] else -1
+                fstype = (
+                    fields[sep + 1].decode(errors="replace") if 0 < sep < len(fields) - 1 else ""
+                )
+                found = (int(major), int(minor), fstype)
+    return found  # the last one: the mount on top
+
+
+def is_mount_point(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` (resolved) is a mount point, read from /proc/self/mountinfo."""
+    return mount_at(path) is not None
 
 
 def find_mounted(store_root: Path, name: str) -> MountRecord | None:

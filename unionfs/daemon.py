@@ -54,15 +54,18 @@ async def _run(ops: Operations) -> bool:
     signalled = False
     async with trio.open_nursery() as nursery:
 
-        async def watch() -> None:
+        async def watch(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             nonlocal signalled
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                task_status.started()
                 async for _ in sigs:
                     signalled = True
                     pyfuse3.terminate()
                     return
 
-        nursery.start_soon(watch)
+        # Started, not just scheduled: the request loop may not yield to trio for a while,
+        # and a SIGTERM before the receiver exists would kill us without unmounting.
+        await nursery.start(watch)
         try:
             wire = fuse_wire.Wire.start(ops)
             if wire is not None:

@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
+from layerstore.containers import mount_at
 from unionfs.core.errors import FsError
 from unionfs.core.fs import Attributes, UnionFS
 from unionfs.core.types import Fh, Ino
@@ -114,7 +115,8 @@ class Operations(pyfuse3.Operations):
         self.lock = trio.Lock()
         self.nowait = True  # the host filesystem supports RWF_NOWAIT reads (until it fails)
         self._rbuf = bytearray(READAHEAD_KB * 1024)  # see read()
-        self.mountpoint = mountpoint  # where we are mounted, to widen its readahead
+        # Where we are mounted (resolved now, before the mount), to widen its readahead.
+        self.mountpoint = os.path.realpath(mountpoint) if mountpoint is not None else None
         # Kernel passthrough (see fuse_passthrough.py), once `start_passthrough` set it up:
         # per inode with a registered backing file, [backing id, number of passthrough
         # opens]; the inode of each passthrough handle; and the inodes whose backing file
@@ -227,23 +229,23 @@ class Operations(pyfuse3.Operations):
         assert self.passthrough is not None and held[1] == 0
         self.passthrough.backing_close(held[0])
 
-    async def _widen_readahead(self) -> None:
-        """Once, at the first open: the kernel set the mount's readahead from INIT's reply
-        (128 KiB); widen it so a sequential read asks for 1 MiB at a time, 8 times fewer
-        requests. Best effort: needs root (sysfs)."""
+    def widen_readahead(self) -> None:
+        """Once, after the kernel's INIT (which set the mount's readahead to 128 KiB): widen
+        it so a sequential read asks for 1 MiB at a time, 8 times fewer requests. The
+        device is read from mountinfo, not by a stat of the mount (which this loop would
+        have to answer). Best effort: needs root (sysfs)."""
         mountpoint, self.mountpoint = self.mountpoint, None
-        assert mountpoint is not None
+        if mountpoint is None:
+            return
         try:
-            # stat(2) of our own root is served by this loop: from a thread.
-            st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-            if os.major(st.st_dev) != 0:
+            found = mount_at(mountpoint, resolved=True)
+            if found is None or found[0] != 0 or not found[2].startswith("fuse"):
                 # A FUSE mount has an anonymous device (major 0): this is something else,
                 # mounted over us since; leave its readahead alone.
                 return
-            bdi = f"/sys/class/bdi/0:{os.minor(st.st_dev)}/read_ahead_kb"
-            with open(bdi, "w") as f:
+            with open(f"/sys/class/bdi/0:{found[1]}/read_ahead_kb", "w") as f:
                 f.write(str(READAHEAD_KB))
-        except OSError as exc:  # not root, or no sysfs: keep the kernel's default
+        except (OSError, ValueError) as exc:  # not root, or no sysfs: the kernel's default
             log.debug("cannot widen the readahead: %s", exc)
 
     async def _core(self, fn: Callable[..., T], *args: Any, thread: bool = False) -> T:
@@ -396,7 +398,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if self.mountpoint is not None:
-            await self._widen_readahead()
+            self.widen_readahead()  # the older loops (see fuse_wire for ours)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         copy = bool(writing) and self.fs.needs_copy_up(Ino(inode))
         fh, keep = await self._core(self.fs.open, Ino(inode), flags, thread=copy)

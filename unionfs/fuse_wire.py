@@ -80,7 +80,7 @@ LOOKUP, FORGET, GETATTR, SETATTR = 1, 2, 3, 4
 READLINK, SYMLINK, MKDIR, UNLINK, RMDIR = 5, 6, 9, 10, 11
 OPEN, READ, WRITE, RELEASE = 14, 15, 16, 18
 GETXATTR = 22
-OPENDIR, READDIR = 27, 28
+INIT, OPENDIR, READDIR = 26, 27, 28
 CREATE, INTERRUPT, IOCTL, BATCH_FORGET, READDIRPLUS = 35, 36, 39, 42, 44
 
 OPNAMES = {
@@ -175,7 +175,7 @@ class _Listing:
     def __init__(self, fh: Fh, names: list[bytes]) -> None:
         self.fh = fh
         h = xxhash.xxh64_intdigest  # cookie(), inlined: 10,000 names make a big directory
-        keyed = sorted(zip([(h(n) >> 2) + 3 for n in names], names))
+        keyed = sorted(zip([(h(n) >> 2) + 3 for n in names], names, strict=True))
         names[:] = [n for _c, n in keyed]  # the core's handle now reads in this order
         cookies = [c for c, _n in keyed]
         if len(set(cookies)) != len(cookies):
@@ -329,6 +329,8 @@ class Wire:
             entry = fast.get(opcode)
             if entry is None:
                 self._to_pyfuse3(ctypes.addressof(self.cbuf), n)
+                if opcode == INIT:
+                    self.ops.widen_readahead()  # INIT set it; no open has to wait for this
                 continue
             handler, needs_lock = entry
             body = buf[IN_HEADER.size : n]
@@ -548,8 +550,8 @@ class Wire:
     def open(self, unique: int, nodeid: int, uid: int, gid: int, body: memoryview) -> None:
         flags = U32X2.unpack_from(body)[0]
         writing = bool(flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC)
-        if self.ops.mountpoint is not None or (writing and self.fs.needs_copy_up(Ino(nodeid))):
-            raise _Slow  # the first open widens the readahead; a copy-up takes a thread
+        if writing and self.fs.needs_copy_up(Ino(nodeid)):
+            raise _Slow  # a copy-up takes a thread
         fh, keep = self.fs.open(Ino(nodeid), flags)
         open_flags, backing = self._open_flags(nodeid, fh, keep, writing)
         self._send(OPEN_REPLY.pack(OPEN_REPLY.size, 0, unique, fh, open_flags, backing))

@@ -344,17 +344,8 @@ def _unmount(mountpoint: str) -> str | None:
 
 def _fstype(mountpoint: str) -> str:
     """The filesystem type of the mount at `mountpoint` ('' if none), from mountinfo."""
-    target = os.fsencode(mountpoint)
-    found = ""
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            raw = fields[4]
-            for esc, ch in ((b"\\040", b" "), (b"\\011", b"\t"), (b"\\012", b"\n")):
-                raw = raw.replace(esc, ch)
-            if raw.replace(b"\\134", b"\\") == target and b"-" in fields[5:]:
-                found = fields[fields.index(b"-", 5) + 1].decode(errors="replace")
-    return found  # the last one: the mount on top
+    found = containers.mount_at(mountpoint)
+    return found[2] if found is not None else ""
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
