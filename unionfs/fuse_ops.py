@@ -398,7 +398,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if self.mountpoint is not None:
-            self.widen_readahead()  # the older loops (see fuse_wire for ours)
+            self.widen_readahead()  # the older loops (fuse_wire does it after INIT)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
         copy = bool(writing) and self.fs.needs_copy_up(Ino(inode))
         fh, keep = await self._core(self.fs.open, Ino(inode), flags, thread=copy)
@@ -408,6 +408,8 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if self.mountpoint is not None:
+            self.widen_readahead()  # as in open
         fh, a = await self._core(
             self.fs.create, Ino(parent_inode), name, mode, flags, ctx.uid, ctx.gid
         )

@@ -129,6 +129,9 @@ def test_older_loops_still_serve(tmp_path: Path, loop: str) -> None:
         with overlay_mount("layerfs", lowers, base / "m", upper, work, env=env) as m:
             d = m / "d"
             (d / "made").write_bytes(b"abc" * 100_000)
+            ra = Path(f"/sys/class/bdi/0:{os.minor(os.stat(m).st_dev)}/read_ahead_kb")
+            if os.geteuid() == 0 and ra.exists():  # widened (at INIT, or the first open)
+                assert int(ra.read_text()) == 1024
             os.mkdir(d / "sub")
             os.symlink("made", d / "sub" / "ln")
             os.rename(d / "name-00002", d / "sub" / "moved")

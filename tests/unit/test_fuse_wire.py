@@ -135,3 +135,19 @@ def test_listing_offsets_are_cookies_that_resume(tmp_path: Path) -> None:
     cookies = [o for _n, o in first[2:] + rest]
     assert cookies == sorted(cookies) and len(set(cookies)) == 40
     assert read(cookies[-1], 1 << 16) == []  # the end
+
+
+def test_names_with_one_hash_get_consecutive_cookies(monkeypatch: Any) -> None:
+    """Two names whose hashes collide (forced here: one hash for all) still get distinct,
+    increasing offsets, each name once, in a stable order."""
+
+    class OneHash:
+        @staticmethod
+        def xxh64_intdigest(name: bytes) -> int:
+            return 4 << 2 if name != b"z" else 2 << 2
+
+    monkeypatch.setattr(w, "xxhash", OneHash)
+    names = [b"a", b"c", b"b", b"z"]
+    listing = w._Listing(w.Fh(0), names)
+    assert names == [b"z", b"a", b"b", b"c"]  # the core's handle reads in cookie order
+    assert listing.cookies == [5, 7, 8, 9]
