@@ -110,6 +110,9 @@ class DirLayer:
             self.root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         self._cache: OrderedDict[bytes, int] = OrderedDict()
         self._cache_size = cache_size
+        # The last directory asked for, by identity (see dirfd); None after any eviction.
+        self._last_path: bytes | None = None
+        self._last_fd = -1
         self._links: dict[int, list[bytes]] | None = None
         # A lower layer never changes while mounted: remember lookups and listings.
         self.immutable = True
@@ -132,6 +135,7 @@ class DirLayer:
         for fd in self._cache.values():
             os.close(fd)
         self._cache.clear()
+        self._last_path = None
         os.close(self.root_fd)
 
     # -- directory fds ---------------------------------------------------------------
@@ -140,9 +144,12 @@ class DirLayer:
         that may evict (the cache keeps the most recently used entries)."""
         if not path:
             return self.root_fd
+        if path is self._last_path:  # a listing asks with one directory's path per entry
+            return self._last_fd
         fd = self._cache.get(path)
         if fd is not None:
             self._cache.move_to_end(path)
+            self._last_path, self._last_fd = path, fd
             return fd
         parent, name = split(path)
         pfd = self.dirfd(parent)
@@ -156,6 +163,8 @@ class DirLayer:
         while len(self._cache) > self._cache_size:
             _, old = self._cache.popitem(last=False)
             os.close(old)
+            self._last_path = None  # (it was the newest; now it may be gone)
+        self._last_path, self._last_fd = path, fd
         return fd
 
     def forget_prefix(self, path: bytes) -> None:
@@ -163,10 +172,13 @@ class DirLayer:
         if not path:
             return
         pre = path + b"/"
+        self._last_path = None
         for key in [k for k in self._cache if k == path or k.startswith(pre)]:
             os.close(self._cache.pop(key))
 
     def _dirfd_or_none(self, path: bytes) -> int | None:
+        if path is self._last_path:
+            return self._last_fd
         try:
             return self.dirfd(path)
         except FsError as exc:

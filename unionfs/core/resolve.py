@@ -169,6 +169,14 @@ def resolve_child(
         if idx is not None:
             positions = idx.positions.get(name, ())
     if positions is not None:
+        if uentry is None:
+            if not positions:
+                return None
+            # The common case first: a lower non-directory (one lookup, no list of targets).
+            li, lp = parent_lower[positions[0]]
+            e = lowers[li].lookup(lp, name)
+            if e is not None and e.kind is not Kind.DIR and e.kind is not Kind.WHITEOUT:
+                return Resolved(e.kind, None, ((li, join(lp, name)),), e)
         targets = [(parent_lower[p][0], join(parent_lower[p][1], name)) for p in positions]
     else:
         targets = _lower_targets(len(lowers), parent_lower, name, redirect, -1)
