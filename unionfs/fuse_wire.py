@@ -174,8 +174,7 @@ class _Listing:
 
     def __init__(self, fh: Fh, names: list[bytes]) -> None:
         self.fh = fh
-        h = xxhash.xxh64_intdigest  # cookie(), inlined: 10,000 names make a big directory
-        keyed = sorted(zip([(h(n) >> 2) + 3 for n in names], names, strict=True))
+        keyed = sorted(zip(map(cookie, names), names, strict=True))
         names[:] = [n for _c, n in keyed]  # the core's handle now reads in this order
         cookies = [c for c, _n in keyed]
         if len(set(cookies)) != len(cookies):

@@ -177,8 +177,6 @@ class DirLayer:
             os.close(self._cache.pop(key))
 
     def _dirfd_or_none(self, path: bytes) -> int | None:
-        if path is self._last_path:
-            return self._last_fd
         try:
             return self.dirfd(path)
         except FsError as exc:
