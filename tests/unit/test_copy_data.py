@@ -46,14 +46,18 @@ def test_copies_exactly(tmp_path: Path, size: int) -> None:
     _copy(tmp_path, size)
 
 
+@pytest.mark.parametrize("refused", [("splice",), ("splice", "copy_file_range")])
 @pytest.mark.parametrize("size", SIZES)
-def test_without_splice_copy_file_range_copies(
-    tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch
+def test_falls_through_to_the_next_way(
+    tmp_path: Path, size: int, refused: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Without splice, copy_file_range copies; without that either, read and write do."""
     calls: list[str] = []
-    monkeypatch.setattr(copyup.os, "splice", _refuse(errno.EINVAL, calls, "splice"))
+    errs = {"splice": errno.EINVAL, "copy_file_range": errno.EXDEV}
+    for name in refused:
+        monkeypatch.setattr(copyup.os, name, _refuse(errs[name], calls, name))
     _copy(tmp_path, size)
-    assert calls == ["splice"]
+    assert calls == list(refused)
 
 
 def test_without_a_big_pipe_copy_file_range_copies(
@@ -75,19 +79,6 @@ def test_without_a_big_pipe_copy_file_range_copies(
     )
     _copy(tmp_path, 3 * (1 << 20) + 7)
     assert calls == ["setpipe"] and not spliced
-
-
-@pytest.mark.parametrize("size", SIZES)
-def test_read_and_write_when_nothing_else_is_here(
-    tmp_path: Path, size: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls: list[str] = []
-    monkeypatch.setattr(copyup.os, "splice", _refuse(errno.EINVAL, calls, "splice"))
-    monkeypatch.setattr(
-        copyup.os, "copy_file_range", _refuse(errno.EXDEV, calls, "copy_file_range")
-    )
-    _copy(tmp_path, size)
-    assert calls == ["splice", "copy_file_range"]
 
 
 def test_a_real_error_is_raised_not_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
