@@ -155,9 +155,13 @@ def _log_to_syslog() -> None:
 
 def _mount(ops: Operations, mountpoint: Path, options: Sequence[str]) -> None:
     ops.prepare_session()
+    # Before the mount: the read-ahead process must not hold the FUSE device.
+    if os.environ.get("LAYERFS_PREFETCH") != "0" and ops.fs.start_prefetch():
+        log.debug("reading lower directories ahead")
     try:
         pyfuse3.init(ops, os.fspath(mountpoint), set(options))
     except RuntimeError as exc:
+        ops.fs.stop_prefetch()
         raise MountError(f"cannot mount {mountpoint}: {exc}") from None
     fds = fuse_loop.fuse_fds()
     if len(fds) == 1 and ops.start_passthrough(fds[0]):

@@ -85,6 +85,43 @@ def test_daemonize_returns_once_mounted_and_exits_on_umount(dirs: dict[str, Path
     _wait_gone(dirs["mnt"])
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rpartition(b")")[2].split()[1])
+
+
+@pytest.mark.parametrize("prefetch", ["1", "0"])
+def test_read_ahead_process_lives_and_ends_with_the_daemon(
+    dirs: dict[str, Path], prefetch: str
+) -> None:
+    """The process reading lower directories ahead (core/prefetch.py) is the daemon's child,
+    holds no output pipe of the mounting command (which reads them to their end: this run
+    would time out), and is gone once the mount is; LAYERFS_PREFETCH=0 starts none."""
+    for i in range(20):
+        (dirs["lower"] / f"d{i}" / "e").mkdir(parents=True)
+    r = subprocess.run(
+        [*LAYERFS, "overlay", "-o", opts(dirs), str(dirs["mnt"])],
+        capture_output=True,
+        timeout=MOUNT_TIMEOUT,
+        env=dict(os.environ, LAYERFS_PREFETCH=prefetch),
+    )
+    assert r.returncode == 0, r.stderr
+    try:
+        assert len(os.listdir(dirs["mnt"])) == 21  # a listing: its subdirectories are read
+        assert sorted(os.listdir(dirs["mnt"] / "d3")) == ["e"]
+        pids = _daemon_pids(dirs["mnt"])
+        if prefetch == "0":
+            assert len(pids) == 1
+        else:
+            assert len(pids) == 2
+            daemon = [p for p in pids if _parent(p) not in pids]
+            assert len(daemon) == 1
+            assert [p for p in pids if _parent(p) == daemon[0]]
+    finally:
+        subprocess.run(["umount", str(dirs["mnt"])], check=True)
+    _wait_gone(dirs["mnt"])
+
+
 def test_daemonized_log_goes_to_syslog(dirs: dict[str, Path], tmp_path: Path) -> None:
     """A detached daemon has no stderr: with -d its log reaches the syslog socket."""
     sock_path = tmp_path / "log.sock"

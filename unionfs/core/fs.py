@@ -19,6 +19,7 @@ from unionfs.core.handles import DirHandle, FileHandle, HandleTable
 from unionfs.core.idmap import OVERFLOW_ID, Presentation
 from unionfs.core.inodes import InodeTable, Key, Node
 from unionfs.core.layers import NAME_MAX, WH_PREFIX, Layer, join, split
+from unionfs.core.prefetch import Prefetch
 from unionfs.core.resolve import (
     LowerIndex,
     Resolved,
@@ -94,6 +95,7 @@ class UnionFS:
         self.lowers = list(lowers)
         self.upper = upper
         self.lower_index = LowerIndex(self.lowers)
+        self.prefetch: Prefetch | None = None  # see start_prefetch
         self.inodes = InodeTable()
         self.handles = HandleTable()
         # A rootless upper keeps what its owner cannot give an object on disk (owner, mode,
@@ -1009,7 +1011,12 @@ class UnionFS:
         caller may reorder the list in place before reading."""
         h = self.handles.dir(fh)
         if h.names is None:
-            h.names = [] if h.node.unlinked else self._names(h.node)
+            if h.node.unlinked:
+                h.names = []
+            else:
+                if self.prefetch is not None and h.node.lower:
+                    self.prefetch.listed(h.node.lower)  # its subdirectories may come next
+                h.names = self._names(h.node)
         return h.names
 
     @_oserr
@@ -1139,5 +1146,25 @@ class UnionFS:
         if mode & os.W_OK and self.upper is None:
             raise FsError(errno.EROFS)
 
+    def start_prefetch(self) -> bool:
+        """Start reading lower directories ahead of walks (see prefetch.py): forks, so the
+        daemon calls it before mounting. Only host directories that never change qualify."""
+        roots = {
+            li: layer.root_fd
+            for li, layer in enumerate(self.lowers)
+            if getattr(layer, "immutable", False) and hasattr(layer, "root_fd")
+        }
+        pf = Prefetch(roots)
+        if not pf.start():
+            return False
+        self.prefetch = pf
+        return True
+
+    def stop_prefetch(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
+            self.prefetch = None
+
     def close(self) -> None:
+        self.stop_prefetch()
         self.handles.close_all()
