@@ -101,6 +101,11 @@ def _children(pid: int) -> set[int]:
     return out
 
 
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().strip()
+
+
 def _fd_targets(pid: int) -> dict[int, str]:
     out = {}
     for name in os.listdir(f"/proc/{pid}/fd"):
@@ -123,12 +128,15 @@ def test_the_process_holds_only_its_pipe_and_layer_roots_and_ends_with_the_daemo
         pid = fs.prefetch.pid
         assert pid is not None and pid in _children(os.getpid())
         deadline = time.monotonic() + 30
-        while len(fds := _fd_targets(pid)) > 5 and time.monotonic() < deadline:
+        while (len(fds := _fd_targets(pid)) > 5 or _comm(pid) != prefetch.COMM) and (
+            time.monotonic() < deadline
+        ):
             time.sleep(0.01)  # the child closes what it inherited right after the fork
         assert {fds[0], fds[1], fds[2]} == {os.devnull}
         rest = {fd: t for fd, t in fds.items() if fd > 2}
         assert str(other) not in rest.values()
         assert str(lower) in rest.values() and len(rest) == 2  # the layer root, the pipe
+        assert _comm(pid) == prefetch.COMM  # named apart from the daemon for ps and top
         fs.prefetch.listed([(0, b"")])  # a listing, then the daemon ends: the child too
         fs.stop_prefetch()
         assert fs.prefetch is None

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 # component without following symlinks; the child descends only into entries it saw as
 # directories (not symlinks), opening the last component with O_NOFOLLOW.
 CREDIT = 64
+COMM = "layerfs-ahead"
 MAX_STACK = 10_000
 MAX_WARMED = 200_000
 _HEAD = struct.Struct("<H")  # message length
@@ -169,6 +170,8 @@ class Prefetch:
             code = 0
             try:
                 _keep_only({rfd, *self.roots.values()})
+                with contextlib.suppress(OSError), open("/proc/self/comm", "w") as f:
+                    f.write(COMM)  # `ps`/`top` tell it from the daemon (same command line)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 _child(rfd, self.roots)
