@@ -157,3 +157,21 @@ def test_mutable_layers_are_not_read_ahead(tmp_path: Path) -> None:
         assert fs.prefetch is None
     finally:
         fs.close()
+
+
+def test_no_process_to_spare_means_no_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail() -> int:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    _tree(tmp_path, ["d"])
+    fs = UnionFS([DirLayer(os.fsencode(tmp_path))], None)
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(prefetch.os, "fork", fail)
+    try:
+        assert not fs.start_prefetch()
+        assert fs.prefetch is None
+        assert len(os.listdir("/proc/self/fd")) == before  # the pipe was closed again
+    finally:
+        fs.close()

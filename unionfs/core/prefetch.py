@@ -165,7 +165,12 @@ class Prefetch:
         if not self.roots:
             return False
         rfd, wfd = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # no process to spare: the mount goes on without read-ahead
+            os.close(rfd)
+            os.close(wfd)
+            return False
         if pid == 0:  # the child: never returns
             code = 0
             try:
