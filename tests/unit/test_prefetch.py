@@ -141,7 +141,7 @@ def test_the_process_holds_only_its_pipe_and_layer_roots_and_ends_with_the_daemo
         fs.stop_prefetch()
         assert fs.prefetch is None
         with pytest.raises(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)  # already reaped: it exited at end of file
+            os.waitpid(pid, os.WNOHANG)  # ended and reaped by stop_prefetch
     finally:
         os.close(held)
         fs.close()
@@ -173,5 +173,25 @@ def test_no_process_to_spare_means_no_read_ahead(
         assert not fs.start_prefetch()
         assert fs.prefetch is None
         assert len(os.listdir("/proc/self/fd")) == before  # the pipe was closed again
+    finally:
+        fs.close()
+
+
+def test_the_process_ends_by_itself_when_the_daemons_end_of_the_pipe_closes(
+    tmp_path: Path,
+) -> None:
+    _tree(tmp_path, ["d"])
+    fs = UnionFS([DirLayer(os.fsencode(tmp_path))], None)
+    try:
+        assert fs.start_prefetch() and fs.prefetch is not None
+        pid = fs.prefetch.pid
+        assert pid is not None
+        os.close(fs.prefetch._wfd)  # as when the daemon is killed: nobody ends the child
+        fs.prefetch._wfd = -1
+        deadline = time.monotonic() + 30
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            assert time.monotonic() < deadline, "the read-ahead process outlived its pipe"
+            time.sleep(0.01)
+        fs.prefetch.pid = None
     finally:
         fs.close()

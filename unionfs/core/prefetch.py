@@ -23,7 +23,7 @@ from collections.abc import Sequence
 # and answers nothing. Bounds: each listing allows CREDIT more directories to be read ahead
 # (one `ls` reads at most that many), a message that does not fit in one atomic pipe write is
 # not sent, a full pipe drops the message, and the process ends when the daemon's end of the
-# pipe closes (the daemon exiting, however it exits).
+# pipe closes (the daemon killed, say) or when the daemon ends it on its way out.
 #
 # Paths: the daemon sends the sources of a listed directory, which it resolved component by
 # component without following symlinks; the child descends only into entries it saw as
@@ -203,10 +203,14 @@ class Prefetch:
             self.close()
 
     def close(self) -> None:
+        """End the child now: it only warms caches, so it is killed rather than waited for
+        (a huge cold directory could keep it busy for seconds)."""
         if self._wfd >= 0:
             os.close(self._wfd)
             self._wfd = -1
         if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.pid, 0)
             self.pid = None
