@@ -56,6 +56,17 @@ def ancestors(path: bytes) -> list[bytes]:
     return out
 
 
+def _escape(c: str) -> str:
+    o = ord(c)
+    return f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
 def show(path: bytes) -> str:
-    """A path for messages: undecodable bytes escaped, never raising."""
-    return path.decode("utf-8", "backslashreplace")
+    """A path for messages, on one printable line, never raising: undecodable bytes and every
+    character Python does not call printable (controls, line breaks, bidi overrides, unassigned
+    code points) escaped, so that a name from a hostile tar cannot split a message or drive
+    or mislead the terminal that shows it."""
+    text = path.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)

@@ -88,6 +88,11 @@ CASES: dict[str, tuple[Callable[[Path], object], str]] = {
         "links may not leave the layer",
     ),
     "hardlink-to-dir": (_bad_layer([d("dd"), hard("x", "dd")]), "links may not leave the layer"),
+    # A name with a line break and terminal escapes: shown escaped, the message one line.
+    "hardlink-control-chars": (
+        _bad_layer([hard("x", "etc/\x01\n\x1b[2Jevil")]),
+        "hard link to /etc/\\x01\\x0a\\x1b[2Jevil which is not a file",
+    ),
     "through-symlink": (
         _bad_layer([sym("etc", "/etc"), f("etc/passwd", b"x")]),
         "its parent is a symlink in this layer",

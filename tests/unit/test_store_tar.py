@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from layerstore.errors import LayerError
 from layerstore.model import EntryKind
 from layerstore.ocibuild import M, d, f, hard, layer_tar, sym, wh
-from layerstore.paths import ancestors, normalize, split
+from layerstore.paths import ancestors, normalize, show, split
 from layerstore.tarstream import read_layer
 
 
@@ -235,3 +235,18 @@ def test_ids_out_of_range_are_refused(member: M) -> None:
 def test_values_unpack_could_not_apply_are_refused(member: M, needle: str) -> None:
     with pytest.raises(LayerError, match=needle):
         entries(layer_tar([member]))
+
+
+@given(st.binary(max_size=40))
+def test_a_path_in_a_message_stays_on_one_printable_line(raw: bytes) -> None:
+    shown = show(raw)
+    assert shown.isprintable()  # no line break, control, bidi override or unassigned point
+    if shown == raw.decode("utf-8", "replace"):
+        assert raw.decode("utf-8").isprintable()  # only a clean name is shown as it is
+
+
+def test_show_escapes_controls_and_undecodable_bytes_and_keeps_the_rest() -> None:
+    assert show(b"/etc/caf\xc3\xa9") == "/etc/café"
+    assert show(b"/a\nb\x1b[2J\x7f") == "/a\\x0ab\\x1b[2J\\x7f"
+    assert show(b"\xc2\x85\xff") == "\\x85\\xff"  # U+0085 (NEL), then a byte that is no UTF-8
+    assert show("a\u202eb".encode()) == "a\\u202eb"  # a right-to-left override
