@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from unionfs.core import prefetch
 from unionfs.core.fs import UnionFS
 from unionfs.core.layers import DirLayer
+from unionfs.core.types import Ino
 
 
 def _tree(root: Path, dirs: list[str]) -> None:
@@ -168,7 +170,7 @@ def test_no_process_to_spare_means_no_read_ahead(
     _tree(tmp_path, ["d"])
     fs = UnionFS([DirLayer(os.fsencode(tmp_path))], None)
     before = len(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(prefetch.os, "fork", fail)
+    monkeypatch.setattr(os, "fork", fail)
     try:
         assert not fs.start_prefetch()
         assert fs.prefetch is None
@@ -194,4 +196,40 @@ def test_the_process_ends_by_itself_when_the_daemons_end_of_the_pipe_closes(
             time.sleep(0.01)
         fs.prefetch.pid = None
     finally:
+        fs.close()
+
+
+class _Spy(prefetch.Prefetch):
+    def __init__(self) -> None:
+        super().__init__({})
+        self.calls: list[list[tuple[int, bytes]]] = []
+
+    def listed(self, sources: Sequence[tuple[int, bytes]]) -> None:
+        self.calls.append(list(sources))
+
+
+def test_each_first_read_of_a_lower_listing_is_told_whichever_way_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """The request loops read listings two ways (fs.listing, then readdir_iter; or
+    readdir_iter alone): both tell the read-ahead, once per open directory."""
+    top, bottom = tmp_path / "top", tmp_path / "bottom"
+    _tree(top, ["d/x"])
+    _tree(bottom, ["d/y", "e"])
+    fs = UnionFS([DirLayer(os.fsencode(top)), DirLayer(os.fsencode(bottom))], None)
+    spy = _Spy()
+    fs.prefetch = spy
+    try:
+        d = fs.lookup(Ino(1), b"d").ino
+        fh = fs.opendir(d)
+        assert sorted(fs.listing(fh)) == [b"x", b"y"]
+        assert [n for n, _a, _o in fs.readdir_iter(fh, 0)] == fs.listing(fh)
+        fs.releasedir(fh)
+        assert spy.calls == [[(0, b"d"), (1, b"d")]]
+        fh = fs.opendir(Ino(1))
+        assert sorted(n for n, _a, _o in fs.readdir_iter(fh, 0)) == [b"d", b"e"]
+        fs.releasedir(fh)
+        assert spy.calls[1:] == [[(0, b""), (1, b"")]]
+    finally:
+        fs.prefetch = None
         fs.close()

@@ -1009,7 +1009,9 @@ class UnionFS:
     def listing(self, fh: Fh) -> list[bytes]:
         """The names `readdir_iter` goes through, in its order (read now if not yet); the
         caller may reorder the list in place before reading."""
-        h = self.handles.dir(fh)
+        return self._read_listing(self.handles.dir(fh))
+
+    def _read_listing(self, h: DirHandle) -> list[bytes]:
         if h.names is None:
             if h.node.unlinked:
                 h.names = []
@@ -1033,9 +1035,7 @@ class UnionFS:
             h = self.handles.dir(fh)
             if h.node.unlinked:
                 return
-            if h.names is None:
-                h.names = self._names(h.node)
-            names = h.names
+            names = self._read_listing(h)
             for i in range(start, len(names)):
                 if h.node.unlinked:
                     return
