@@ -233,3 +233,30 @@ def test_each_first_read_of_a_lower_listing_is_told_whichever_way_it_is_read(
     finally:
         fs.prefetch = None
         fs.close()
+
+
+@pytest.mark.parametrize("openat2", [True, False])
+def test_paths_open_beneath_the_layer_through_no_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, openat2: bool
+) -> None:
+    layer, outside = tmp_path / "layer", tmp_path / "outside"
+    _tree(layer, ["a/b"])
+    _tree(outside, ["sub"])
+    (layer / "a" / "out").symlink_to(outside)
+    (layer / "esc").symlink_to("a/b")
+    if not openat2:  # as on a kernel without openat2: component by component
+        monkeypatch.setattr(prefetch, "_have_openat2", False)
+    root = os.open(layer, os.O_PATH | os.O_DIRECTORY)
+    try:
+        for ok in (b"", b"a", b"a/b"):
+            fd = prefetch.open_beneath(root, ok)
+            assert os.path.samestat(os.fstat(fd), os.stat(layer / os.fsdecode(ok)))
+            os.close(fd)
+        for bad in (b"a/out/sub", b"a/out", b"esc", b"../outside", b"a/../../outside"):
+            with pytest.raises(OSError):
+                os.close(prefetch.open_beneath(root, bad))
+        walker = prefetch.Walker({0: root}, credit=100)
+        walker.listed([(0, b"a/out/sub")])  # a layer changed behind the mount's back
+        assert _run(walker) == []
+    finally:
+        os.close(root)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import select
 import signal
@@ -27,7 +29,10 @@ from collections.abc import Sequence
 #
 # Paths: the daemon sends the sources of a listed directory, which it resolved component by
 # component without following symlinks; the child descends only into entries it saw as
-# directories (not symlinks), opening the last component with O_NOFOLLOW.
+# directories (not symlinks), and opens every path with openat2(RESOLVE_BENEATH |
+# RESOLVE_NO_SYMLINKS) from the layer's root (component by component with O_NOFOLLOW where
+# the kernel lacks openat2), so even a layer changed behind the mount's back cannot lead it
+# out of the layer.
 CREDIT = 64
 COMM = "layerfs-ahead"
 MAX_STACK = 10_000
@@ -36,6 +41,47 @@ _HEAD = struct.Struct("<H")  # message length
 _ITEM = struct.Struct("<HH")  # layer number, path length
 _PIPE_BUF = 4096
 _OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SYS_OPENAT2 = 437  # the same number on every architecture (added after the tables merged)
+_RESOLVE = 0x04 | 0x08  # RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc: ctypes.CDLL | None = None
+_have_openat2 = True
+
+
+def open_beneath(root: int, path: bytes) -> int:
+    """An fd of directory `path` inside the directory open as `root`, following no symlink
+    on the way (OSError otherwise)."""
+    global _libc, _have_openat2
+    if not path:
+        return os.open(".", _OPEN, dir_fd=root)
+    if _have_openat2:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        how = _OpenHow(_OPEN, 0, _RESOLVE)
+        fd = _libc.syscall(_SYS_OPENAT2, root, path, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err), path)
+        _have_openat2 = False
+    fd = os.open(".", _OPEN, dir_fd=root)
+    try:
+        for part in path.split(b"/"):
+            if part in (b"", b".", b".."):
+                raise OSError(errno.EINVAL, "not a plain path beneath the layer", path)
+            nfd = os.open(part, _OPEN, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def encode(sources: Sequence[tuple[int, bytes]]) -> bytes | None:
@@ -99,7 +145,7 @@ class Walker:
         self.credit -= 1
         li, path = src
         try:
-            fd = os.open(path or b".", _OPEN, dir_fd=self.roots[li])
+            fd = open_beneath(self.roots[li], path)
         except OSError:
             return
         self.read += 1
