@@ -49,21 +49,19 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_libc: ctypes.CDLL | None = None
-_have_openat2 = True
+_syscall = ctypes.CDLL(None, use_errno=True).syscall
+_have_openat2 = True  # until the kernel says ENOSYS
 
 
 def open_beneath(root: int, path: bytes) -> int:
     """An fd of directory `path` inside the directory open as `root`, following no symlink
     on the way (OSError otherwise)."""
-    global _libc, _have_openat2
+    global _have_openat2
     if not path:
         return os.open(".", _OPEN, dir_fd=root)
     if _have_openat2:
-        if _libc is None:
-            _libc = ctypes.CDLL(None, use_errno=True)
         how = _OpenHow(_OPEN, 0, _RESOLVE)
-        fd = _libc.syscall(_SYS_OPENAT2, root, path, ctypes.byref(how), ctypes.sizeof(how))
+        fd = _syscall(_SYS_OPENAT2, root, path, ctypes.byref(how), ctypes.sizeof(how))
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()
