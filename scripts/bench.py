@@ -49,7 +49,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("kernel", "fuse-overlayfs", "layerfs")
-FIXTURE_VERSION = 1
+FIXTURE_VERSION = 2
 MiB = 1 << 20
 PAGE = os.sysconf("SC_PAGESIZE")
 CHUNK = 1 << 20  # read/write unit for bulk I/O (what `dd bs=1M` would use)
@@ -318,7 +318,19 @@ def image_layers(p: Params) -> list[list[tuple[tarfile.TarInfo, bytes | None]]]:
         elif j % 20 == 7:
             changes.append(_tar_member(f"{dname}/.wh.f{j}", b""))
     new: list[tuple[tarfile.TarInfo, bytes | None]] = [_tar_member("opt/", kind=tarfile.DIRTYPE)]
-    n2 = max(10, p.img_files - n0 - len(changes))
+    # The third layer tops the merged tree up to `img_files` files (non-directories): what
+    # the first two leave visible, counted by applying the second's whiteouts to the first.
+    visible = {i.name for i, _ in base if i.type != tarfile.DIRTYPE}
+    for info, _ in changes:
+        parent, _sep, name = info.name.rpartition("/")
+        if name == ".wh..wh..opq":
+            visible = {v for v in visible if not v.startswith(parent + "/")}
+        elif name.startswith(".wh."):
+            visible.discard(f"{parent}/{name[4:]}")
+    for info, _ in changes:
+        if not info.name.rpartition("/")[2].startswith(".wh."):
+            visible.add(info.name)
+    n2 = max(10, p.img_files - len(visible))
     for j in range(n2):
         dname = f"opt/m{j // per_dir}"
         if j % per_dir == 0:

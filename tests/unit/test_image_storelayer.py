@@ -213,3 +213,64 @@ def test_inode_numbers_survive_hash_collisions(
     assert sorted(first) == list(range(1, 8)), "distinct numbers while there are free ones"
     assert [view.ino(0, n) for n in reversed(names)] == first[::-1], "stable when asked again"
     assert view.ino(1, names[0]) == view.ino(1, names[0]), "per layer"
+
+
+def _walk(fs: UnionFS) -> dict[bytes, tuple[int, int, int, bytes]]:
+    """Every merged path: (mode, size, host inode, first bytes read); readdir then a lookup
+    of each listed name, as the kernel does."""
+    out: dict[bytes, tuple[int, int, int, bytes]] = {}
+    todo = [(ROOT_INO, b"")]
+    while todo:
+        ino, path = todo.pop()
+        fh = fs.opendir(ino)
+        names = [n for n, _, _ in fs.readdir_iter(fh, 0)]
+        fs.releasedir(fh)
+        for name in names:
+            a = fs.lookup(ino, name)
+            data = b""
+            if stat.S_ISREG(a.st.mode):
+                fh2, _ = fs.open(a.ino, os.O_RDONLY)
+                data = os.pread(fs.read_fd(fh2), 64, 0)
+                fs.release(fh2)
+            out[path + b"/" + name] = (a.st.mode, a.st.size, a.st.host_ino, data)
+            if stat.S_ISDIR(a.st.mode):
+                todo.append((a.ino, path + b"/" + name))
+    return out
+
+
+def test_caches_stay_bounded_and_evicting_changes_no_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 30 directories of 20 names in two layers (the upper one replacing, deleting and adding
+    # names), walked once with the caches' usual bounds and once with tiny ones.
+    low, up = [d(".")], []
+    for i in range(30):
+        low += [d(f"d{i}"), *(f(f"d{i}/n{j}", b"low %d %d\n" % (i, j)) for j in range(20))]
+        up += [f(f"d{i}/n0", b"up %d\n" % i), wh(f"d{i}/n1"), f(f"d{i}/new", b"new\n")]
+    write_oci(tmp_path / "img", Img([layer_tar(low), layer_tar(up)], ref="v1"))
+    with Store(tmp_path / "store") as store:
+        import_source(store, source_images(f"oci:{tmp_path / 'img'}:v1"), ["t:v1"])
+        ids = [layer.id for layer in reversed(store.image_layers("t:v1"))]
+        roomy = StoreView.prepare(store, ids)
+        tight = StoreView.prepare(store, ids)
+    try:
+        want = _walk(UnionFS(roomy.layers, None))
+        assert len(want) == 30 * 21 and want[b"/d3/n0"][3] == b"up 3\n"
+        assert b"/d3/n1" not in want and want[b"/d3/n2"][3] == b"low 3 2\n"
+        bounds = {"LOOKUP_CACHE": 8, "CONVERTED_CACHE": 8, "LISTING_CACHE": 4, "LISTED_NAMES": 30}
+        for name, value in bounds.items():
+            monkeypatch.setattr(f"unionfs.core.storelayer.{name}", value)
+        fs = UnionFS(tight.layers, None)
+        fs.lower_index.size = 3
+        assert _walk(fs) == want
+        # Names looked up one by one, outside any listing, in every directory.
+        for i in range(30):
+            a = fs.lookup(fs.lookup(ROOT_INO, b"d%d" % i).ino, b"n5")
+            assert (a.st.mode, a.st.size, a.st.host_ino) == want[b"/d%d/n5" % i][:3]
+        assert len(tight._lookups) <= 8 and len(tight._converted) <= 8
+        assert len(tight._listings) <= 4
+        assert tight._listed_names <= 30 + 2 * 21 and len(tight._listed) <= 2
+        assert len(fs.lower_index._dirs) <= 3
+    finally:
+        roomy.close()
+        tight.close()

@@ -202,17 +202,17 @@ class UnionFS:
         for p, n in node.aliases:
             if p is parent and n == name:
                 return
-        node.aliases.append((parent, name))
+        node.aliases = (*node.aliases, (parent, name))
 
     def _remove_name(self, node: Node, parent: Node, name: bytes) -> None:
         """`parent/name` no longer names `node`."""
         if node.is_dir:
             node.unlinked = True
             return
-        node.aliases = [(p, n) for p, n in node.aliases if not (p is parent and n == name)]
+        node.aliases = tuple((p, n) for p, n in node.aliases if not (p is parent and n == name))
         if node.parent is parent and node.name == name:
             while node.aliases:
-                p, n = node.aliases.pop()
+                (p, n), node.aliases = node.aliases[-1], node.aliases[:-1]
                 if self._alias_valid(node, p, n):
                     node.parent, node.name = p, n
                     return
@@ -445,7 +445,7 @@ class UnionFS:
         )
         node.upper = True
         if not node.is_dir:
-            node.aliases = []
+            node.aliases = ()
             if entry.st.nlink > 1:
                 self._link_up_aliases(node, src, src_path, entry.st.host_ino)
 
@@ -866,7 +866,7 @@ class UnionFS:
         if node.parent is p1 and node.name == n1:
             node.parent, node.name = p2, n2
         else:
-            node.aliases = [(p, n) for p, n in node.aliases if not (p is p1 and n == n1)]
+            node.aliases = tuple((p, n) for p, n in node.aliases if not (p is p1 and n == n1))
             self._add_alias(node, p2, n2)
 
     def _exchange(self, p1: Node, n1: bytes, a: Node, p2: Node, n2: bytes, b: Node) -> None:
