@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from unionfs.core import upper as upper_mod
 from unionfs.core.errors import FsError
 from unionfs.core.fs import UnionFS
 from unionfs.core.layers import DirLayer
@@ -155,6 +156,95 @@ def test_unlink_whiteouts_only_where_a_lower_has_the_name(stack: Stack) -> None:
         assert (stack.upper / ".wh.low").exists()
     assert names(fs, b"") == []
     assert errno_of(fs.lookup, ROOT_INO, b"low") == errno.ENOENT
+
+
+def _whiteout_inodes(stack: Stack, names: list[str]) -> list[int]:
+    """The host inode of each name's whiteout in the upper root (checked to be one)."""
+    out = []
+    for n in names:
+        if ROOT:
+            st = os.lstat(stack.upper / n)
+            assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, n
+        else:
+            st = os.lstat(stack.upper / f".wh.{n}")
+            assert stat.S_ISREG(st.st_mode) and st.st_size == 0, n
+        out.append(st.st_ino)
+    return out
+
+
+def _lower_files(stack: Stack, n: int) -> list[str]:
+    names = [f"f{i}" for i in range(n)]
+    for name in names:
+        (stack.lowers[1] / name).write_bytes(b"x")
+    return names
+
+
+def test_whiteouts_are_links_of_one_whiteout_as_the_kernel_makes_them(stack: Stack) -> None:
+    names = _lower_files(stack, 5)
+    (stack.lowers[1] / "d").mkdir()
+    (stack.lowers[0] / "g").write_bytes(b"g")
+    fs = stack.mount()
+    for name in names:
+        fs.unlink(ROOT_INO, name.encode())
+    fs.rmdir(ROOT_INO, b"d")
+    fs.rename(ROOT_INO, b"g", ROOT_INO, b"h", 0)  # leaves a whiteout at g
+    inos = _whiteout_inodes(stack, [*names, "d", "g"])
+    assert len(set(inos)) == 1
+    assert names_of(fs) == ["h"]
+    work = stack.work / "work"
+    assert [os.lstat(work / n).st_ino for n in os.listdir(work)] == inos[:1]
+    stack.unmount()
+    assert os.listdir(work) == []  # the shared one goes with the mount; the whiteouts stay
+    assert len(set(_whiteout_inodes(stack, [*names, "d", "g"]))) == 1
+    fs = stack.mount()
+    assert names_of(fs) == ["h"]
+    fs.mknod(ROOT_INO, b"f0", stat.S_IFIFO | 0o644, 0, 0, 0)  # over a linked whiteout
+    assert stat.S_ISFIFO(os.lstat(stack.upper / "f0").st_mode)
+    assert names_of(fs) == ["f0", "h"]
+
+
+def test_a_shared_whiteout_is_replaced_when_full_or_gone(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(upper_mod, "WHITEOUT_LINKS", 2)
+    names = _lower_files(stack, 7)
+    fs = stack.mount()
+    for name in names[:5]:
+        fs.unlink(ROOT_INO, name.encode())
+    inos = _whiteout_inodes(stack, names[:5])
+    assert [inos.index(i) for i in inos] == [0, 0, 2, 2, 4]  # two links each
+    work = stack.work / "work"
+    assert len(os.listdir(work)) == 1  # a full one leaves the work directory
+    for n in os.listdir(work):
+        os.unlink(work / n)  # removed behind the mount's back
+    fs.unlink(ROOT_INO, names[5].encode())
+    fs.unlink(ROOT_INO, names[6].encode())
+    inos = _whiteout_inodes(stack, names)
+    assert inos[5] == inos[6] and inos[5] not in inos[:5]
+    assert names_of(fs) == []
+
+
+def test_whiteouts_made_one_by_one_where_links_fail(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried: list[object] = []
+
+    def no_link(*args: object, **kw: object) -> None:
+        tried.append(args)
+        raise OSError(errno.EPERM, "no hard links here")
+
+    monkeypatch.setattr(os, "link", no_link)
+    names = _lower_files(stack, 3)
+    fs = stack.mount()
+    for name in names:
+        fs.unlink(ROOT_INO, name.encode())
+    assert len(tried) == 1  # not tried again on this mount
+    assert len(set(_whiteout_inodes(stack, names))) == 3
+    assert names_of(fs) == []
+
+
+def names_of(fs: UnionFS) -> list[str]:
+    return [n.decode() for n in names(fs, b"")]
 
 
 def test_mkdir_over_removed_lower_dir_is_opaque(stack: Stack) -> None:

@@ -1168,3 +1168,5 @@ class UnionFS:
     def close(self) -> None:
         self.stop_prefetch()
         self.handles.close_all()
+        if self.upper is not None:
+            self.upper.drop_shared_whiteout()

@@ -34,6 +34,11 @@ _fallocate.restype = ctypes.c_int
 
 WORK_SUBDIR = b"work"
 TMP_PREFIX = b"#layerfs-"
+# Whiteouts are hard links of one whiteout kept in the work directory, as the kernel makes
+# them (since 5.8): creating an inode costs ~40x a link on this VM's ext4 (615 against 14 us;
+# unlinking 5,000 lower files took 4.9 s, the kernel 0.13 s). A new one is made after this
+# many links (ext4 allows 65,000 per inode) or when a link gets EMLINK.
+WHITEOUT_LINKS = 60_000
 
 
 def renameat2(sfd: int, sname: bytes, dfd: int, dname: bytes, flags: int = 0) -> None:
@@ -69,8 +74,14 @@ class UpperLayer(DirLayer):
         self.work_fd = os.open(WORK_SUBDIR, _DIR_FLAGS, dir_fd=self.work_root)
         self._tmp = itertools.count()
         self._clean_work()
+        # The shared whiteout's name in the work directory (None until the first whiteout),
+        # how many links it has been given, and False once linking proved impossible here.
+        self._shared_wh: bytes | None = None
+        self._shared_links = 0
+        self._link_whiteouts = True
 
     def close(self) -> None:
+        self.drop_shared_whiteout()
         super().close()
         for fd in (self.work_fd, self.work_root):
             os.close(fd)
@@ -127,16 +138,71 @@ class UpperLayer(DirLayer):
     def whiteout(self, dir_path: bytes, name: bytes) -> None:
         """Create a whiteout for `name` (the name must be free in the upper directory)."""
         dfd = self.dirfd(dir_path)
+        wname = name if self.native else WH_PREFIX + name
         try:
-            if self.native:
-                os.mknod(name, 0o020000, os.makedev(0, 0), dir_fd=dfd)
-            else:
-                fd = os.open(
-                    WH_PREFIX + name, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd
-                )
-                os.close(fd)
+            if self._link_whiteouts and self._link_whiteout(dfd, wname):
+                return
+            self._new_whiteout(dfd, wname)
         except OSError as exc:
             raise FsError.from_os(exc) from exc
+
+    def _new_whiteout(self, dfd: int, wname: bytes) -> None:
+        if self.native:
+            os.mknod(wname, 0o020000, os.makedev(0, 0), dir_fd=dfd)
+        else:  # (an existing `.wh.` file is already that whiteout)
+            os.close(os.open(wname, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd))
+
+    def _link_whiteout(self, dfd: int, wname: bytes) -> bool:
+        """Link the shared whiteout as `wname` in `dfd`. False: make this one anew (and,
+        where hard links cannot be made, every later one). Errors that making a whiteout
+        anew would get as well are raised."""
+        for _attempt in range(3):
+            if self._shared_wh is None or self._shared_links >= WHITEOUT_LINKS:
+                self._fresh_shared_whiteout()
+            assert self._shared_wh is not None
+            try:
+                os.link(
+                    self._shared_wh, wname, src_dir_fd=self.work_fd, dst_dir_fd=dfd,
+                    follow_symlinks=False,
+                )  # fmt: skip
+            except OSError as exc:
+                if exc.errno == errno.EMLINK:  # full: link a new one
+                    self._shared_links = WHITEOUT_LINKS
+                    continue
+                if exc.errno == errno.ENOENT and self._shared_gone():
+                    self._shared_wh = None  # removed behind our back: make another
+                    continue
+                if exc.errno == errno.EEXIST and not self.native:
+                    return False
+                if exc.errno in (errno.EPERM, errno.EXDEV, errno.EOPNOTSUPP):
+                    self._link_whiteouts = False  # no hard links on this filesystem
+                    return False
+                raise
+            self._shared_links += 1
+            return True
+        return False
+
+    def drop_shared_whiteout(self) -> None:
+        """Remove the shared whiteout's name from the work directory (the whiteouts linked
+        from it stay); the next whiteout makes a new one. Called on the way out."""
+        if self._shared_wh is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._shared_wh, dir_fd=self.work_fd)
+            self._shared_wh = None
+
+    def _fresh_shared_whiteout(self) -> None:
+        self.drop_shared_whiteout()
+        name = self.tmp_name()
+        self._new_whiteout(self.work_fd, name)
+        self._shared_wh, self._shared_links = name, 0
+
+    def _shared_gone(self) -> bool:
+        assert self._shared_wh is not None
+        try:
+            os.lstat(self._shared_wh, dir_fd=self.work_fd)
+            return False
+        except FileNotFoundError:
+            return True
 
     def clear_whiteout(self, dir_path: bytes, name: bytes) -> bool:
         """Remove a whiteout for `name` if there is one; True if one was removed."""
