@@ -67,6 +67,11 @@ class RegistryError(SourceError):
     """The registry refused or failed a request, or sent something that does not verify."""
 
 
+class RegistryUnreachable(RegistryError):
+    """A request could not be sent or answered (connection refused, reset, timed out): worth
+    retrying, unlike a refusal."""
+
+
 # ---- references ----------------------------------------------------------------------------
 
 
@@ -240,6 +245,7 @@ class RegistryClient:
         self.authorization: str | None = None
         self.actions = "pull"  # scope asked for when a bearer challenge names none ("": none)
         self._tried: set[str] = set()  # challenges already answered
+        self._worked: set[str] = set()  # authorizations the registry accepted at least once
         self._auth_lock = threading.Lock()
         self.http = httpx.Client(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
@@ -281,18 +287,24 @@ class RegistryClient:
                 )
                 resp = self.http.send(req, stream=stream)
             except httpx.HTTPError as exc:
-                raise RegistryError(
+                raise RegistryUnreachable(
                     f"{self.ref.api_host}: cannot {method} {path}: {_describe(exc)}"
                 ) from None
             challenge = resp.headers.get("WWW-Authenticate", "")
             if resp.status_code != 401 or not challenge:
+                if sent and resp.status_code < 400:
+                    self._worked.add(sent)
                 return resp
             with self._auth_lock:  # downloads run in threads: one of them answers
                 if self.authorization != sent:
                     resp.close()
                     continue  # another thread authenticated meanwhile: retry with that
-                if challenge in self._tried:
+                if challenge in self._tried and not (sent and sent in self._worked):
                     return resp
+                # A token that worked and is refused now has expired (a lazy mount outlives
+                # it): ask for a new one, once per token.
+                if sent:
+                    self._worked.discard(sent)
                 resp.close()
                 self._tried.add(challenge)
                 self._authenticate(challenge)
