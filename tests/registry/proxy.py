@@ -27,6 +27,9 @@ class ProxyState:
     # blob bodies over `cut_after`... wait here until this many are requested at once
     barrier: threading.Barrier | None = None
     log: list[str] = field(default_factory=list)  # "METHOD path [range]" per request
+    token: str = TOKEN  # the one token accepted (a test changes it to expire the old one)
+    tokens_issued: int = 0
+    blob_bytes: int = 0  # bytes of blob bodies sent
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -46,9 +49,12 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path == "/token":
             q = parse_qs(url.query)
             ok = q.get("service") == [SERVICE] and bool(q.get("scope"))
-            self._send(200 if ok else 400, json.dumps({"token": TOKEN}).encode())
+            with st.lock:
+                st.tokens_issued += 1
+                token = st.token
+            self._send(200 if ok else 400, json.dumps({"token": token}).encode())
             return
-        if st.token_auth and self.headers.get("Authorization") != f"Bearer {TOKEN}":
+        if st.token_auth and self.headers.get("Authorization") != f"Bearer {st.token}":
             repo = url.path.removeprefix("/v2/").rsplit("/", 2)[0]
             host, port = self.server.server_address[:2]
             challenge = (
@@ -85,7 +91,11 @@ class _Handler(BaseHTTPRequestHandler):
             if cut is not None:
                 self.send_header("Connection", "close")
             self.end_headers()
-            self.wfile.write(body if cut is None else body[:cut])
+            sent = body if cut is None else body[:cut]
+            if "/blobs/" in url.path:
+                with st.lock:
+                    st.blob_bytes += len(sent)
+            self.wfile.write(sent)
             if cut is not None:
                 self.close_connection = True  # fewer bytes than Content-Length said
         finally:
