@@ -11,9 +11,13 @@ once it matches. containers/storage spelled the keys `io.containers.zstd-chunked
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import zstandard
@@ -148,3 +152,50 @@ def footer(toc_offset: int, toc_length: int, toc_ulen: int) -> bytes:
     """The 64-byte footer frame of current containers/storage (no tar-split written)."""
     fields = (toc_offset, toc_length, toc_ulen, MANIFEST_TYPE_CRFS, 0, 0, 0)
     return skippable(b"".join(x.to_bytes(8, "little") for x in fields) + FOOTER_MAGIC)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitRecord:
+    """One tar-split record: raw tar bytes (`data`, kind SEGMENT) or a file's data
+    (`name`, `size`; kind FILE; `data` is tar-split's CRC-64 of it, not verified here)."""
+
+    kind: int
+    name: bytes
+    size: int
+    data: bytes
+
+
+SPLIT_FILE = 1
+SPLIT_SEGMENT = 2
+
+
+def split_records(data: bytes, what: str = "tar-split") -> list[SplitRecord]:
+    """The records of a (verified, decompressed) tar-split: JSON lines in tar order, as
+    github.com/vbatts/tar-split writes them. LayerError on anything else."""
+    out: list[SplitRecord] = []
+    for n, line in enumerate(data.splitlines()):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            raise LayerError(f"{what}: line {n + 1} is not JSON") from None
+        if not isinstance(obj, dict):
+            raise LayerError(f"{what}: line {n + 1} is not an object")
+        kind, pos, size = obj.get("type"), obj.get("position"), obj.get("size", 0)
+        if kind not in (SPLIT_FILE, SPLIT_SEGMENT) or pos != len(out):
+            raise LayerError(f"{what}: line {n + 1}: bad type or position")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise LayerError(f"{what}: line {n + 1}: bad size")
+        try:
+            payload = base64.b64decode(obj.get("payload") or "", validate=True)
+            raw_name = obj.get("name_raw")
+            name = (
+                base64.b64decode(raw_name, validate=True)
+                if raw_name
+                else str(obj.get("name") or "").encode()
+            )
+        except (binascii.Error, ValueError, TypeError):
+            raise LayerError(f"{what}: line {n + 1}: bad base64") from None
+        out.append(SplitRecord(kind, name, size, payload))
+    return out

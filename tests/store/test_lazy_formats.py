@@ -8,6 +8,7 @@ tars: Python's tarfile and `umoci unpack` read them to the tree of the source la
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import io
@@ -34,7 +35,7 @@ from layerstore.lazy.model import (
     format_time,
     parse_time,
 )
-from layerstore.lazy.write import Written, convert
+from layerstore.lazy.write import Written, convert, walk
 from layerstore.model import Entry, EntryKind
 from layerstore.ocibuild import M, d, f, hard, layer_tar, sym, wh
 from layerstore.store import Store
@@ -518,3 +519,80 @@ def test_fetcher_single_flight(tmp_path: Path) -> None:
             t.join(10)
         assert len(keys) == 8 and len(set(keys)) == 1
         assert opened == [c.offset] and fetcher.fetches == 1
+
+
+def _with_tar_split(
+    blob: bytes, w: Written, tar: bytes, corrupt: bool = False
+) -> tuple[bytes, dict[str, str]]:
+    """Our zstd:chunked blob given a tar-split (as current containers/storage writes one):
+    JSON lines of raw segments and file records, zstd-compressed in a skippable frame after
+    the TOC, its digest in the TOC, its place in an annotation."""
+    members, _ = walk(io.BytesIO(tar))
+    lines, cur = [], 0
+    for m in members:
+        if m.size:
+            seg = tar[cur : m.data]
+            lines.append(
+                {"type": 2, "payload": base64.b64encode(seg).decode(), "position": len(lines)}
+            )
+            lines.append(
+                {
+                    "type": 1,
+                    "name": m.info.name,
+                    "size": m.size,
+                    "payload": "",
+                    "position": len(lines),
+                }
+            )
+            cur = m.data + m.size
+    lines.append(
+        {"type": 2, "payload": base64.b64encode(tar[cur:]).decode(), "position": len(lines)}
+    )
+    split = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+    packed_split = zstandard.ZstdCompressor().compress(split)
+    pos = w.annotations[zstdchunked.PREFIXES[0] + zstdchunked.POSITION]
+    off, length, ulen, _ = (int(x) for x in pos.split(":"))
+    toc = json.loads(
+        zstandard.ZstdDecompressor().decompress(blob[off : off + length], max_output_size=ulen)
+    )
+    toc["tarSplitDigest"] = "sha256:" + hashlib.sha256(packed_split).hexdigest()
+    if corrupt:
+        packed_split = zstandard.ZstdCompressor(level=1).compress(split + b"\n")
+    plain = json.dumps(toc).encode()
+    packed = zstandard.ZstdCompressor().compress(plain)
+    out = bytearray(blob[: off - 8])
+    toc_off = len(out) + 8
+    out += zstdchunked.skippable(packed)
+    split_off = len(out) + 8
+    out += zstdchunked.skippable(packed_split)
+    out += zstdchunked.footer(toc_off, len(packed), len(plain))
+    p = zstdchunked.PREFIXES[0]
+    ann = {
+        p + zstdchunked.POSITION: f"{toc_off}:{len(packed)}:{len(plain)}:1",
+        p + zstdchunked.CHECKSUM: "sha256:" + hashlib.sha256(packed).hexdigest(),
+        p + zstdchunked.TARSPLIT: f"{split_off}:{len(packed_split)}:{len(split)}",
+    }
+    return bytes(out), ann
+
+
+def test_zstd_chunked_tar_split_is_verified_and_rebuilds_the_tar(tmp_path: Path) -> None:
+    tar, blob, w = written(tmp_path, ZSTD_CHUNKED)
+    data, ann = _with_tar_split(blob.read_bytes(), w, tar)
+    (tmp_path / "ts").write_bytes(data)
+    read = FileSource(tmp_path / "ts").read_at
+    lazy = zstdchunked.read_toc(ann, "sha256:" + "3" * 64, len(data), read)
+    assert lazy.tar_split is not None
+    files = files_of(tar)
+    rebuilt = b"".join(
+        r.data if r.kind == zstdchunked.SPLIT_SEGMENT else files[b"/" + r.name.rstrip(b"/")]
+        for r in zstdchunked.split_records(lazy.tar_split)
+    )
+    assert rebuilt == tar
+    # The blob stays an ordinary zstd tar (skippable frames are skipped).
+    assert decompressed(data, ZSTD_CHUNKED) == tar
+    bad, ann = _with_tar_split(blob.read_bytes(), w, tar, corrupt=True)
+    (tmp_path / "bad").write_bytes(bad)
+    with pytest.raises(LayerError, match="tar-split digest does not match"):
+        zstdchunked.read_toc(ann, w.digest, len(bad), FileSource(tmp_path / "bad").read_at)
+    with pytest.raises(LayerError, match="bad type or position"):
+        zstdchunked.split_records(b'{"type": 2, "payload": "", "position": 5}\n')
