@@ -33,8 +33,9 @@ from . import override
 from .blobwriter import TO_OCI, BlobWriter
 from .errors import StoreError
 from .model import Entry, EntryKind
+from .reference import local_name
 from .sources import OCI_MANIFEST, LayerRef, SourceImage, sha256_digest
-from .store import Store, with_tag
+from .store import Store
 
 WH = b".wh."
 OPQ = b".wh..wh..opq"
@@ -568,9 +569,7 @@ def commit_upper(
 ) -> CommitResult:
     """Write the upper's changes as a new layer over `image_ref` and import the image
     `new_name` (tag `latest` if none) through the store's verified import path."""
-    name = with_tag(new_name)
-    if "@" in name:
-        raise StoreError(f"invalid image name {new_name!r}")
+    name = local_name(new_name)
     upper_b = os.fsencode(str(upper))
     if not os.path.isdir(upper_b):
         raise StoreError(f"upper directory {upper}: not a directory")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -57,6 +58,11 @@ class MountRecord:
     work: str | None
     readonly: bool
     ref: str = ""  # the image as the user named it (beyond the contract; for `ps`)
+    # The DiffIDs the mount reads: gc keeps them while the mount's process lives, even when
+    # its image is removed (a mount registers instead of holding the store's lock).
+    layers: tuple[str, ...] = ()
+    started: int = 0  # the process's start time (/proc/PID/stat): a reused pid is not it
+    rm: bool = False  # `mount --rm`: its container is removed when the mount ends
 
 
 def check_name(name: str) -> None:
@@ -176,6 +182,9 @@ def _parse(data: dict[str, Any]) -> MountRecord:
         work=data.get("work"),
         readonly=bool(data.get("readonly", False)),
         ref=str(data.get("ref", "")),
+        layers=tuple(str(x) for x in data.get("layers") or ()),
+        started=int(data.get("started", 0)),
+        rm=bool(data.get("rm", False)),
     )
 
 
@@ -208,6 +217,47 @@ def all_records(store_root: Path) -> Iterator[MountRecord]:
             yield _parse(json.loads(p.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             continue
+
+
+@contextlib.contextmanager
+def pin_lock(store_root: Path) -> Iterator[None]:
+    """A short critical section between registering a mount (or removing an image) and gc's
+    choice of what to delete: neither can slip between the other's read and write."""
+    with open(Path(store_root) / "mounts.lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def proc_start(pid: int) -> int:
+    """The start time of process `pid` (clock ticks since boot), 0 if there is none."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def record_live(rec: MountRecord) -> bool:
+    """Whether the process that registered `rec` still runs (a daemon that died, or a pid
+    reused by another process, pins nothing)."""
+    return pid_alive(rec.pid) and (not rec.started or proc_start(rec.pid) == rec.started)
+
+
+def live_records(store_root: Path) -> list[MountRecord]:
+    return [r for r in all_records(store_root) if record_live(r)]
+
+
+def mount_status(rec: MountRecord) -> str:
+    """running (daemon and mount), starting (daemon, no mount yet or any more), dead (mount
+    left by a daemon that died: `umount` cleans it), gone (neither)."""
+    alive = record_live(rec)
+    mounted = is_mount_point(rec.mountpoint)
+    if alive:
+        return "running" if mounted else "starting"
+    return "dead" if mounted else "gone"
 
 
 def pid_alive(pid: int) -> bool:
@@ -259,9 +309,9 @@ def is_mount_point(path: str | os.PathLike[str]) -> bool:
 
 
 def find_mounted(store_root: Path, name: str) -> MountRecord | None:
-    """The live mount of container `name`, if any."""
+    """The live mount of container `name` (also one still starting), if any."""
     for rec in all_records(store_root):
-        if rec.name == name and pid_alive(rec.pid) and is_mount_point(rec.mountpoint):
+        if rec.name == name and record_live(rec):
             return rec
     return None
 

@@ -11,8 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import add_store_verb
+from .cli import (
+    IMAGE_HELP,
+    UsageError,
+    add_output_options,
+    add_store_verb,
+    add_timeout,
+    emit,
+    template,
+)
 from .errors import StoreError
+from .reference import local_name
 from .store import Store
 
 
@@ -62,12 +71,28 @@ def cmd_diff(args: argparse.Namespace, store: Store) -> int:
 
     if args.upper is None and args.target is not None and args.image is not None:
         raise StoreError("--image goes with --upper")
+    t = template(args)
     upper, image = _upper_and_image(args, store)
-    out = sys.stdout.buffer
+    if t is None and not args.json:
+        # Names are bytes: written as they are (-z: NUL-terminated, for names with newlines).
+        end = b"\0" if args.zero else b"\n"
+        out = sys.stdout.buffer
+        for line in iter_diff(store, upper, image):
+            out.write(os.fsencode(line) + end)
+        out.flush()
+        return 0
+    records = []
     for line in iter_diff(store, upper, image):
-        out.write(os.fsencode(line) + b"\n")
-    out.flush()
+        kind, _, path = line.partition(" ")
+        records.append({"Kind": kind, "Path": path})
+    emit(args, records, lambda: None)
     return 0
+
+
+DIFF_FIELDS = {
+    "Kind": "A (added), C (changed) or D (deleted)",
+    "Path": "the path in the image (a name that is not UTF-8 keeps its bytes as \\udcXX)",
+}
 
 
 def cmd_commit(args: argparse.Namespace, store: Store) -> int:
@@ -79,7 +104,8 @@ def cmd_commit(args: argparse.Namespace, store: Store) -> int:
             raise StoreError("give either NAME|MOUNTPOINT or --upper DIR --image IMAGE")
         args.newname, args.target = args.target, None
     if args.newname is None:
-        raise StoreError("missing NEWNAME[:TAG]")
+        raise UsageError("commit: missing NEWNAME[:TAG]")
+    local_name(args.newname)  # a bad name fails before the upper is read
     upper, image = _upper_and_image(args, store)
     res = commit_upper(
         store,
@@ -118,25 +144,57 @@ def cmd_export(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
+TARGET_HELP = "a container name (see `layerfs ps -a`) or the mount point of an image mount"
+
+
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register diff, commit and export on the `layerfs` parser."""
     verb = functools.partial(add_store_verb, sub)
 
-    p = verb("diff", cmd_diff, "list what an upper changed: A added, C changed, D deleted")
-    p.add_argument("target", nargs="?", metavar="NAME|MOUNTPOINT")
+    p = verb(
+        "diff",
+        cmd_diff,
+        "list what an upper changed: A added, C changed, D deleted",
+        access="read",
+        examples="  layerfs diff mybox\n  layerfs diff -z /mnt/app | xargs -0 -n1 echo",
+    )
+    p.add_argument("target", nargs="?", metavar="NAME|MOUNTPOINT", help=TARGET_HELP)
     p.add_argument("--upper", metavar="DIR", help="a plain upper directory (with --image)")
     p.add_argument("--image", metavar="IMAGE", help="the image the upper was made over")
+    p.add_argument(
+        "-z", dest="zero", action="store_true", help="end each line with NUL, not newline"
+    )
+    add_output_options(p, DIFF_FIELDS)
 
-    p = verb("commit", cmd_commit, "commit an upper's changes as a new layer and image")
-    p.add_argument("target", nargs="?", metavar="NAME|MOUNTPOINT")
-    p.add_argument("newname", nargs="?", metavar="NEWNAME[:TAG]")
+    p = verb(
+        "commit",
+        cmd_commit,
+        "commit an upper's changes as a new layer and image",
+        examples="  layerfs commit mybox app:2 -m 'add config'\n"
+        "  layerfs commit --upper ./upper --image alpine:3.20 app:2",
+    )
+    p.add_argument("target", nargs="?", metavar="NAME|MOUNTPOINT", help=TARGET_HELP)
+    p.add_argument(
+        "newname", nargs="?", metavar="NEWNAME[:TAG]", help="name of the new image (tag latest)"
+    )
     p.add_argument("--upper", metavar="DIR", help="a plain upper directory (with --image)")
     p.add_argument("--image", metavar="IMAGE", help="the image the upper was made over")
     p.add_argument("-m", "--message", metavar="MSG", help="history comment")
     p.add_argument("--zstd", action="store_true", help="compress the layer with zstd (not gzip)")
     p.add_argument("--allow-empty", action="store_true", help="commit even with no changes")
+    add_timeout(p)
 
-    p = verb("export", cmd_export, "write an image as oci:DIR[:TAG], oci-archive:FILE[:TAG] or "
-             "docker-archive:FILE[:NAME:TAG]")  # fmt: skip
-    p.add_argument("image")
-    p.add_argument("dest")
+    p = verb(
+        "export",
+        cmd_export,
+        "write an image out as an OCI layout or archive, or a docker-save archive",
+        access="read",
+        examples="  layerfs export app:1 oci:./layout:1\n"
+        "  layerfs export app:1 docker-archive:app.tar:app:1",
+    )
+    p.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    p.add_argument(
+        "dest",
+        metavar="DEST",
+        help="oci:DIR[:TAG], oci-archive:FILE[:TAG] or docker-archive:FILE[:NAME:TAG]",
+    )

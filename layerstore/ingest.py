@@ -757,10 +757,13 @@ def import_source(
     tags: list[str],
     progress: Progress | None = None,
 ) -> ImportResult:
+    from .reference import local_name
+
     if tags and len(images) != 1:
         raise StoreError(
             f"--tag needs exactly one image, the source has {len(images)}: name one with :REF"
         )
+    tags = [local_name(t) for t in tags]
     try:
         return Importer(store, progress).run(images, tags)
     except sqlite3.Error as exc:

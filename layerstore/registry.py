@@ -27,6 +27,17 @@ from typing import IO, Any
 import httpx
 
 from .errors import LayerError, SourceError
+from .reference import (  # noqa: F401 - re-exported: the registry's API names them
+    _HOST_RE,
+    _REPO_RE,
+    _TAG_RE,
+    DOCKER_HUB,
+    DOCKER_HUB_API,
+    DOCKER_HUB_KEYS,
+    Reference,
+    is_local,
+    parse_reference,
+)
 from .sources import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -42,25 +53,11 @@ from .sources import (
     sha256_digest,
 )
 
-DOCKER_HUB = "docker.io"
-DOCKER_HUB_API = "registry-1.docker.io"
-DOCKER_HUB_KEYS = {
-    "docker.io",
-    "index.docker.io",
-    "registry-1.docker.io",
-    "registry.hub.docker.com",
-}
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 ACCEPT = ", ".join([OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST])
 RETRIES = 3  # re-requests (with Range) of a blob whose connection broke mid-stream
 CHUNK = 1 << 20
-
-_REPO_RE = re.compile(
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
-)
-_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_HOST_RE = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?")
 
 
 class RegistryError(SourceError):
@@ -70,80 +67,6 @@ class RegistryError(SourceError):
 class RegistryUnreachable(RegistryError):
     """A request could not be sent or answered (connection refused, reset, timed out): worth
     retrying, unlike a refusal."""
-
-
-# ---- references ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Reference:
-    """`[host[:port]/]repo[:tag|@sha256:digest]` with docker's defaults filled in."""
-
-    host: str  # as written (docker.io for Docker Hub)
-    repo: str  # library/ added for a one-component Docker Hub name
-    tag: str | None  # None when pulled by digest only
-    digest: str | None
-
-    @property
-    def api_host(self) -> str:
-        return DOCKER_HUB_API if self.host == DOCKER_HUB else self.host
-
-    @property
-    def name(self) -> str:
-        """The repository as docker shows it (docker.io/ and library/ dropped)."""
-        if self.host == DOCKER_HUB:
-            return self.repo.removeprefix("library/")
-        return f"{self.host}/{self.repo}"
-
-    @property
-    def reference(self) -> str:
-        """What goes into /v2/<repo>/manifests/<reference>."""
-        return self.digest or self.tag or "latest"
-
-    def __str__(self) -> str:
-        tail = f"@{self.digest}" if self.digest else f":{self.tag}"
-        return f"{self.name}{tail}"
-
-
-def parse_reference(text: str) -> Reference:
-    """Parse an image reference; SourceError (one line) when it is malformed."""
-    rest = text
-    digest = None
-    if "@" in rest:
-        rest, _, digest = rest.partition("@")
-        _check_digest(digest, f"reference {text!r}")
-    first, sep, remainder = rest.partition("/")
-    if sep and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
-        host, path = first, remainder
-        if not _HOST_RE.fullmatch(host):
-            raise SourceError(f"invalid reference {text!r}: bad registry host {host!r}")
-    else:
-        host, path = DOCKER_HUB, rest
-    tag = None
-    last = path.rsplit("/", 1)[-1]
-    if ":" in last:
-        path, _, tag = path.rpartition(":")
-        if not _TAG_RE.fullmatch(tag):
-            raise SourceError(f"invalid reference {text!r}: bad tag {tag!r}")
-    if host in DOCKER_HUB_KEYS:
-        host = DOCKER_HUB
-        if "/" not in path:
-            path = "library/" + path
-    if not path or not _REPO_RE.fullmatch(path):
-        raise SourceError(
-            f"invalid reference {text!r}: repository must be lowercase [a-z0-9._-/] components"
-        )
-    if tag is None and digest is None:
-        tag = "latest"
-    return Reference(host, path, tag, digest)
-
-
-def is_local(host: str) -> bool:
-    """Hosts spoken to over plain HTTP by default (as docker does for a local registry)."""
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if host.startswith("[") and "]" in host:
-        name = host[: host.index("]") + 1]
-    return name in ("localhost", "127.0.0.1", "[::1]")
 
 
 # ---- credentials ---------------------------------------------------------------------------
@@ -618,13 +541,40 @@ def save_credentials(host: str, user: str, password: str, path: Path | None = No
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     auths["https://index.docker.io/v1/" if want == DOCKER_HUB else want] = {"auth": token}
     path.parent.mkdir(parents=True, exist_ok=True)
+    _write_auth(path, data)
+    return path
+
+
+def _write_auth(path: Path, data: dict[str, Any]) -> None:
+    """Replace the auth file atomically, mode 0600."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh, indent=2)
         fh.write("\n")
     os.replace(tmp, path)
-    return path
+
+
+def remove_credentials(host: str, path: Path | None = None) -> bool:
+    """Drop `host`'s entries from the auth file (other keys kept, atomically); False when it
+    had none."""
+    path = path or auth_file()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    data = _json(raw, str(path))
+    auths = data.get("auths")
+    if not isinstance(auths, dict):
+        return False
+    want = _auth_key(host)
+    keys = [k for k in auths if isinstance(k, str) and _auth_key(k) == want]
+    if not keys:
+        return False
+    for key in keys:
+        del auths[key]
+    _write_auth(path, data)
+    return True
 
 
 def check_login(client: RegistryClient) -> None:

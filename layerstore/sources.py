@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform as _platform
 import tarfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,16 +124,24 @@ class _Files:
             tf = tarfile.open(  # noqa: SIM115 - kept open for the source's lifetime
                 path, "r:*", encoding="utf-8", errors="surrogateescape"
             )
+        except tarfile.ReadError:
+            raise SourceError(
+                f"{path}: not a tar archive (nor a gzip, bzip2 or xz compressed one)"
+            ) from None
         except (OSError, tarfile.TarError) as exc:
             raise SourceError(f"{path}: not a readable tar archive: {exc}") from None
         self._tar = tf
-        for ti in tf:
-            try:
-                name = normalize(ti.name.encode("utf-8", "surrogateescape"))
-            except Exception:
-                continue
-            if ti.isreg() or ti.issym() or ti.islnk():
-                self._members[name] = ti
+        try:
+            for ti in tf:
+                try:
+                    name = normalize(ti.name.encode("utf-8", "surrogateescape"))
+                except Exception:
+                    continue
+                if ti.isreg() or ti.issym() or ti.islnk():
+                    self._members[name] = ti
+        except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+            tf.close()
+            raise SourceError(f"{path}: truncated or damaged archive: {exc}") from None
         tf.members = []  # type: ignore[attr-defined]  # stubs omit it; frees the headers
 
     def _inside(self, rel: str) -> Path:

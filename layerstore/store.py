@@ -12,7 +12,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,6 +57,45 @@ def default_store_dir() -> Path:
     return Path(xdg) / "layerfs"
 
 
+def describe_pid(pid: int) -> str:
+    """`pid 123 (layerfs import x.tar)`: a process as a user recognises it."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        argv = []
+    # `python -m unionfs ...` and `.venv/bin/layerfs ...` both read as `layerfs ...`
+    for i, a in enumerate(argv):
+        if (a == "unionfs" and i > 0 and argv[i - 1] == "-m") or a.endswith("/layerfs"):
+            argv = ["layerfs", *argv[i + 1 :]]
+            break
+    cmd = " ".join(argv)
+    if len(cmd) > 80:
+        cmd = cmd[:79] + "…"
+    return f"pid {pid} ({cmd})" if cmd else f"pid {pid}"
+
+
+def lock_holders(fd: int) -> str:
+    """Who holds a flock on the file open at `fd` (other than us), from /proc/locks:
+    `pid 12 (layerfs import …), pid 34 (…)`; "" when unknown."""
+    st = os.fstat(fd)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids: list[int] = []
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have "->"
+                if len(fields) < 6 or fields[1] == "->" or fields[1] != "FLOCK":
+                    continue
+                pid = int(fields[4]) if fields[4].isdigit() else 0
+                if fields[5] == want and pid not in (0, os.getpid()) and pid not in pids:
+                    pids.append(pid)
+    except OSError:
+        return ""
+    return ", ".join(describe_pid(p) for p in pids)
+
+
 def crashpoint(name: str) -> None:
     """Test hook: die by SIGKILL here when LAYERFS_TEST_CRASH names this point."""
     want = os.environ.get("LAYERFS_TEST_CRASH")
@@ -87,6 +126,15 @@ def with_tag(name: str) -> str:
     return name if has_tag(name) or "@" in name else name + ":latest"
 
 
+def _canonical(ref: str) -> str | None:
+    from .reference import local_name
+
+    try:
+        return local_name(ref)
+    except StoreError:
+        return None
+
+
 @dataclass
 class GcReport:
     layers: list[str]  # DiffIDs removed (or to be removed)
@@ -94,22 +142,46 @@ class GcReport:
     bytes: int
     orphans: int
     stale_tmp: int
+    kept: list[tuple[str, list[str]]] = field(default_factory=list)  # unused, but mounted
 
 
 class Store:
     """A layer store directory. One instance per process and thread (SQLite connection)."""
 
-    def __init__(self, root: Path | str, readonly: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path | str,
+        readonly: bool = False,
+        *,
+        missing_ok: bool = False,
+        recover: bool = True,
+        timeout: float | None = None,
+    ) -> None:
+        """Open (or, unless `readonly`, create) the store at `root`. `missing_ok` (with
+        `readonly`): a store that does not exist reads as an empty one and nothing is created.
+        `recover`: clean what a killed process left (gc and fsck do it themselves). `timeout`:
+        how long a lock may be waited for (None: as long as it takes)."""
         # Absolute: a mount daemon opens its store lazily after chdir("/").
         self.root = Path(os.path.abspath(root))
         self.readonly = readonly
+        self.timeout = timeout
         self.content_dir = self.root / "content"
         self.tmp_dir = self.root / "tmp"
         self.db_path = self.root / "index.db"
         self._content_prefix = f"{self.content_dir}/"
         self.tarsplit_dir = self.root / "tarsplit"
+        self._lockf: IO[bytes] | None = None
+        self._locked = 0
+        self.owner: tuple[int, int] | None = None
+        # True for the empty stand-in of a store that does not exist (nothing on disk).
+        self.missing = False
         if readonly and not self.db_path.exists():
-            raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
+            if not missing_ok:
+                raise StoreError(f"{self.root}: not a layerfs store (no index.db)")
+            self.missing = True
+            self.conn = sqlite3.connect(":memory:", isolation_level=None)
+            self.conn.executescript(schema_sql())
+            return
         if self.root.is_dir() and not os.access(self.root, os.W_OK):
             # Even reading needs it: SQLite makes the WAL index (-shm) next to the database.
             raise self._not_writable()
@@ -121,11 +193,8 @@ class Store:
                 self.tarsplit_dir.mkdir(exist_ok=True)
             except OSError as exc:
                 raise StoreError(f"cannot create store {self.root}: {exc.strerror}") from None
-        self._lockf: IO[bytes] | None = None
-        self._locked = 0
         # Root working in a user's store gives what it adds to the store's owner, who could
         # not otherwise remove it (gc) or replace it.
-        self.owner: tuple[int, int] | None = None
         if os.geteuid() == 0:
             st = os.stat(self.root)
             if st.st_uid != 0:
@@ -143,7 +212,7 @@ class Store:
             raise StoreError(f"{self.db_path}: cannot open the index: {exc}") from None
         if v != SCHEMA_VERSION:
             raise StoreError(f"{self.db_path}: index version {v}, expected {SCHEMA_VERSION}")
-        if not readonly:
+        if not readonly and recover:
             self.recover()
 
     def adopt(self, paths: Sequence[str | Path]) -> None:
@@ -182,8 +251,12 @@ class Store:
 
     @contextlib.contextmanager
     def shared(self) -> Iterator[None]:
-        """Held by an importer for its whole run: gc, fsck and recovery wait for it."""
-        fcntl.flock(self._lockfile(), fcntl.LOCK_SH)
+        """Held by an importer (pull, push, commit) for its whole run: gc, fsck and recovery
+        wait for it. Mounts do not hold it: they register in mounts/ instead."""
+        if self.missing:
+            yield
+            return
+        self._wait_lock(fcntl.LOCK_SH, "a running gc or fsck")
         try:
             yield
         finally:
@@ -191,20 +264,41 @@ class Store:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
-        """Held by gc and fsck: waits for running imports (and mounts holding shared())."""
-        try:
-            fcntl.flock(self._lockfile(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(
-                "layerfs: waiting for running imports or mounts of this store...",
-                file=sys.stderr,
-                flush=True,
-            )
-            fcntl.flock(self._lockfile(), fcntl.LOCK_EX)
+        """Held by gc and fsck: waits for running imports (never for mounts)."""
+        if self.missing:
+            yield
+            return
+        self._wait_lock(fcntl.LOCK_EX, "running imports")
         try:
             yield
         finally:
             fcntl.flock(self._lockfile(), fcntl.LOCK_UN)
+
+    def _wait_lock(self, mode: int, what: str) -> None:
+        """Take the store's lock; when it is busy say who holds it (pid and command line, from
+        /proc/locks) and wait, at most `self.timeout` seconds."""
+        f = self._lockfile()
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        holders = lock_holders(f.fileno()) or what
+        limit = "" if self.timeout is None else f" (at most {self.timeout:g}s, --timeout)"
+        print(f"layerfs: waiting for {holders}{limit}...", file=sys.stderr, flush=True)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(f, mode | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreError(
+                    f"gave up after {self.timeout:g}s waiting for "
+                    f"{lock_holders(f.fileno()) or what}"
+                )
+            time.sleep(0.05)
 
     @contextlib.contextmanager
     def commit_lock(self) -> Iterator[None]:
@@ -323,6 +417,11 @@ class Store:
         row = c.execute("SELECT image FROM tags WHERE name = ?", (with_tag(ref),)).fetchone()
         if row:
             return str(row[0])
+        canonical = _canonical(ref)
+        if canonical is not None:  # docker.io/library/x -> x:latest, as tag wrote it
+            row = c.execute("SELECT image FROM tags WHERE name = ?", (canonical,)).fetchone()
+            if row:
+                return str(row[0])
         hexpart = ref.removeprefix("sha256:")
         if len(hexpart) >= 4 and all(ch in "0123456789abcdef" for ch in hexpart):
             rows = c.execute(
@@ -493,10 +592,10 @@ class Store:
         return bytes(row[0]), bytes(row[1]), str(row[2])
 
     def tag(self, ref: str, name: str) -> str:
+        from .reference import local_name
+
+        name = local_name(name)
         image = self.resolve(ref)
-        name = with_tag(name)
-        if "@" in name:
-            raise StoreError(f"invalid tag {name!r}: digests are immutable")
         with self.commit_lock():
             self.conn.execute(
                 "INSERT OR REPLACE INTO tags (name, image) VALUES (?, ?)", (name, image)
@@ -509,7 +608,11 @@ class Store:
         image = self.resolve(ref)
         out: list[str] = []
         c = self.conn
-        with self.commit_lock():
+        # pin_lock: no mount of this image can register between the check and the delete.
+        with contextlib.ExitStack() as locks:
+            if not self.missing:
+                locks.enter_context(containers.pin_lock(self.root))
+            locks.enter_context(self.commit_lock())
             c.execute("BEGIN IMMEDIATE")
             try:
                 tags = [
@@ -547,6 +650,16 @@ class Store:
                         c.execute(f"DELETE FROM {table} WHERE image = ?", (image,))
                     c.execute("COMMIT")
                     return out
+                # A read-only (or --upper) mount reads the image's layers: refused as docker
+                # refuses to remove a running container's image; --force removes the image
+                # and the mount's registration keeps its layers from gc until it ends.
+                mounts = [r for r in containers.live_records(self.root) if r.image == image]
+                if mounts and not force:
+                    where = ", ".join(f"{r.mountpoint} (pid {r.pid})" for r in mounts)
+                    raise StoreError(
+                        f"image {image[7:19]} is mounted at {where}: umount it first, "
+                        "or use --force (gc keeps its layers until the mount ends)"
+                    )
                 for table in ("tags", "repo_digests", "image_layers"):
                     c.execute(f"DELETE FROM {table} WHERE image = ?", (image,))
                 c.execute("DELETE FROM images WHERE id = ?", (image,))
@@ -560,54 +673,86 @@ class Store:
     # ---- gc --------------------------------------------------------------------------------
 
     def gc(self, dry_run: bool = False) -> GcReport:
-        """Remove layers no image uses, contents no layer uses, orphan files, stale temp dirs."""
+        """Remove layers no image and no live mount uses, contents no layer uses, orphan files,
+        stale temp dirs. The dry run counts exactly what the real one removes."""
         with self.exclusive():
             c = self.conn
-            stale = len(list(self.tmp_dir.iterdir()))
-            unused = c.execute(
-                "SELECT id, diff_id FROM layers WHERE id NOT IN (SELECT layer FROM image_layers) "
-                "ORDER BY id"
-            ).fetchall()
-            # (their tar-split files become orphans and go with the orphan sweep below)
-            ids = [int(r[0]) for r in unused]
-            if dry_run:
-                dead = self._dead_contents(ids)
-                orphans = self._remove_orphans(dry_run=True)
-                return GcReport(
-                    [str(r[1]) for r in unused], len(dead), sum(s for _, s in dead), orphans, stale
-                )
+            stale = len(list(self.tmp_dir.iterdir())) if self.tmp_dir.is_dir() else 0
             marker = self.tmp_dir / f"gc-{os.getpid()}"
-            marker.mkdir(exist_ok=True)
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                dead = self._dead_contents(ids)
-                for lid in ids:
-                    c.execute(
-                        "UPDATE contents SET refs = refs - (SELECT COUNT(*) FROM entries e "
-                        "WHERE e.layer = ? AND e.content = contents.key) "
-                        "WHERE key IN (SELECT content FROM entries WHERE layer = ? "
-                        "AND content IS NOT NULL)",
-                        (lid, lid),
-                    )
-                    c.execute("DELETE FROM entries WHERE layer = ?", (lid,))
-                    c.execute("DELETE FROM xattrs WHERE layer = ?", (lid,))
-                    c.execute("DELETE FROM layers WHERE id = ?", (lid,))
-                c.execute("DELETE FROM contents WHERE refs <= 0")
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
+            # Mounts register under pin_lock; holding it from the choice to the commit, no
+            # mount can start on a layer gc is about to delete.
+            with self._pins(lock=not dry_run) as pins:
+                if not dry_run:
+                    marker.mkdir(exist_ok=True)
+                    c.execute("BEGIN IMMEDIATE")
+                try:
+                    unused = c.execute(
+                        "SELECT id, diff_id FROM layers "
+                        "WHERE id NOT IN (SELECT layer FROM image_layers) ORDER BY id"
+                    ).fetchall()
+                    kept = [(str(d), pins[str(d)]) for _, d in unused if str(d) in pins]
+                    gone = [(int(i), str(d)) for i, d in unused if str(d) not in pins]
+                    ids = [i for i, _ in gone]
+                    dead = self._dead_contents(ids)
+                    if not dry_run:
+                        self._delete_layers(ids)
+                        c.execute("COMMIT")
+                except BaseException:
+                    if not dry_run:
+                        c.execute("ROLLBACK")
+                    raise
+            report = GcReport(
+                [d for _, d in gone], len(dead), sum(n for _, n in dead), 0, stale, kept
+            )
+            if dry_run:
+                report.orphans = self._remove_orphans(dry_run=True)
+                return report
             crashpoint("gc-committed")
             for key, _ in dead:
                 self.content_path(key).unlink(missing_ok=True)
-            orphans = self._remove_orphans(dry_run=False)
+            # Their tar-splits go with the layers (not counted as orphans: the dry run, made
+            # while the layers were still known, could not count them so).
+            for _, diff in gone:
+                Path(self.tarsplit_str(diff)).unlink(missing_ok=True)
+            report.orphans = self._remove_orphans(dry_run=False)
             for p in self.tmp_dir.iterdir():
                 if p != marker:
                     shutil.rmtree(p, ignore_errors=True)
             shutil.rmtree(marker, ignore_errors=True)
-            return GcReport(
-                [str(r[1]) for r in unused], len(dead), sum(s for _, s in dead), orphans, stale
+            return report
+
+    @contextlib.contextmanager
+    def _pins(self, lock: bool = True) -> Iterator[dict[str, list[str]]]:
+        """Under the pin lock (unless not `lock`: a dry run changes nothing): DiffID -> what
+        keeps it (`mounted at MNT (pid N)`) for every live registered mount."""
+        if self.missing:
+            yield {}
+            return
+        with contextlib.ExitStack() as stack:
+            if lock:
+                stack.enter_context(containers.pin_lock(self.root))
+            pins: dict[str, list[str]] = {}
+            for rec in containers.live_records(self.root):
+                for diff in rec.layers:
+                    pins.setdefault(diff, []).append(f"mounted at {rec.mountpoint} (pid {rec.pid})")
+            yield pins
+
+    def _delete_layers(self, ids: list[int]) -> None:
+        """Delete the rows of layers `ids` and drop the contents left unreferenced (inside the
+        caller's transaction)."""
+        c = self.conn
+        for lid in ids:
+            c.execute(
+                "UPDATE contents SET refs = refs - (SELECT COUNT(*) FROM entries e "
+                "WHERE e.layer = ? AND e.content = contents.key) "
+                "WHERE key IN (SELECT content FROM entries WHERE layer = ? "
+                "AND content IS NOT NULL)",
+                (lid, lid),
             )
+            c.execute("DELETE FROM entries WHERE layer = ?", (lid,))
+            c.execute("DELETE FROM xattrs WHERE layer = ?", (lid,))
+            c.execute("DELETE FROM layers WHERE id = ?", (lid,))
+        c.execute("DELETE FROM contents WHERE refs <= 0")
 
     def _dead_contents(self, layer_ids: list[int]) -> list[tuple[str, int]]:
         """Contents whose every reference is in the given layers."""
@@ -743,7 +888,7 @@ class Store:
             "stored_bytes": stored,
             "saved_by_layer_dedup": images_logical - layers_logical,
             "saved_by_file_dedup": layers_logical - stored,
-            "index_bytes": self.db_path.stat().st_size,
+            "index_bytes": 0 if self.missing else self.db_path.stat().st_size,
             "unused_layers": one(
                 "SELECT COUNT(*) FROM layers WHERE id NOT IN (SELECT layer FROM image_layers)"
             ),

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
+import datetime as dt
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from layerstore import containers
+from layerstore.cli import IMAGE_HELP, _ago, add_output_options, emit, error_line, template
 from layerstore.containers import Container, MountRecord
 from layerstore.errors import StoreError
 from layerstore.model import EntryKind
+from layerstore.progress import human
 from layerstore.store import Store, default_store_dir
 from unionfs.core import override
 from unionfs.core.idmap import IdMap, IdMapError, Presentation
@@ -49,14 +50,6 @@ def _trio_dispatch(fn: Callable[[], Any]) -> Any:
     import trio
 
     return trio.from_thread.run_sync(fn)
-
-
-def _shared_lock(root: Path) -> int:
-    """Hold the store's lock shared for the mount's life: gc waits instead of removing the
-    layers of a mounted image. The fd is inherited by the daemon."""
-    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    return fd
 
 
 def _init_upper_root(upper: Path, view: StoreView) -> None:
@@ -109,20 +102,26 @@ def _presentation(args: argparse.Namespace) -> Presentation:
 
 def _prepare(
     args: argparse.Namespace, root: Path
-) -> tuple[str, StoreView, Container | None, Path | None, Path | None]:
-    """Resolve the image and the upper; nothing is created until every check passed."""
+) -> tuple[str, StoreView, Container | None, Path | None, Path | None, tuple[str, ...]]:
+    """Resolve the image and the upper; nothing is created until every check passed. Also
+    returns the image's DiffIDs (what the mount's registration pins)."""
     if args.ro and (args.upper or args.work):
         raise CliError("--ro takes no --upper/--work")
     if (args.upper is None) != (args.work is None):
         raise CliError("--upper and --work go together")
     if args.name and args.upper:
         raise CliError("--name and --upper are exclusive")
+    if args.rm and (args.name or args.upper or args.ro):
+        raise CliError("--rm removes the fresh upper made for this mount: not with --name, "
+                       "--upper or --ro")  # fmt: skip
     if args.name:
         containers.check_name(args.name)
     with _open_store(root) as store:
         image = store.resolve(args.image)
-        ids = [layer.id for layer in reversed(store.image_layers(image))]
+        layers = store.image_layers(image)
+        ids = [layer.id for layer in reversed(layers)]
         view = StoreView.prepare(store, ids, dispatch=_trio_dispatch)
+        diff_ids = tuple(layer.diff_id for layer in layers)
     container: Container | None = None
     upper = work = None
     if args.name:
@@ -139,7 +138,7 @@ def _prepare(
             raise CliError(f"container {args.name} is already mounted at {live.mountpoint}")
     elif args.upper:
         upper, work = Path(args.upper).resolve(), Path(args.work).resolve()
-    return image, view, container, upper, work
+    return image, view, container, upper, work, diff_ids
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -149,14 +148,32 @@ def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.realpath(args.mountpoint)
     try:
         _presentation(args)  # bad values fail before anything is made
-        image, view, container, upper, work = _prepare(args, root)
         check_mountpoint(Path(mountpoint))
-        lock_fd = _shared_lock(root)
+        if not (root / "index.db").exists():
+            raise CliError(f"no layer store at {root} (import or pull an image first)")
         fresh = False
-        if not args.ro and container is None and upper is None:
-            name = args.name or containers.fresh_name(root, args.image)
-            container = containers.create(root, name, image, args.image)
-            fresh = True
+        # Registered under the pin lock: from here on gc keeps the image's layers (even if
+        # the image is removed) while this process or the daemon lives.
+        with containers.pin_lock(root):
+            image, view, container, upper, work, diff_ids = _prepare(args, root)
+            if not args.ro and container is None and upper is None:
+                name = args.name or containers.fresh_name(root, args.image)
+                container = containers.create(root, name, image, args.image)
+                fresh = True
+            record = MountRecord(
+                mountpoint=mountpoint,
+                pid=os.getpid(),
+                image=image,
+                name=container.name if container is not None else None,
+                upper=str(container.upper if container else upper) if not args.ro else None,
+                work=str(container.work if container else work) if not args.ro else None,
+                readonly=bool(args.ro),
+                ref=args.image,
+                layers=diff_ids,
+                started=containers.proc_start(os.getpid()),
+                rm=bool(args.rm),
+            )
+            containers.write_record(root, record)
         layers: list[Layer] = list(view.layers)
         if container is not None:
             if fresh:
@@ -168,37 +185,38 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 layers.insert(0, top)
             else:
                 upper, work = container.upper, container.work
-        record = MountRecord(
-            mountpoint=mountpoint,
-            pid=0,
-            image=image,
-            name=container.name if container is not None else None,
-            upper=str(upper) if upper is not None and not args.ro else None,
-            work=str(work) if work is not None and not args.ro else None,
-            readonly=bool(args.ro),
-            ref=args.image,
-        )
         announce = fresh and not args.name and container is not None
         try:
             if args.foreground:
                 if announce:
                     print(record.name, flush=True)
-                return _run_foreground(args, root, record, layers, upper, work, lock_fd)
+                return _run_foreground(args, root, record, layers, upper, work)
             code = _run_daemon(args, root, record, layers, upper, work)
             if announce:
                 print(record.name)  # once the mount is live
             return code
-        except (CliError, MountError):
-            if fresh and container is not None:
+        except BaseException:
+            containers.remove_record(root, mountpoint)
+            if fresh and container is not None and not containers.is_mount_point(mountpoint):
                 # Never mounted: do not leave an unused container behind.
                 shutil.rmtree(container.root, ignore_errors=True)
             raise
     except (CliError, StoreError, MountError) as exc:
-        print(f"layerfs: {exc}", file=sys.stderr)
+        print(f"layerfs: {error_line(exc)}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"layerfs: {exc.filename or args.mountpoint}: {exc.strerror}", file=sys.stderr)
         return 1
+
+
+def _mount_ended(root: Path, record: MountRecord) -> None:
+    """The daemon's mount is gone: a `--rm` upper goes, then the registration."""
+    if record.rm and record.name is not None:
+        try:
+            containers.remove(root, record.name)
+        except StoreError as exc:
+            print(f"layerfs: {exc}", file=sys.stderr)
+    containers.remove_record(root, record.mountpoint, os.getpid())
 
 
 def _serve(
@@ -222,16 +240,6 @@ def _serve(
     )
 
 
-def _record_when_mounted(root: Path, record: MountRecord, done: threading.Event) -> None:
-    """Write the mount record once the mount is live (polled, bounded)."""
-    deadline = time.monotonic() + MOUNT_WAIT
-    while not done.is_set() and time.monotonic() < deadline:
-        if containers.is_mount_point(record.mountpoint):
-            containers.write_record(root, record)
-            return
-        done.wait(0.02)
-
-
 def _run_foreground(
     args: argparse.Namespace,
     root: Path,
@@ -239,21 +247,11 @@ def _run_foreground(
     layers: list[Layer],
     upper: Path | None,
     work: Path | None,
-    lock_fd: int,
 ) -> int:
-    from dataclasses import replace
-
-    rec = replace(record, pid=os.getpid())
-    done = threading.Event()
-    watcher = threading.Thread(target=_record_when_mounted, args=(root, rec, done), daemon=True)
-    watcher.start()
     try:
-        return _serve(args, layers, upper, work, rec.mountpoint)
+        return _serve(args, layers, upper, work, record.mountpoint)
     finally:
-        done.set()
-        watcher.join()
-        containers.remove_record(root, rec.mountpoint, rec.pid)
-        os.close(lock_fd)
+        _mount_ended(root, record)
 
 
 def _run_daemon(
@@ -290,7 +288,7 @@ def _run_daemon(
             except MountError as exc:
                 print(f"layerfs: {exc}", file=sys.stderr)
             finally:
-                containers.remove_record(root, record.mountpoint, os.getpid())
+                _mount_ended(root, replace(record, pid=os.getpid()))
         except BaseException as exc:  # the daemon must never return into the CLI
             with contextlib.suppress(Exception):
                 print(f"layerfs: daemon failed: {exc!r}", file=sys.stderr)
@@ -302,7 +300,10 @@ def _run_daemon(
                     log_path.unlink()  # nothing to tell: no file left behind
             os._exit(code)
     os.close(log_fd)
-    rec = replace(record, pid=pid)
+    # The registration passes to the daemon at once (this process is about to exit).
+    rec = replace(record, pid=pid, started=containers.proc_start(pid))
+    if containers.pid_alive(pid):
+        containers.write_record(root, rec)
     deadline = time.monotonic() + MOUNT_WAIT
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
@@ -310,7 +311,6 @@ def _run_daemon(
             reason = _last_line(log_path) or f"the daemon exited ({status})"
             raise CliError(reason.removeprefix("layerfs: "))
         if containers.is_mount_point(rec.mountpoint):
-            containers.write_record(root, rec)
             return 0
         if time.monotonic() > deadline:
             raise CliError(f"{rec.mountpoint} not mounted after {MOUNT_WAIT:.0f}s (pid {pid})")
@@ -367,10 +367,20 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if rec is not None:
         # The daemon leaves once its mount is gone; wait for it, bounded, so the upper is
         # complete when we return.
-        deadline = time.monotonic() + UMOUNT_WAIT
-        while containers.pid_alive(rec.pid) and time.monotonic() < deadline:
+        limit = UMOUNT_WAIT if args.timeout is None else args.timeout
+        deadline = time.monotonic() + limit
+        while containers.record_live(rec) and time.monotonic() < deadline:
             time.sleep(0.02)
+        if containers.record_live(rec):
+            print(
+                f"layerfs: unmounted {args.mountpoint}, but its daemon (pid {rec.pid}) is still "
+                f"writing after {limit:g}s (--timeout)",
+                file=sys.stderr,
+            )
+            return 1
         containers.remove_record(root, mountpoint)
+        if rec.rm and rec.name is not None and containers.load(root, rec.name) is not None:
+            containers.remove(root, rec.name)  # the daemon died before it could
     containers.record_path(root, mountpoint).with_suffix(".log").unlink(missing_ok=True)
     return 0
 
@@ -395,54 +405,139 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return status
 
 
-def _status(rec: MountRecord) -> str:
-    alive = containers.pid_alive(rec.pid)
-    mounted = containers.is_mount_point(rec.mountpoint)
-    if alive and mounted:
-        return "running"
-    if mounted:
-        return "dead"  # daemon gone, mount left: `layerfs umount` cleans it
-    return "gone"
+PS_FIELDS = {
+    "Name": "container (named upper) name; empty for a read-only or --upper mount",
+    "Image": "the image as given to mount",
+    "ImageId": "image ID",
+    "Status": "running, starting, dead (daemon gone, mount left) or unmounted",
+    "Mountpoint": "where it is mounted (empty when unmounted)",
+    "Pid": "the daemon's pid (0 when unmounted)",
+    "ReadOnly": "true for --ro",
+    "Upper": "upper directory",
+    "Size": "bytes in the upper",
+    "HumanSize": "size, e.g. 1.2MB",
+    "Created": "when the upper was made",
+    "CreatedSince": "when the upper was made, relative",
+    "Rm": "true for mount --rm (removed at umount)",
+}
+
+
+def _tree_bytes(path: str | None) -> int:
+    """Bytes of the files under `path` (a hard-linked file once); what cannot be read counts
+    nothing."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [path] if path else []
+    while stack:
+        try:
+            it = os.scandir(stack.pop())
+        except OSError:
+            continue
+        with it:
+            for e in it:
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append(e.path)
+                        continue
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if st.st_nlink > 1:
+                    if (st.st_dev, st.st_ino) in seen:
+                        continue
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat().replace("+00:00", "Z") if t else ""
+
+
+def _ps_record(
+    rec: MountRecord | None, box: Container | None, status: str, root: Path
+) -> dict[str, object]:
+    upper = str(box.upper) if box is not None else (rec.upper if rec is not None else None)
+    size = _tree_bytes(upper)
+    created = _iso(box.created) if box is not None else ""
+    return {
+        "Name": box.name if box is not None else (rec.name if rec and rec.name else ""),
+        "Image": (rec.ref if rec is not None and rec.ref else box.ref if box else "")
+        or (rec.image if rec else box.image if box else ""),
+        "ImageId": rec.image if rec is not None else box.image if box is not None else "",
+        "Status": status,
+        "Mountpoint": rec.mountpoint if rec is not None else "",
+        "Pid": rec.pid if rec is not None else 0,
+        "ReadOnly": bool(rec.readonly) if rec is not None else False,
+        "Upper": upper or "",
+        "Size": size,
+        "HumanSize": human(size),
+        "Created": created,
+        "CreatedSince": _ago(created) if created else "",
+        "Rm": bool(rec.rm) if rec is not None else False,
+    }
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
     root = _store_root(args)
-    rows = []
+    template(args)  # a bad --format fails first
+    records: list[dict[str, object]] = []
+    shown: set[str] = set()
     for rec in containers.all_records(root):
-        status = _status(rec)
+        status = containers.mount_status(rec)
         if status == "gone":
             # Neither daemon nor mount: nothing left to clean but the record.
             containers.remove_record(root, rec.mountpoint, rec.pid)
-            if not args.all:
-                continue
-        rows.append((rec, status))
-    if args.json:
-        import json
-        from dataclasses import asdict
+            continue
+        box = containers.load(root, rec.name) if rec.name else None
+        records.append(_ps_record(rec, box, status, root))
+        if rec.name:
+            shown.add(rec.name)
+    if args.all:
+        for box in containers.all_containers(root):
+            if box.name not in shown:
+                records.append(_ps_record(None, box, "unmounted", root))
 
-        print(json.dumps([{**asdict(r), "status": s} for r, s in rows], indent=2))
-        return 0
-    table = [("IMAGE", "NAME", "MOUNTPOINT", "PID", "STATUS")]
-    for rec, status in rows:
-        table.append(
-            (
-                rec.ref or rec.image.removeprefix("sha256:")[:12],
-                rec.name or "-",
-                rec.mountpoint,
-                str(rec.pid),
-                status + (" (ro)" if rec.readonly else ""),
+    def table() -> None:
+        rows = [("NAME", "IMAGE", "SIZE", "CREATED", "STATUS", "PID", "MOUNTPOINT")]
+        for r in records:
+            image = str(r["Image"])
+            if image.startswith("sha256:"):
+                image = image[7:19]
+            status = str(r["Status"]) + (" (ro)" if r["ReadOnly"] else "")
+            rows.append(
+                (
+                    str(r["Name"]) or "-",
+                    image,
+                    str(r["HumanSize"]),
+                    str(r["CreatedSince"]) or "-",
+                    status + (" --rm" if r["Rm"] else ""),
+                    str(r["Pid"] or "-"),
+                    str(r["Mountpoint"]) or "-",
+                )
             )
-        )
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
-    for r in table:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[4])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+    emit(args, records, table)
     return 0
+
+
+WHICH_FIELDS = {
+    "Path": "the path asked for",
+    "DiffID": "the layer's DiffID",
+    "Layer": "its position, 1 = the bottom layer",
+    "Layers": "how many layers the image has",
+    "Role": "provides, merged (a directory merged into it) or shadowed (hidden by it)",
+}
 
 
 def cmd_which(args: argparse.Namespace) -> int:
     root = _store_root(args)
     path = os.fsencode(args.path).strip(b"/")
     try:
+        template(args)
         with _open_store(root) as store:
             layers = list(reversed(store.image_layers(args.image)))
             view = StoreView(root, [layer.id for layer in layers])
@@ -451,18 +546,27 @@ def cmd_which(args: argparse.Namespace) -> int:
             finally:
                 view.close()
     except (CliError, StoreError) as exc:
-        print(f"layerfs: {exc}", file=sys.stderr)
+        print(f"layerfs: {error_line(exc)}", file=sys.stderr)
         return 1
     if found is None:
         print(f"layerfs: {args.path}: not in image {args.image}", file=sys.stderr)
         return 1
     provider, merged, hidden = found
     n = len(layers)
-    print(f"{layers[provider].diff_id}  layer {n - provider}/{n}  provides")
-    for li in merged:
-        print(f"{layers[li].diff_id}  layer {n - li}/{n}  merged (directory)")
-    for li in hidden:
-        print(f"{layers[li].diff_id}  layer {n - li}/{n}  shadowed")
+    roles = [(provider, "provides")] + [(li, "merged") for li in merged]
+    roles += [(li, "shadowed") for li in hidden]
+    records = [
+        {"Path": args.path, "DiffID": layers[li].diff_id, "Layer": n - li, "Layers": n,
+         "Role": role}
+        for li, role in roles
+    ]  # fmt: skip
+    words = {"provides": "provides", "merged": "merged (directory)", "shadowed": "shadowed"}
+
+    def table() -> None:
+        for r in records:
+            print(f"{r['DiffID']}  layer {r['Layer']}/{n}  {words[str(r['Role'])]}")
+
+    emit(args, records, table)
     return 0
 
 
@@ -496,25 +600,54 @@ def _which(view: StoreView, path: bytes) -> tuple[int, list[int], list[int]] | N
     return provider, merged, hidden
 
 
-def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def store_opt(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--store", metavar="DIR", help="layer store (default: $LAYERFS_STORE)")
+def _verb(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help: str,
+    examples: str,
+    description: str = "",
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description or help[0].upper() + help[1:] + ".",
+        epilog=f"examples:\n{examples}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
-    p = subparsers.add_parser(
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = _verb(
+        sub,
         "mount",
-        help="mount an image of the store under a writable upper",
+        "mount an image of the store under a writable upper",
+        "  layerfs mount alpine:3.20 /mnt/a               # a fresh upper; its name is printed\n"
+        "  layerfs mount --name dev alpine:3.20 /mnt/a    # the upper `dev`, kept across mounts\n"
+        "  layerfs mount --rm alpine:3.20 /mnt/a          # the upper goes at umount\n"
+        "  layerfs mount --ro app:1 /mnt/app\n"
+        "  layerfs mount --upper ./u --work ./w app:1 /mnt/app",
         description="Mount IMAGE's layers from the store at MOUNTPOINT under a writable upper: "
         "a named one kept in the store (--name; a fresh name is made and printed when neither "
-        "--name nor --upper is given), or --upper/--work directories; --ro for none.",
+        "--name nor --upper is given), or --upper/--work directories; --ro for none. Returns "
+        "once the mount is live; `layerfs umount MOUNTPOINT` ends it.",
     )
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     p.add_argument("--name", help="named upper kept in the store (made on first use)")
     p.add_argument("--upper", metavar="DIR", help="upper directory (with --work)")
     p.add_argument("--work", metavar="DIR", help="work directory, same filesystem as --upper")
     p.add_argument("--ro", action="store_true", help="read-only (with --name: the container)")
+    p.add_argument(
+        "--rm", action="store_true", help="remove the fresh upper when the mount ends (umount)"
+    )
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
-    p.add_argument("-d", "--debug", action="store_true", help="debug log (with -f)")
+    p.add_argument(
+        "-d",
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug log (with -f on stderr, else in the mount's log)",
+    )
     p.add_argument("-o", dest="options", action="append", metavar="OPTS", help="FUSE options")
     p.add_argument(
         "--squash",
@@ -529,27 +662,49 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="show container uids C..C+N-1 as host uids H..; repeatable; unmapped: 65534",
     )
     p.add_argument("--gidmap", action="append", metavar="C:H:N", help="as --uidmap, for gids")
-    store_opt(p)
     p.set_defaults(func=cmd_mount)
 
-    p = subparsers.add_parser("umount", help="unmount an image mount (also a dead one)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    store_opt(p)
+    p = _verb(
+        sub,
+        "umount",
+        "unmount an image mount (also one whose daemon died)",
+        "  layerfs umount /mnt/a",
+    )
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where the image is mounted")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"wait at most SECONDS for the daemon to finish (default {UMOUNT_WAIT:g})",
+    )
     p.set_defaults(func=cmd_umount)
 
-    p = subparsers.add_parser("ps", help="list image mounts (image, name, mount point, pid)")
-    p.add_argument("-a", "--all", action="store_true", help="also records of vanished mounts")
-    p.add_argument("--json", action="store_true", help="JSON output")
-    store_opt(p)
+    p = _verb(
+        sub,
+        "ps",
+        "list image mounts; with -a every upper (container), mounted or not",
+        "  layerfs ps\n  layerfs ps -a --format '{{.Name}} {{.Status}} {{.HumanSize}}'",
+    )
+    p.add_argument("-a", "--all", action="store_true", help="also uppers that are not mounted")
+    add_output_options(p, PS_FIELDS)
     p.set_defaults(func=cmd_ps)
 
-    p = subparsers.add_parser("rm", help="remove named uppers (containers) and their changes")
-    p.add_argument("names", metavar="NAME", nargs="+")
-    store_opt(p)
+    p = _verb(
+        sub,
+        "rm",
+        "remove named uppers (containers) and their changes",
+        "  layerfs rm dev",
+    )
+    p.add_argument("names", metavar="NAME", nargs="+", help="a container (see `layerfs ps -a`)")
     p.set_defaults(func=cmd_rm)
 
-    p = subparsers.add_parser("which", help="the layer providing a path, and those it shadows")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("path", metavar="PATH")
-    store_opt(p)
+    p = _verb(
+        sub,
+        "which",
+        "show the layer providing a path, and the layers it shadows",
+        "  layerfs which alpine /etc/os-release",
+    )
+    p.add_argument("image", metavar="IMAGE", help=IMAGE_HELP)
+    p.add_argument("path", metavar="PATH", help="a path in the image, e.g. /etc/passwd")
+    add_output_options(p, WHICH_FIELDS)
     p.set_defaults(func=cmd_which)

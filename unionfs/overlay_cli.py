@@ -224,6 +224,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="mount directories as an overlay (fuse-overlayfs compatible)",
         description="Mount lower directories (TOP first) under an optional writable upper "
         "directory with Linux overlayfs semantics.",
+        epilog="examples:\n"
+        "  layerfs overlay -o lowerdir=/l2:/l1,upperdir=/up,workdir=/work /mnt/merged\n"
+        "  layerfs overlay -o lowerdir=/ro-a:/ro-b /mnt/view          # read-only\n"
+        "  layerfs overlay -f -d -o lowerdir=/l,upperdir=/u,workdir=/w /mnt/m   # debug log",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "-o",
@@ -235,7 +240,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     p.add_argument("-f", dest="foreground", action="store_true", help="stay in the foreground")
     p.add_argument(
-        "-d", "--debug", action="store_true", help="debug log (on stderr with -f, else to syslog)"
+        "-d",
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="debug log (on stderr with -f, else to syslog)",
     )
-    p.add_argument("mountpoint", help="where to mount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory to mount on")
     p.set_defaults(func=run_overlay)

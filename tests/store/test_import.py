@@ -215,7 +215,7 @@ def test_layer_dedup_across_images_and_sources(store: Store, tmp_path: Path) -> 
     store2 = Store(store.root)
     assert store2.conn.execute("SELECT COUNT(*) FROM layers").fetchone()[0] == 2
     df = json.loads(cli(store.root, "df", "--json").stdout)
-    assert df["saved_by_layer_dedup"] > 0 and df["saved_by_file_dedup"] > 0
+    assert df["SavedByLayerDedup"] > 0 and df["SavedByFileDedup"] > 0
     layers = json.loads(cli(store.root, "layers", "--json").stdout)
     assert sorted(len(la["Images"]) for la in layers) == [1, 2]
     store2.close()
@@ -423,6 +423,11 @@ def test_store_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert store_mod.default_store_dir() == Path("/var/lib/layerfs")
     env = {**os.environ, "LAYERFS_STORE": str(tmp_path / "viaenv")}
     p = subprocess.run([*LAYERFS, "images"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and not (tmp_path / "viaenv").exists()  # reading creates nothing
+    write_oci(tmp_path / "img", Img([BASE], ref="v"))
+    p = subprocess.run(
+        [*LAYERFS, "import", f"oci:{tmp_path / 'img'}:v"], env=env, capture_output=True, timeout=60
+    )
     assert p.returncode == 0 and (tmp_path / "viaenv" / "index.db").exists()
 
 
