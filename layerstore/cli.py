@@ -646,7 +646,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("image", nargs="?", metavar="IMAGE", help=IMAGE_HELP)
     add_output_options(p, LAYER_FIELDS)
 
-    p = verb("df", cmd_df, "show logical vs stored bytes", access="read")
+    p = verb(
+        "df",
+        cmd_df,
+        "show logical vs stored bytes",
+        access="read",
+        examples="  layerfs df\n  layerfs df --json",
+    )
     p.add_argument("--json", action="store_true", help="JSON output")
 
     p = verb(

@@ -175,6 +175,8 @@ class Store:
         self.owner: tuple[int, int] | None = None
         # True for the empty stand-in of a store that does not exist (nothing on disk).
         self.missing = False
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"{self.root}: not a directory (the store is one)")
         if readonly and not self.db_path.exists():
             if not missing_ok:
                 raise StoreError(f"{self.root}: not a layerfs store (no index.db)")

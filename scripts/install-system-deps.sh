@@ -7,6 +7,7 @@ pkgs=(
   fuse-overlayfs                                  # the drop-in we compare against
   umoci skopeo buildah busybox-static             # real tools that build reference images
   docker-registry                                 # a real OCI registry on 127.0.0.1
+  zsh                                             # the zsh completion test
   uidmap passwd python3.11                        # rootless tests: newuidmap, useradd, a
                                                   # python an unprivileged user can run
 )

@@ -196,7 +196,7 @@ def candidates(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
     if kind == "mount-options":
         head, sep, last = cur.rpartition(",")
         return [head + sep + o for o in MOUNT_OPTIONS if o.startswith(last)]
-    if kind:
+    if kind and kind != "choices":
         pool = _dynamic(kind, _store_words(parser, before))
     return [c for c in pool if c.startswith(cur)]
 

@@ -38,8 +38,8 @@ def mounted(store: Path, image: str, mnt: Path, cwd: Path | None = None) -> Iter
     try:
         out = layerfs_ok(abs_store, "ps", "--json", "--all").stdout
         for rec in json.loads(out or "[]"):
-            if rec["mountpoint"] == os.path.realpath(mnt):
-                pid = int(rec["pid"])
+            if rec["Mountpoint"] == os.path.realpath(mnt):
+                pid = int(rec["Pid"])
         assert pid, f"no daemon recorded for {mnt}: {out}"
         yield pid
     finally:
