@@ -422,6 +422,25 @@ def test_push_round_trip(
     assert compare(image_snapshot(tmp_path / "t1"), image_snapshot(tmp_path / "t2"), ()) == []
 
 
+def test_pull_quiet_prints_the_reference_and_push_image_goes_to_its_own_name(
+    pushed: Pushed, tmp_path: Path
+) -> None:
+    store = tmp_path / "s"
+    src = pushed.reg.ref("oci/app:v1")
+    q = layerfs_ok(store, "pull", "-q", src)
+    assert q.stdout == f"{src}\n" and q.stderr == ""  # as `docker pull -q`
+    own = pushed.reg.ref("own/app:v3")
+    layerfs_ok(store, "tag", src, own)
+    p = layerfs_ok(store, "push", "-q", own)  # no REF: the image's own name
+    assert p.stdout == ""
+    other = tmp_path / "s2"
+    layerfs_ok(other, "pull", "-q", own)
+    assert inspect(other, own)["Id"] == inspect(store, src)["Id"]
+    # An ID is not a name: push says where it would need to go, in one line.
+    short = inspect(store, src)["Id"][7:19]
+    one_error(layerfs(store, "push", short), "not a name of the image")
+
+
 def test_push_to_unreachable_registry(tmp_path: Path) -> None:
     store = seeded_store(tmp_path)
     with running_registry(tmp_path / "reg") as reg:
