@@ -60,11 +60,23 @@ def store_root(args: argparse.Namespace) -> Path:
     return Path(store) if store else default_store_dir()
 
 
+def _exists(path: Path) -> bool:
+    """Whether `path` exists; True when it cannot be told (someone else's store: opening it
+    then says why it is not ours)."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def open_store(args: argparse.Namespace, access: str, recover: bool = True) -> Store:
     """The store of `--store` for a verb of the given access (see Access)."""
     root = store_root(args)
     timeout = getattr(args, "timeout", None)
-    if access != "create" and not (root / "index.db").exists():
+    if access != "create" and not _exists(root / "index.db"):
         return Store(root, readonly=True, missing_ok=True, timeout=timeout)
     # Even a reading verb opens the index read-write (a read-only SQLite connection would
     # leave the WAL files behind); it only skips the recovery.

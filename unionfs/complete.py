@@ -5,6 +5,7 @@ each positional takes), the store (image names, containers) and the registered m
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -36,7 +37,7 @@ _layerfs() {
         __files__) _files ;;
         __dirs__) _files -/ ;;
         '') return 1 ;;
-        *) compadd -Q -- "${out[@]}" ;;
+        *) compadd -- "${out[@]}" ;;
     esac
 }
 if [[ "${funcstack[1]}" == _layerfs ]]; then
@@ -231,6 +232,8 @@ def cmd_complete(args: argparse.Namespace) -> int:
         cut = max(cur.rfind(":"), cur.rfind("="))
         if cut >= 0:
             out = [c[cut + 1 :] for c in out]
+        # bash inserts a candidate as it is: escape what the shell would split or expand.
+        out = [re.sub(r"([^\w@%+=:,./-])", r"\\\1", c) for c in out]
     sys.stdout.write("".join(c + "\n" for c in out))
     return 0
 

@@ -369,7 +369,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
         # complete when we return.
         limit = UMOUNT_WAIT if args.timeout is None else args.timeout
         deadline = time.monotonic() + limit
+        said = False
         while containers.record_live(rec) and time.monotonic() < deadline:
+            if not said and time.monotonic() > deadline - limit + 1:
+                said = True
+                print(
+                    f"layerfs: waiting for the daemon of {args.mountpoint} (pid {rec.pid}) to "
+                    f"finish writing (at most {limit:g}s, --timeout)...",
+                    file=sys.stderr,
+                    flush=True,
+                )
             time.sleep(0.02)
         if containers.record_live(rec):
             print(

@@ -385,7 +385,7 @@ def test_bash_completion(work: Path) -> None:
         assert complete(f"layerfs --store {s} rmi app:") == ["1"]  # bash splits at ':'
         assert complete(f"layerfs images --store {s} i") == ["img"]
         assert complete(f"layerfs --store {s} rm b") == ["box1"]
-        assert complete(f"layerfs --store {s} umount /mnt/") == ["/mnt/some where"]
+        assert complete(f"layerfs --store {s} umount /mnt/") == ["/mnt/some\\ where"]
         assert complete("layerfs completion ") == ["bash", "zsh"]
         assert complete("layerfs overlay -o lowerdir=/a,up") == ["/a,upperdir="]  # after the =
         # Paths complete as the shell does: mount's second argument is a directory.
