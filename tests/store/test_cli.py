@@ -491,3 +491,20 @@ def test_stdin_fds_closed_do_not_become_store_files(work: Path, tmp_path: Path) 
     assert _contents(store) == before
     with open(store / "lock", "rb") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_diff_z_json_and_format(work: Path, tmp_path: Path) -> None:
+    """-z ends each entry with NUL, so a name with a newline stays one entry."""
+    upper = tmp_path / "upper"
+    (upper / "etc").mkdir(parents=True)
+    (upper / "etc" / "two\nlines").write_bytes(b"x")
+    base = ["diff", "--upper", str(upper), "--image", "app:1"]
+    z = subprocess.run(
+        [*LAYERFS, "--store", str(work / "s"), *base, "-z"], capture_output=True, timeout=60
+    )
+    assert z.returncode == 0 and z.stdout.split(b"\0") == [b"C /etc", b"A /etc/two\nlines", b""]
+    records = json.loads(cli(work / "s", *base, "--json").stdout)
+    assert records == [{"Kind": "C", "Path": "/etc"}, {"Kind": "A", "Path": "/etc/two\nlines"}]
+    assert cli(work / "s", *base, "--format", "{{.Kind}}{{json .Path}}").stdout == (
+        'C"/etc"\nA"/etc/two\\nlines"\n'
+    )
