@@ -136,3 +136,20 @@ def test_mount_rm_without_umount_is_removed_when_the_daemon_ends(
         force_unmount(mnt)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_mount_that_fails_is_one_line_and_leaves_nothing(store: Path, tmp_path: Path) -> None:
+    """An unknown -o option (the daemon's own check or the kernel's): one line, and no fresh
+    upper, registration or log left behind."""
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    for args in (["-o", "bogus"], ["--ro", "-o", "bogus"], ["-o", "allow_other,nosuchopt=1"]):
+        p = cli(store, "mount", *args, "app:1", str(mnt), check=False)
+        lines = p.stderr.splitlines()
+        assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("layerfs: "), p
+        assert not is_mounted(mnt)
+        assert (
+            not list((store / "containers").glob("*")) if (store / "containers").exists() else True
+        )
+        assert not list((store / "mounts").glob("*.json")) if (store / "mounts").exists() else True
+    assert cli(store, "ps", "-a", "--json").stdout.strip() == "[]"
