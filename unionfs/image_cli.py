@@ -174,19 +174,19 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 rm=bool(args.rm),
             )
             containers.write_record(root, record)
-        layers: list[Layer] = list(view.layers)
-        if container is not None:
-            if fresh:
-                _init_upper_root(container.upper, view)
-            if args.ro:
-                # A read-only view of the container: its upper as the top layer.
-                top = DirLayer(os.fsencode(container.upper))
-                top.overrides = os.geteuid() != 0  # a rootless upper: show its metadata
-                layers.insert(0, top)
-            else:
-                upper, work = container.upper, container.work
-        announce = fresh and not args.name and container is not None
         try:
+            layers: list[Layer] = list(view.layers)
+            if container is not None:
+                if fresh:
+                    _init_upper_root(container.upper, view)
+                if args.ro:
+                    # A read-only view of the container: its upper as the top layer.
+                    top = DirLayer(os.fsencode(container.upper))
+                    top.overrides = os.geteuid() != 0  # a rootless upper: show its metadata
+                    layers.insert(0, top)
+                else:
+                    upper, work = container.upper, container.work
+            announce = fresh and not args.name and container is not None
             if args.foreground:
                 if announce:
                     print(record.name, flush=True)
@@ -195,11 +195,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if announce:
                 print(record.name)  # once the mount is live
             return code
-        except BaseException:
+        except (CliError, MountError):
+            # Never mounted: no registration, and no unused fresh container, left behind.
             containers.remove_record(root, mountpoint)
-            if fresh and container is not None and not containers.is_mount_point(mountpoint):
-                # Never mounted: do not leave an unused container behind.
+            if fresh and container is not None:
                 shutil.rmtree(container.root, ignore_errors=True)
+            raise
+        except BaseException:
+            containers.remove_record(root, mountpoint, os.getpid())
             raise
     except (CliError, StoreError, MountError) as exc:
         print(f"layerfs: {error_line(exc)}", file=sys.stderr)
