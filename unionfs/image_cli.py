@@ -149,8 +149,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     try:
         _presentation(args)  # bad values fail before anything is made
         check_mountpoint(Path(mountpoint))
-        if not (root / "index.db").exists():
-            raise CliError(f"no layer store at {root} (import or pull an image first)")
+        with _open_store(root):
+            pass  # a missing store, or someone else's, says so before anything is locked
         fresh = False
         # Registered under the pin lock: from here on gc keeps the image's layers (even if
         # the image is removed) while this process or the daemon lives.
