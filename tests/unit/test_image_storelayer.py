@@ -3,6 +3,7 @@ through UnionFS, and index access handed to the main thread from a worker thread
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import stat
@@ -147,7 +148,12 @@ def test_container_records_and_targets(tmp_path: Path) -> None:
     containers.write_record(tmp_path, rec)
     assert containers.read_record(tmp_path, str(mnt)) == rec
     assert containers.resolve_target(tmp_path, str(mnt)) == (c, rec)
-    assert containers.resolve_target(tmp_path, "c1") == (c, None)  # not really mounted
+    # A live process's registration counts before its mount is up (a second mount of c1 is
+    # refused, gc keeps its layers); one whose pid now belongs to another process does not.
+    assert containers.resolve_target(tmp_path, "c1") == (c, rec)
+    containers.write_record(tmp_path, dataclasses.replace(rec, started=1))
+    assert containers.resolve_target(tmp_path, "c1") == (c, None)
+    containers.write_record(tmp_path, rec)
     with pytest.raises(containers.ContainerError):
         containers.resolve_target(tmp_path, "nope")
     containers.remove_record(tmp_path, str(mnt), pid=os.getpid() + 1)  # not its record
