@@ -47,6 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerstore.mountinfo import mount_points
+
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("kernel", "fuse-overlayfs", "layerfs")
 FIXTURE_VERSION = 2
@@ -454,20 +456,6 @@ def ensure_group(root: Path, g: Group, p: Params, rebuild: bool) -> Path:
 
 def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
-
-
-def mount_points() -> set[bytes]:
-    points: set[bytes] = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            raw = line.split()[4]
-            points.add(
-                raw.replace(b"\\040", b" ")
-                .replace(b"\\011", b"\t")
-                .replace(b"\\012", b"\n")
-                .replace(b"\\134", b"\\")
-            )
-    return points
 
 
 def is_mounted(path: Path) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from layerstore.containers import is_mount_point
+from layerstore.mountinfo import is_mount_point
 from unionfs import fuse_loop, fuse_wire
 from unionfs.core.errors import FsError
 from unionfs.core.fs import UnionFS

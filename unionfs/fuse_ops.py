@@ -15,7 +15,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import pyfuse3
 import trio
 
-from layerstore.containers import mount_at
+from layerstore.mountinfo import mount_at
 from unionfs.core.errors import FsError
 from unionfs.core.fs import Attributes, UnionFS
 from unionfs.core.types import Fh, Ino
@@ -239,11 +239,11 @@ class Operations(pyfuse3.Operations):
             return
         try:
             found = mount_at(mountpoint, resolved=True)
-            if found is None or found[0] != 0 or not found[2].startswith("fuse"):
+            if found is None or found.major != 0 or not found.fstype.startswith("fuse"):
                 # A FUSE mount has an anonymous device (major 0): this is something else,
                 # mounted over us since; leave its readahead alone.
                 return
-            with open(f"/sys/class/bdi/0:{found[1]}/read_ahead_kb", "w") as f:
+            with open(f"/sys/class/bdi/0:{found.minor}/read_ahead_kb", "w") as f:
                 f.write(str(READAHEAD_KB))
         except (OSError, ValueError) as exc:  # not root, or no sysfs: the kernel's default
             log.debug("cannot widen the readahead: %s", exc)

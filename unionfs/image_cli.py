@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from layerstore import containers
+from layerstore import containers, mountinfo
 from layerstore.containers import Container, MountRecord
 from layerstore.errors import StoreError
 from layerstore.model import EntryKind
@@ -226,7 +226,7 @@ def _record_when_mounted(root: Path, record: MountRecord, done: threading.Event)
     """Write the mount record once the mount is live (polled, bounded)."""
     deadline = time.monotonic() + MOUNT_WAIT
     while not done.is_set() and time.monotonic() < deadline:
-        if containers.is_mount_point(record.mountpoint):
+        if mountinfo.is_mount_point(record.mountpoint):
             containers.write_record(root, record)
             return
         done.wait(0.02)
@@ -309,7 +309,7 @@ def _run_daemon(
         if done:
             reason = _last_line(log_path) or f"the daemon exited ({status})"
             raise CliError(reason.removeprefix("layerfs: "))
-        if containers.is_mount_point(rec.mountpoint):
+        if mountinfo.is_mount_point(rec.mountpoint):
             containers.write_record(root, rec)
             return 0
         if time.monotonic() > deadline:
@@ -336,7 +336,7 @@ def _unmount(mountpoint: str) -> str | None:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except FileNotFoundError:
             continue
-        if not containers.is_mount_point(mountpoint):
+        if not mountinfo.is_mount_point(mountpoint):
             return None
         err = err or proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else err
     return err or "it is busy"
@@ -344,15 +344,15 @@ def _unmount(mountpoint: str) -> str | None:
 
 def _fstype(mountpoint: str) -> str:
     """The filesystem type of the mount at `mountpoint` ('' if none), from mountinfo."""
-    found = containers.mount_at(mountpoint)
-    return found[2] if found is not None else ""
+    found = mountinfo.mount_at(mountpoint)
+    return found.fstype if found is not None else ""
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     root = _store_root(args)
     mountpoint = os.path.realpath(args.mountpoint)
     rec = containers.read_record(root, mountpoint)
-    mounted = containers.is_mount_point(mountpoint)
+    mounted = mountinfo.is_mount_point(mountpoint)
     if not mounted and rec is None:
         print(f"layerfs: {args.mountpoint} is not mounted", file=sys.stderr)
         return 1
@@ -397,7 +397,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def _status(rec: MountRecord) -> str:
     alive = containers.pid_alive(rec.pid)
-    mounted = containers.is_mount_point(rec.mountpoint)
+    mounted = mountinfo.is_mount_point(rec.mountpoint)
     if alive and mounted:
         return "running"
     if mounted:

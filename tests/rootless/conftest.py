@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from layerstore import mountinfo
 from tests import treecmp
 from tests.conftest import require_root, require_tool
 from tests.mounting import MOUNT_TIMEOUT, force_unmount, is_mounted, reap, wait_mounted
@@ -402,12 +403,10 @@ def rootless() -> Iterator[Rootless]:
 
 def _remove_tree(base: Path) -> None:
     """Remove the scratch tree, first unmounting anything a failed test left mounted in it."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        points = [line.split()[4].decode(errors="replace") for line in f]
-    prefix = str(base) + "/"
-    for p in sorted(points, reverse=True):
+    prefix = os.fsencode(base) + b"/"
+    for p in sorted(mountinfo.mount_points(), reverse=True):
         if p.startswith(prefix):
-            force_unmount(p)
+            force_unmount(os.fsdecode(p))
     shutil.rmtree(base, ignore_errors=True)
 
 
