@@ -11,16 +11,8 @@ from pathlib import Path
 
 from unionfs.core.idmap import IdMap, IdMapError, Presentation, parse_id
 from unionfs.core.layers import DirLayer, Layer
+from unionfs.fuse.mount import is_fuse_option
 
-# Mount options handed to FUSE as they are.
-FUSE_FLAGS = {
-    "allow_other", "allow_root", "default_permissions", "auto_unmount", "ro", "rw", "suid",
-    "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime", "relatime", "norelatime",
-    "strictatime", "nostrictatime", "nodiratime", "diratime", "sync", "async", "dirsync",
-    "lazytime", "nolazytime",
-}  # fmt: skip
-FUSE_VALUED = {"fsname", "subtype", "max_read", "context", "fscontext", "defcontext",
-               "rootcontext"}  # fmt: skip
 # Accepted for compatibility with fuse-overlayfs and kernel overlayfs, without effect:
 # our behaviour is fixed (redirects on, inode numbers always persistent, xattrs supported).
 IGNORED_FLAGS = {
@@ -131,7 +123,7 @@ def parse_options(option_strings: list[str]) -> OverlayOptions:
                 out.upper = Path(_split_escaped(value, ",")[0])
             elif key == "workdir" and eq:
                 out.work = Path(_split_escaped(value, ",")[0])
-            elif (key in FUSE_FLAGS and not eq) or (key in FUSE_VALUED and eq):
+            elif is_fuse_option(opt):
                 out.fuse.append(opt)
             elif (key in IGNORED_FLAGS and not eq) or (key in IGNORED_VALUED and eq):
                 continue

@@ -1100,7 +1100,9 @@ class UnionFS:
         return self._loc_path(node)
 
     @_oserr
-    def setxattr(self, ino: Ino, name: bytes, value: bytes) -> None:
+    def setxattr(self, ino: Ino, name: bytes, value: bytes, flags: int = 0) -> None:
+        """`flags`: XATTR_CREATE or XATTR_REPLACE, applied to the upper copy (a lower object
+        is copied up first, as the kernel does)."""
         if name == CAPS_XATTR:
             self.node(ino).no_caps = False
         target = self._xattr_target(ino, name)
@@ -1108,13 +1110,14 @@ class UnionFS:
             # trusted.* always, security.* when refused: kept under a user.* name.
             if not override.privileged_xattr(name):
                 try:
-                    os.setxattr(target, name, value, follow_symlinks=False)
+                    os.setxattr(target, name, value, flags, follow_symlinks=False)
                     return
                 except PermissionError:
                     pass
-            os.setxattr(target, override.stored_xattr(name), value, follow_symlinks=False)
+            stored = override.stored_xattr(name)
+            os.setxattr(target, stored, value, flags, follow_symlinks=False)
             return
-        os.setxattr(target, name, value, follow_symlinks=False)
+        os.setxattr(target, name, value, flags, follow_symlinks=False)
 
     @_oserr
     def removexattr(self, ino: Ino, name: bytes) -> None:
