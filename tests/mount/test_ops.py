@@ -301,8 +301,7 @@ def fallocate_steps(root: Path) -> list[object]:
 
 
 def test_fallocate_matches_kernel(tmp_path: Path) -> None:
-    """Every fallocate mode through the mount as through kernel overlayfs (pyfuse3 has no
-    handler for it; fuse_fallocate.py adds one)."""
+    """Every fallocate mode through the mount as through kernel overlayfs."""
     require_root()
     require_kernel_overlay()
     lower = tmp_path / "l"

@@ -5,7 +5,7 @@ Why a runtime copy: the venv's python is a symlink into /root/.pyenv (mode 0700)
 repository may live under /root, so the user can execute neither. The session copies
 unionfs/, layerstore/ and the venv's runtime site-packages into a 0755 directory under
 /var/tmp and runs them with Debian's python of the same version (same ABI for the compiled
-modules: pyfuse3, xxhash, zstandard).
+modules: xxhash, zstandard).
 """
 
 from __future__ import annotations
@@ -390,7 +390,7 @@ def rootless() -> Iterator[Rootless]:
         os.chmod(scratch, 0o755)
         rl = Rootless(USER, pw.pw_uid, pw.pw_gid, python, runtime, scratch)
         check = rl.run_as_user(
-            [python, "-c", "import pyfuse3, trio, xxhash, zstandard, unionfs.cli"],
+            [python, "-c", "import trio, xxhash, zstandard, unionfs.cli"],
             scratch,
             check=False,
         )

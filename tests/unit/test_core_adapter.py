@@ -1,16 +1,11 @@
-"""The edges without a mount: overlay option parsing and the one error translation."""
+"""The overlay command line without a mount: option parsing."""
 
 from __future__ import annotations
 
-import errno
-import logging
 from pathlib import Path
 
-import pyfuse3
 import pytest
 
-from unionfs.core.errors import FsError
-from unionfs.fuse_ops import to_fuse_error
 from unionfs.overlay_cli import UsageError, parse_options
 
 
@@ -34,16 +29,3 @@ def test_options_split_layers_and_pass_fuse_options() -> None:
 def test_bad_options_are_refused(opts: list[str], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse_options(opts)
-
-
-def test_errors_become_fuse_errors(caplog: pytest.LogCaptureFixture) -> None:
-    assert to_fuse_error(FsError(errno.ENOTEMPTY)).errno == errno.ENOTEMPTY
-    assert to_fuse_error(PermissionError(errno.EPERM, "x")).errno == errno.EPERM
-    same = pyfuse3.FUSEError(errno.EXDEV)
-    assert to_fuse_error(same) is same
-    with caplog.at_level(logging.ERROR, logger="layerfs"):
-        try:
-            raise KeyError("bug")
-        except KeyError as exc:
-            assert to_fuse_error(exc).errno == errno.EIO
-    assert any(r.exc_info for r in caplog.records), "an unexpected error is logged with traceback"
