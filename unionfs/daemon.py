@@ -25,8 +25,9 @@ from unionfs.core.layers import DirLayer, Layer
 from unionfs.core.statahead import StatAhead
 from unionfs.core.upper import UpperLayer
 from unionfs.fuse import mount, passthrough
-from unionfs.fuse.handlers import Handlers, Policy
+from unionfs.fuse.handlers import Handlers
 from unionfs.fuse.mount import Mounted, MountError, MountOptions
+from unionfs.fuse.policy import Policy
 from unionfs.fuse.session import Options, Session
 
 log = logging.getLogger("layerfs")

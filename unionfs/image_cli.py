@@ -9,11 +9,11 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from layerstore import containers, mountinfo
 from layerstore.containers import Container, MountRecord
@@ -25,9 +25,10 @@ from unionfs.core.idmap import IdMap, IdMapError, Presentation
 from unionfs.core.layers import DirLayer, Layer
 from unionfs.core.storelayer import StoreView
 
-MOUNT_WAIT = 60.0  # bounded wait for a daemon's mount to appear (or the daemon to exit)
+if TYPE_CHECKING:
+    from unionfs.mount_options import Shared
+
 UMOUNT_WAIT = 10.0  # bounded wait for a daemon to exit after its mount went away
-FUSE_DEFAULTS = ["default_permissions", "fsname=layerfs", "subtype=layerfs"]
 
 
 class CliError(Exception):
@@ -80,18 +81,17 @@ def _init_upper_root(upper: Path, view: StoreView) -> None:
     os.utime(upper, ns=(st.atime_ns, st.mtime_ns))
 
 
-def _fuse_options(extra: list[str] | None) -> list[str]:
-    fuse = list(FUSE_DEFAULTS)
-    for text in extra or []:
-        for opt in text.split(","):
-            if not opt:
-                continue
-            key = opt.partition("=")[0]
-            if key in ("fsname", "subtype"):
-                fuse = [f for f in fuse if not f.startswith(key + "=")]
-            if opt not in fuse:
-                fuse.append(opt)
-    return fuse
+def _shared_options(extra: list[str] | None) -> Shared:
+    """`-o` options, checked as `overlay` checks them; CliError for a refused or unknown one."""
+    from unionfs.mount_options import OptionError, Shared
+
+    shared = Shared()
+    try:
+        for text in extra or []:
+            shared.take_all(text)
+    except OptionError as exc:
+        raise CliError(str(exc)) from None
+    return shared
 
 
 def _presentation(args: argparse.Namespace) -> Presentation:
@@ -144,11 +144,14 @@ def _prepare(
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from unionfs.daemon import MountError, check_mountpoint
+    from unionfs.fuse import mount as fuse_mount
 
     root = _store_root(args)
     mountpoint = os.path.realpath(args.mountpoint)
     try:
         _presentation(args)  # bad values fail before anything is made
+        shared = _shared_options(args.options)
+        fuse_mount.parse(shared.fuse)  # MountError for a bad combination, before anything
         image, view, container, upper, work = _prepare(args, root)
         check_mountpoint(Path(mountpoint))
         lock_fd = _shared_lock(root)
@@ -180,12 +183,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         )
         announce = fresh and not args.name and container is not None
         try:
-            if args.foreground:
-                if announce:
-                    print(record.name, flush=True)
-                return _run_foreground(args, root, record, layers, upper, work, lock_fd)
-            code = _run_daemon(args, root, record, layers, upper, work)
-            if announce:
+            if args.foreground and announce:
+                print(record.name, flush=True)
+            try:
+                code = _serve(args, root, record, layers, upper, work, shared)
+            finally:
+                os.close(lock_fd)  # the daemon holds its own copy
+            if announce and not args.foreground:
                 print(record.name)  # once the mount is live
             return code
         except (CliError, MountError):
@@ -203,126 +207,45 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def _serve(
     args: argparse.Namespace,
+    root: Path,
+    record: MountRecord,
     layers: list[Layer],
     upper: Path | None,
     work: Path | None,
-    mountpoint: str,
+    shared: Shared,
 ) -> int:
-    from unionfs.daemon import serve
+    """Serve the mount (daemon.serve: in the foreground, or detached with its log in
+    STORE/mounts/<hash>.log); the mount record is written once the mount is live, by the
+    serving process, and removed when it ends."""
+    from unionfs.daemon import Hooks, serve
+
+    log_path = None
+    if not args.foreground:
+        containers.mounts_dir(root).mkdir(parents=True, exist_ok=True)
+        log_path = containers.record_path(root, record.mountpoint).with_suffix(".log")
+
+    def mounted(pid: int) -> None:
+        containers.write_record(root, replace(record, pid=pid))
+
+    def ended() -> None:
+        containers.remove_record(root, record.mountpoint, os.getpid())
+        with contextlib.suppress(OSError):
+            if log_path is not None and log_path.stat().st_size == 0:
+                log_path.unlink()  # nothing to tell: no file left behind
 
     return serve(
         layers,
         None if args.ro else upper,
         None if args.ro else work,
-        Path(mountpoint),
-        _fuse_options(args.options),
-        True,
+        Path(record.mountpoint),
+        shared.fuse,
+        args.foreground,
         debug=args.debug,
         presentation=_presentation(args),
+        policy=shared.policy(),
+        log_path=log_path,
+        hooks=Hooks(mounted=mounted, ended=ended),
     )
-
-
-def _record_when_mounted(root: Path, record: MountRecord, done: threading.Event) -> None:
-    """Write the mount record once the mount is live (polled, bounded)."""
-    deadline = time.monotonic() + MOUNT_WAIT
-    while not done.is_set() and time.monotonic() < deadline:
-        if mountinfo.is_mount_point(record.mountpoint):
-            containers.write_record(root, record)
-            return
-        done.wait(0.02)
-
-
-def _run_foreground(
-    args: argparse.Namespace,
-    root: Path,
-    record: MountRecord,
-    layers: list[Layer],
-    upper: Path | None,
-    work: Path | None,
-    lock_fd: int,
-) -> int:
-    from dataclasses import replace
-
-    rec = replace(record, pid=os.getpid())
-    done = threading.Event()
-    watcher = threading.Thread(target=_record_when_mounted, args=(root, rec, done), daemon=True)
-    watcher.start()
-    try:
-        return _serve(args, layers, upper, work, rec.mountpoint)
-    finally:
-        done.set()
-        watcher.join()
-        containers.remove_record(root, rec.mountpoint, rec.pid)
-        os.close(lock_fd)
-
-
-def _run_daemon(
-    args: argparse.Namespace,
-    root: Path,
-    record: MountRecord,
-    layers: list[Layer],
-    upper: Path | None,
-    work: Path | None,
-) -> int:
-    """Fork the daemon; return once its mount is live (0) or it failed (1, its reason)."""
-    from dataclasses import replace
-
-    from unionfs.daemon import MountError
-
-    log_dir = containers.mounts_dir(root)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = containers.record_path(root, record.mountpoint).with_suffix(".log")
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setsid()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            os.close(devnull)
-            try:
-                code = _serve(args, layers, upper, work, record.mountpoint)
-            except MountError as exc:
-                print(f"layerfs: {exc}", file=sys.stderr)
-            finally:
-                containers.remove_record(root, record.mountpoint, os.getpid())
-        except BaseException as exc:  # the daemon must never return into the CLI
-            with contextlib.suppress(Exception):
-                print(f"layerfs: daemon failed: {exc!r}", file=sys.stderr)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            with contextlib.suppress(OSError):
-                if os.fstat(log_fd).st_size == 0:
-                    log_path.unlink()  # nothing to tell: no file left behind
-            os._exit(code)
-    os.close(log_fd)
-    rec = replace(record, pid=pid)
-    deadline = time.monotonic() + MOUNT_WAIT
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            reason = _last_line(log_path) or f"the daemon exited ({status})"
-            raise CliError(reason.removeprefix("layerfs: "))
-        if mountinfo.is_mount_point(rec.mountpoint):
-            containers.write_record(root, rec)
-            return 0
-        if time.monotonic() > deadline:
-            raise CliError(f"{rec.mountpoint} not mounted after {MOUNT_WAIT:.0f}s (pid {pid})")
-        time.sleep(0.02)
-
-
-def _last_line(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-        if lines:
-            return lines[-1].strip()
-    return ""
 
 
 # ---- umount, ps, which -------------------------------------------------------------------

@@ -23,6 +23,7 @@ from unionfs.core.types import Fh
 from unionfs.fuse import handlers as hd
 from unionfs.fuse import protocol as p
 from unionfs.fuse.handlers import Handlers
+from unionfs.fuse.policy import Policy
 from unionfs.fuse.protocol import Opcode
 from unionfs.fuse.session import WANT, Options, Session
 
@@ -35,12 +36,13 @@ def _serve(
     patch: Callable[[UnionFS], None] | None = None,
     options: Options | None = None,
     during: Callable[[Handlers], Any] | None = None,
+    policy: Policy | None = None,
 ) -> list[bytes]:
     """Serve `requests` through a Session over a one-layer union of `tmp_path / "l"`, until
     the end of the stream; the replies in the order written. `during(handlers)`, if given,
     runs as a task beside the loop first (e.g. holding the lock)."""
     fs = UnionFS([DirLayer(os.fsencode(tmp_path / "l"))], None)
-    handlers = Handlers(fs)
+    handlers = Handlers(fs, policy)
     if patch is not None:
         patch(fs)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -288,3 +290,28 @@ def test_errno_of_is_the_one_place_failures_become_errnos(caplog: pytest.LogCapt
     assert hd.errno_of(OSError(errno.ENOSPC, "full")) == errno.ENOSPC
     assert hd.errno_of(ValueError("a bug")) == errno.EIO
     assert "unexpected error" in caplog.text
+
+
+def test_the_policy_of_fuse_overlayfs_options(tmp_path: Path) -> None:
+    """timeout= sets every validity, noxattrs=1 answers the xattr calls ENOSYS,
+    static_nlink shows directories with one link, fsync=0 makes fsync succeed at once (here
+    on a handle that does not exist, which fsync otherwise refuses)."""
+    _tree(tmp_path)
+    fsync = p.FSYNC_IN.pack(99, 0, 0)
+    reqs = [
+        _req(Opcode.LOOKUP, 1, ROOT, b"d\0"),
+        _req(Opcode.LOOKUP, 2, ROOT, b"nope\0"),
+        _req(Opcode.LISTXATTR, 3, ROOT, p.GETXATTR_IN.pack(0, 0)),
+        _req(Opcode.GETXATTR, 4, ROOT, p.GETXATTR_IN.pack(0, 0) + b"user.a\0"),
+        _req(Opcode.FSYNC, 5, ROOT, fsync),
+    ]
+    plain = _serve(tmp_path, reqs)
+    policy = Policy(timeout=2.5, xattrs=False, static_nlink=True, fsync=False)
+    tuned = _serve(tmp_path, reqs, policy=policy)
+    d_plain, d_tuned = (p.ENTRY_OUT.unpack_from(r[0], 16) for r in (plain, tuned))
+    assert d_plain[2:6] == (int(hd.IMMUTABLE_TIMEOUT),) * 2 + (0, 0)
+    assert d_tuned[2:6] == (2, 2, 500_000_000, 500_000_000)  # entry/attr valid, their nsec
+    assert d_plain[16] == 2 and d_tuned[16] == 1  # st_nlink of the directory
+    assert p.ENTRY_OUT.unpack_from(tuned[1], 16)[2] == 2  # "no such name" for 2.5 s too
+    assert [_header(r)[1] for r in plain[2:]] == [0, -errno.ENODATA, -errno.EBADF]
+    assert [_header(r)[1] for r in tuned[2:]] == [-errno.ENOSYS, -errno.ENOSYS, 0]

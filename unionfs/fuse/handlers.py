@@ -12,7 +12,6 @@ import os
 import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -23,6 +22,7 @@ from unionfs.core.fs import Attributes, UnionFS
 from unionfs.core.types import Fh, Ino
 from unionfs.fuse import protocol as p
 from unionfs.fuse.passthrough import Backing
+from unionfs.fuse.policy import Policy
 from unionfs.fuse.session import Handler, Later, Reply
 
 if TYPE_CHECKING:
@@ -100,16 +100,6 @@ class Listing:
                 if cookies[i] <= cookies[i - 1]:
                     cookies[i] = cookies[i - 1] + 1
         self.cookies = cookies
-
-
-@dataclass(frozen=True, slots=True)
-class Policy:
-    """fuse-overlayfs options honoured at this edge."""
-
-    timeout: float | None = None  # timeout=S: every entry and attribute, and "no such name"
-    xattrs: bool = True  # noxattrs=1: the xattr calls answer ENOSYS (the kernel: EOPNOTSUPP)
-    static_nlink: bool = False  # directories report st_nlink 1
-    fsync: bool = True  # fsync=0 / volatile: fsync and fsyncdir do nothing
 
 
 class Handlers:
