@@ -12,13 +12,13 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from layerstore.ocibuild import Img, d, f, layer_tar, write_oci
-from tests.image_fixtures import layerfs, layerfs_ok
+from tests.image_fixtures import layerfs_ok
+from tests.mount.test_image_mount import image_mount
 from tests.mounting import force_unmount, is_mounted, overlay_mount
 from tests.rootless.conftest import Rootless
 
@@ -116,17 +116,6 @@ def test_overlay_by_root(
     assert root_view["read"] == "public\n" and root_view["create"] == "ok"
 
 
-@contextmanager
-def image_mount(store: Path, mnt: Path, *opts: str) -> Iterator[Path]:
-    layerfs_ok(store, "mount", "acc:1", str(mnt), *opts)
-    try:
-        assert is_mounted(mnt)
-        yield mnt
-    finally:
-        layerfs(store, "umount", str(mnt))
-        force_unmount(mnt)
-
-
 @pytest.mark.parametrize(
     ("opts", "visitor"),
     [(("allow_root",), REFUSED), (("allow_other",), AS_MODES_ALLOW), ((), AS_MODES_ALLOW)],
@@ -148,7 +137,7 @@ def test_image_mount_by_root(
     mnt.mkdir(parents=True)
     os.chmod(mnt.parent, 0o755)
     extra = ("-o", ",".join(opts)) if opts else ()
-    with image_mount(store, mnt, *extra):
+    with image_mount(store, "acc:1", mnt, *extra):
         assert as_user(rootless, home, mnt) == visitor
         root_view = as_root(mnt)
     assert root_view["read"] == "public\n" and root_view["create"] == "ok"
