@@ -242,7 +242,7 @@ def serve(
     fs = UnionFS(layers, upper_layer, presentation)
     # The inode table and the layer caches are many long-lived objects (a mounted
     # 100,000-file image: millions): with the default thresholds the collector scans them
-    # again and again, 40% of a cold walk's time. Few of our objects form cycles.
+    # again and again (see scripts/BENCH-NOTES.md). Few of our objects form cycles.
     gc.set_threshold(50_000, 20, 100)
     daemon = _Daemon(fs, Handlers(fs, policy), mountpoint, opts)
     os.chdir("/")

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import logging
 import os
+import sys
 from pathlib import Path
 
 from unionfs.fuse import protocol as p
@@ -60,7 +61,7 @@ class Backing:
             return None
 
     def close(self, backing_id: int) -> None:
-        arg = bytearray(backing_id.to_bytes(4, "little"))
+        arg = bytearray(backing_id.to_bytes(4, sys.byteorder))
         try:
             fcntl.ioctl(self.fuse_fd, p.DEV_IOC_BACKING_CLOSE, arg, True)
         except OSError as exc:

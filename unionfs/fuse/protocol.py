@@ -171,81 +171,83 @@ DEV_IOC_BACKING_OPEN = (_IOC_WRITE << 30) | (16 << 16) | (229 << 8) | 1
 DEV_IOC_BACKING_CLOSE = (_IOC_WRITE << 30) | (4 << 16) | (229 << 8) | 2
 
 # -- layouts --------------------------------------------------------------------------------
-IN_HEADER = struct.Struct("<IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
-OUT_HEADER = struct.Struct("<IiQ")  # len error unique
+# Native byte order, the standard sizes and no implicit padding ("="): the kernel writes its
+# structs in the machine's own order, with the explicit padding fields of the header.
+IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid total_extlen pad
+OUT_HEADER = struct.Struct("=IiQ")  # len error unique
 # struct fuse_attr: ino size blocks atime mtime ctime atimensec mtimensec ctimensec mode nlink
 # uid gid rdev blksize flags. The times are u64 in the header, signed in the kernel's use
 # (a time before 1970 travels as its two's complement).
 _ATTR = "QQQqqqIIIIIIIIII"
-ATTR = struct.Struct("<" + _ATTR)
+ATTR = struct.Struct("=" + _ATTR)
 # fuse_entry_out: nodeid generation entry_valid attr_valid entry_valid_nsec attr_valid_nsec attr
-ENTRY_OUT = struct.Struct("<QQQQII" + _ATTR)
-ATTR_OUT = struct.Struct("<QII" + _ATTR)  # attr_valid attr_valid_nsec dummy attr
-OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
-CREATE_OUT = struct.Struct("<QQQQII" + _ATTR + "QIi")  # entry_out then open_out
-WRITE_OUT = struct.Struct("<II")  # size padding
-GETXATTR_OUT = struct.Struct("<II")  # size padding
-STATFS_OUT = struct.Struct("<QQQQQIII4x24x")  # blocks bfree bavail files ffree bsize namelen frsize
-INIT_OUT = struct.Struct("<IIIIHHIIHHIIH22x")
-LK_OUT = struct.Struct("<QQII")  # start end type pid
-BMAP_OUT = struct.Struct("<Q")
-IOCTL_OUT = struct.Struct("<iIII")  # result flags in_iovs out_iovs
-POLL_OUT = struct.Struct("<II")  # revents padding
-LSEEK_OUT = struct.Struct("<Q")
-COPY_FILE_RANGE_OUT = struct.Struct("<Q")
-DIRENT = struct.Struct("<QQII")  # ino off namelen type, then the name, padded to 8
+ENTRY_OUT = struct.Struct("=QQQQII" + _ATTR)
+ATTR_OUT = struct.Struct("=QII" + _ATTR)  # attr_valid attr_valid_nsec dummy attr
+OPEN_OUT = struct.Struct("=QIi")  # fh open_flags backing_id
+CREATE_OUT = struct.Struct("=QQQQII" + _ATTR + "QIi")  # entry_out then open_out
+WRITE_OUT = struct.Struct("=II")  # size padding
+GETXATTR_OUT = struct.Struct("=II")  # size padding
+STATFS_OUT = struct.Struct("=QQQQQIII4x24x")  # blocks bfree bavail files ffree bsize namelen frsize
+INIT_OUT = struct.Struct("=IIIIHHIIHHIIH22x")
+LK_OUT = struct.Struct("=QQII")  # start end type pid
+BMAP_OUT = struct.Struct("=Q")
+IOCTL_OUT = struct.Struct("=iIII")  # result flags in_iovs out_iovs
+POLL_OUT = struct.Struct("=II")  # revents padding
+LSEEK_OUT = struct.Struct("=Q")
+COPY_FILE_RANGE_OUT = struct.Struct("=Q")
+DIRENT = struct.Struct("=QQII")  # ino off namelen type, then the name, padded to 8
 SX_TIME = "qIi"
 STATX = struct.Struct(
-    "<IIQIIIHHQQQQ" + SX_TIME * 4 + "IIII112x"
+    "=IIQIIIHHQQQQ" + SX_TIME * 4 + "IIII112x"
 )  # mask blksize attributes nlink uid gid mode spare ino size blocks attributes_mask
 #    atime btime ctime mtime rdev_major rdev_minor dev_major dev_minor
-STATX_OUT = struct.Struct("<QIIQQ")  # attr_valid attr_valid_nsec flags spare[2], then statx
+STATX_OUT = struct.Struct("=QIIQQ")  # attr_valid attr_valid_nsec flags spare[2], then statx
 
-FORGET_IN = struct.Struct("<Q")
-FORGET_ONE = struct.Struct("<QQ")
-BATCH_FORGET_IN = struct.Struct("<II")
-GETATTR_IN = struct.Struct("<IIQ")
-SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")
-MKNOD_IN = struct.Struct("<IIII")
-MKDIR_IN = struct.Struct("<II")
-RENAME_IN = struct.Struct("<Q")
-RENAME2_IN = struct.Struct("<QII")
-LINK_IN = struct.Struct("<Q")
-OPEN_IN = struct.Struct("<II")
-CREATE_IN = struct.Struct("<IIII")
-RELEASE_IN = struct.Struct("<QIIQ")
-FLUSH_IN = struct.Struct("<QIIQ")
-READ_IN = struct.Struct("<QQIIQII")
-WRITE_IN = struct.Struct("<QQIIQII")
-FSYNC_IN = struct.Struct("<QII")
-SETXATTR_IN = struct.Struct("<IIII")  # with SETXATTR_EXT
-SETXATTR_IN_COMPAT = struct.Struct("<II")
-GETXATTR_IN = struct.Struct("<II")
-LK_IN = struct.Struct("<QQQQIIII")  # fh owner start end type pid lk_flags padding
-ACCESS_IN = struct.Struct("<II")
-INIT_IN = struct.Struct("<IIII")  # major minor max_readahead flags (then flags2, unused)
-INIT_IN_EXT = struct.Struct("<IIIII44x")
-INTERRUPT_IN = struct.Struct("<Q")
-BMAP_IN = struct.Struct("<QII")
-IOCTL_IN = struct.Struct("<QIIQII")
-POLL_IN = struct.Struct("<QQII")
-FALLOCATE_IN = struct.Struct("<QQQII")
-LSEEK_IN = struct.Struct("<QQII")
-COPY_FILE_RANGE_IN = struct.Struct("<QQQQQQQ")
-SETUPMAPPING_IN = struct.Struct("<QQQQQ")
-REMOVEMAPPING_IN = struct.Struct("<I")
-SYNCFS_IN = struct.Struct("<Q")
-STATX_IN = struct.Struct("<IIQII")
-NOTIFY_RETRIEVE_IN = struct.Struct("<QQIIQQ")  # dummy1 offset size dummy2 dummy3 dummy4
+FORGET_IN = struct.Struct("=Q")
+FORGET_ONE = struct.Struct("=QQ")
+BATCH_FORGET_IN = struct.Struct("=II")
+GETATTR_IN = struct.Struct("=IIQ")
+SETATTR_IN = struct.Struct("=IIQQQqqqIIIIIIII")
+MKNOD_IN = struct.Struct("=IIII")
+MKDIR_IN = struct.Struct("=II")
+RENAME_IN = struct.Struct("=Q")
+RENAME2_IN = struct.Struct("=QII")
+LINK_IN = struct.Struct("=Q")
+OPEN_IN = struct.Struct("=II")
+CREATE_IN = struct.Struct("=IIII")
+RELEASE_IN = struct.Struct("=QIIQ")
+FLUSH_IN = struct.Struct("=QIIQ")
+READ_IN = struct.Struct("=QQIIQII")
+WRITE_IN = struct.Struct("=QQIIQII")
+FSYNC_IN = struct.Struct("=QII")
+SETXATTR_IN = struct.Struct("=IIII")  # with SETXATTR_EXT
+SETXATTR_IN_COMPAT = struct.Struct("=II")
+GETXATTR_IN = struct.Struct("=II")
+LK_IN = struct.Struct("=QQQQIIII")  # fh owner start end type pid lk_flags padding
+ACCESS_IN = struct.Struct("=II")
+INIT_IN = struct.Struct("=IIII")  # major minor max_readahead flags (then flags2, unused)
+INIT_IN_EXT = struct.Struct("=IIIII44x")
+INTERRUPT_IN = struct.Struct("=Q")
+BMAP_IN = struct.Struct("=QII")
+IOCTL_IN = struct.Struct("=QIIQII")
+POLL_IN = struct.Struct("=QQII")
+FALLOCATE_IN = struct.Struct("=QQQII")
+LSEEK_IN = struct.Struct("=QQII")
+COPY_FILE_RANGE_IN = struct.Struct("=QQQQQQQ")
+SETUPMAPPING_IN = struct.Struct("=QQQQQ")
+REMOVEMAPPING_IN = struct.Struct("=I")
+SYNCFS_IN = struct.Struct("=Q")
+STATX_IN = struct.Struct("=IIQII")
+NOTIFY_RETRIEVE_IN = struct.Struct("=QQIIQQ")  # dummy1 offset size dummy2 dummy3 dummy4
 
-NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
-NOTIFY_INVAL_ENTRY_OUT = struct.Struct("<QII")
-NOTIFY_DELETE_OUT = struct.Struct("<QQII")
-NOTIFY_STORE_OUT = struct.Struct("<QQII")
-NOTIFY_RETRIEVE_OUT = struct.Struct("<QQQII")
-NOTIFY_POLL_OUT = struct.Struct("<Q")
-NOTIFY_PRUNE_OUT = struct.Struct("<IIQ")
-BACKING_MAP = struct.Struct("<iIQ")  # fd flags padding
+NOTIFY_INVAL_INODE_OUT = struct.Struct("=Qqq")
+NOTIFY_INVAL_ENTRY_OUT = struct.Struct("=QII")
+NOTIFY_DELETE_OUT = struct.Struct("=QQII")
+NOTIFY_STORE_OUT = struct.Struct("=QQII")
+NOTIFY_RETRIEVE_OUT = struct.Struct("=QQQII")
+NOTIFY_POLL_OUT = struct.Struct("=Q")
+NOTIFY_PRUNE_OUT = struct.Struct("=IIQ")
+BACKING_MAP = struct.Struct("=iIQ")  # fd flags padding
 
 
 class ProtocolError(Exception):
@@ -1054,7 +1056,7 @@ def notify_inc_epoch() -> bytes:
 def notify_prune(nodeids: Sequence[int]) -> bytes:
     return _notify(
         Notify.PRUNE,
-        NOTIFY_PRUNE_OUT.pack(len(nodeids), 0, 0) + struct.pack(f"<{len(nodeids)}Q", *nodeids),
+        NOTIFY_PRUNE_OUT.pack(len(nodeids), 0, 0) + struct.pack(f"={len(nodeids)}Q", *nodeids),
     )
 
 
