@@ -214,6 +214,8 @@ def serve(
     )
     hooks = hooks or Hooks()
     mountpoint = Path(os.path.abspath(mountpoint))
+    if log_path is not None:
+        log_path = Path(os.path.abspath(log_path))  # opened after chdir("/")
     options = list(fuse_options)
     opts = mount.parse(options)
     check_mountpoint(mountpoint)

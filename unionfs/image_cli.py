@@ -219,6 +219,7 @@ def _serve(
     serving process, and removed when it ends."""
     from unionfs.daemon import Hooks, serve
 
+    root = root.absolute()  # the daemon works from "/"
     log_path = None
     if not args.foreground:
         containers.mounts_dir(root).mkdir(parents=True, exist_ok=True)
