@@ -83,7 +83,8 @@ MAX_STACK_DEPTH = 1
 # fuse_lowlevel.c) and those that carry no reply. READDIR and READDIRPLUS are checked too:
 # libfuse exempts them after a checked OPENDIR, which our kernels no longer send.
 _OPEN_TO_OTHERS = frozenset(
-    {
+    int(op)
+    for op in (
         p.Opcode.INIT,
         p.Opcode.READ,
         p.Opcode.WRITE,
@@ -91,9 +92,8 @@ _OPEN_TO_OTHERS = frozenset(
         p.Opcode.RELEASE,
         p.Opcode.FSYNCDIR,
         p.Opcode.RELEASEDIR,
-        p.Opcode.NOTIFY_REPLY,
         *p.NO_REPLY,
-    }
+    )
 )
 
 # The largest request: a WRITE of MAX_WRITE plus its headers.
@@ -160,10 +160,12 @@ class Session:
         # Requests waiting for the core's lock, by unique: an INTERRUPT cancels the wait.
         self.waiting: dict[int, trio.CancelScope] = {}
         self._in_trio_wait = False
-        self.table: dict[int, tuple[Handler, bool]] = dict(served.table())
-        self.table[p.Opcode.INIT] = (self._init, False)
-        self.table[p.Opcode.INTERRUPT] = (self._interrupt, False)
-        self.table[p.Opcode.DESTROY] = (self._destroy, False)
+        table = {**served.table(), p.Opcode.INIT: (self._init, False),
+                 p.Opcode.INTERRUPT: (self._interrupt, False),
+                 p.Opcode.DESTROY: (self._destroy, False)}  # fmt: skip
+        # Plain int keys: the opcode read from the device is an int, found without an
+        # IntEnum comparison.
+        self.table: dict[int, tuple[Handler, bool]] = {int(k): v for k, v in table.items()}
 
     # -- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
@@ -267,7 +269,12 @@ class Session:
             except Exception as exc:
                 self._fail(unique, exc)
                 continue
-            if reply is not None:
+            if type(reply) is bytes:  # most replies: one write(2), header and body
+                try:
+                    os.write(fd, _OUT.pack(_OUT.size + len(reply), 0, unique) + reply)
+                except OSError as exc:
+                    log.debug("reply not delivered: %s", exc)  # see _write
+            elif reply is not None:
                 self._reply(unique, reply)
         return False
 
