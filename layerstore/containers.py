@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreError
+from .mountinfo import is_mount_point
 
 # Layout (shared with diff/commit/export, see notes/ISSUE4-CONTRACT.md):
 #   STORE/containers/NAME/upper/       the upper directory (overlayfs native format as root)
@@ -273,39 +274,6 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[-1].split()[0] != b"Z"
     except OSError:
         return False
-
-
-def mount_at(
-    path: str | os.PathLike[str], *, resolved: bool = False
-) -> tuple[int, int, str] | None:
-    """The mount on top at `path`, from /proc/self/mountinfo: its device (major, minor) and
-    filesystem type; None when nothing is mounted there. `resolved`: `path` is already a
-    real path (resolving it would stat the mount, which a daemon must not ask itself)."""
-    target = os.fsencode(path if resolved else os.path.realpath(path))
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            raw = (
-                fields[4]
-                .replace(b"\\040", b" ")
-                .replace(b"\\011", b"\t")
-                .replace(b"\\012", b"\n")
-                .replace(b"\\134", b"\\")
-            )
-            if raw == target:
-                major, _, minor = fields[2].partition(b":")
-                sep = fields.index(b"-", 5) if b"-" in fields[5:] else -1
-                fstype = (
-                    fields[sep + 1].decode(errors="replace") if 0 < sep < len(fields) - 1 else ""
-                )
-                found = (int(major), int(minor), fstype)
-    return found  # the last one: the mount on top
-
-
-def is_mount_point(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` (resolved) is a mount point, read from /proc/self/mountinfo."""
-    return mount_at(path) is not None
 
 
 def find_mounted(store_root: Path, name: str) -> MountRecord | None:

@@ -47,8 +47,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from layerstore.mountinfo import mount_points
+
 REPO = Path(__file__).resolve().parent.parent
 IMPLS = ("kernel", "fuse-overlayfs", "layerfs")
+# With --baseline DIR: layerfs from another checkout (e.g. a worktree of an older commit),
+# measured in the same run beside this one.
+BASE = "layerfs-base"
 FIXTURE_VERSION = 2
 MiB = 1 << 20
 PAGE = os.sysconf("SC_PAGESIZE")
@@ -456,20 +461,6 @@ def log(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
-def mount_points() -> set[bytes]:
-    points: set[bytes] = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            raw = line.split()[4]
-            points.add(
-                raw.replace(b"\\040", b" ")
-                .replace(b"\\011", b"\t")
-                .replace(b"\\012", b"\n")
-                .replace(b"\\134", b"\\")
-            )
-    return points
-
-
 def is_mounted(path: Path) -> bool:
     return os.fsencode(os.path.realpath(path)) in mount_points()
 
@@ -628,6 +619,8 @@ class Config:
     profile: str | None  # "py-spy" | "pyinstrument" | None
     profile_dir: Path
     cold_ok: bool = True
+    baseline: Path | None = None  # the checkout BASE runs from
+    base_python: str = ""
 
 
 def overlay_opts(lowers: Sequence[Path], upper: Path | None, work: Path | None) -> str:
@@ -681,6 +674,7 @@ def mounted(
                 m = Mounted(impl, mnt, None, False, time.perf_counter() - t_start)
             else:
                 profiled = False
+                cwd, env = REPO, None
                 if impl == "fuse-overlayfs":
                     cmd = ["fuse-overlayfs", "-f", "-o", opts, str(mnt)]
                 elif impl == "layerfs":
@@ -688,6 +682,12 @@ def mounted(
                     if cfg.profile is not None:
                         profiled = True
                         cmd = profile_cmd(cfg, cmd, label)
+                elif impl == BASE and cfg.baseline is not None:
+                    # The other checkout's packages first, whatever the interpreter has
+                    # installed (an editable install of this one, say).
+                    cwd = cfg.baseline
+                    env = dict(os.environ, PYTHONPATH=str(cfg.baseline))
+                    cmd = [cfg.base_python, "-m", "unionfs", "overlay", "-f", "-o", opts, str(mnt)]
                 else:
                     raise ValueError(f"unknown implementation {impl!r}")
                 # Own session: a Ctrl-C reaches only us, and we unmount the daemon ourselves.
@@ -696,7 +696,8 @@ def mounted(
                     stdin=subprocess.DEVNULL,
                     stdout=logf,
                     stderr=logf,
-                    cwd=REPO,
+                    cwd=cwd,
+                    env=env,
                     start_new_session=True,
                 )
                 m = Mounted(impl, mnt, proc, profiled)
@@ -1673,6 +1674,18 @@ def fuse_overlayfs_version() -> str:
     return "?"
 
 
+def git_commit(checkout: Path) -> tuple[str, bool]:
+    """The short commit of a checkout, and whether tracked files have local changes."""
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], capture_output=True, text=True, cwd=checkout)
+        return r.stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") or "?", bool(
+        git("status", "--porcelain", "--untracked-files=no")
+    )
+
+
 def machine_info(python: str) -> dict[str, Any]:
     mem_kib = 0
     with open("/proc/meminfo") as f:
@@ -1702,15 +1715,8 @@ def machine_info(python: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "daemon_python": out([python, "-c", "import sys; print(sys.version.split()[0])"]),
         "fuse_overlayfs": fuse_overlayfs_version(),
-        "layerfs_commit": out(["git", "rev-parse", "--short", "HEAD"]),
-        "layerfs_dirty": bool(
-            subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                cwd=REPO,
-                check=False,
-            ).stdout.strip()
-        ),
+        "layerfs_commit": git_commit(REPO)[0],
+        "layerfs_dirty": git_commit(REPO)[1],
     }
 
 
@@ -1730,6 +1736,7 @@ def render(
         f"(daemon {machine['daemon_python']}), fuse-overlayfs {machine['fuse_overlayfs']}, "
         f"layerfs {machine['layerfs_commit']}"
         + (" +local changes" if machine["layerfs_dirty"] else "")
+        + (f", {BASE} {machine['baseline']}" if "baseline" in machine else "")
         + f"; load {machine['loadavg_start']:.1f} at start, "
         f"{machine.get('loadavg_end', 0.0):.1f} at end",
         "cold = fresh mount + page cache dropped"
@@ -1740,14 +1747,20 @@ def render(
     lines.append("command: " + " ".join(["scripts/bench.py", *sys.argv[1:]]))
     if args.profile:
         lines.append("PROFILED: layerfs ran under a profiler, its times are not representative")
-    short = {"kernel": "kernel", "fuse-overlayfs": "fuse-ovl", "layerfs": "layerfs"}
+    short = {
+        "kernel": "kernel",
+        "fuse-overlayfs": "fuse-ovl",
+        "layerfs": "layerfs",
+        BASE: "lfs-base",
+    }
     ratios = [(a, b) for a, b in (("fuse-overlayfs", "kernel"), ("layerfs", "kernel"))]
-    ratios.append(("layerfs", "fuse-overlayfs"))
+    ratios += [("layerfs", "fuse-overlayfs"), ("layerfs", BASE)]
     ratios = [(a, b) for a, b in ratios if a in impls and b in impls]
     rname = {
         ("fuse-overlayfs", "kernel"): "fo/k",
         ("layerfs", "kernel"): "lfs/k",
         ("layerfs", "fuse-overlayfs"): "lfs/fo",
+        ("layerfs", BASE): "lfs/base",
     }
     head = f"{'workload':<14}" + "".join(f"{short[i]:>11}" for i in impls)
     head += "".join(f"{rname[r]:>8}" for r in ratios) + "  check    what"
@@ -1926,6 +1939,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--python", help="interpreter for the layerfs daemon (default: the venv's)")
     ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help=f"also run layerfs from the checkout DIR (e.g. a git worktree of an older commit) "
+        f"as {BASE!r}, interleaved with the others, with a lfs/base ratio column",
+    )
+    ap.add_argument(
+        "--baseline-python",
+        help="interpreter for the baseline's daemon (default: DIR/.venv/bin/python if there, "
+        "else --python's)",
+    )
+    ap.add_argument(
         "--timeout",
         type=float,
         help="per measurement, seconds; the daemon is killed after it (default 900 x scale, "
@@ -1949,9 +1974,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
     impls = [i for i in args.impls.split(",") if i]
-    bad = [i for i in impls if i not in IMPLS]
+    known = (*IMPLS, BASE) if args.baseline else IMPLS
+    bad = [i for i in impls if i not in known]
     if bad or not impls:
-        ap.error(f"unknown implementation(s) {bad}; choose from {','.join(IMPLS)}")
+        ap.error(f"unknown implementation(s) {bad}; choose from {','.join(known)}")
+    if args.baseline:
+        if not (args.baseline / "unionfs" / "__main__.py").is_file():
+            ap.error(f"--baseline {args.baseline}: not a layerfs checkout")
+        if BASE not in impls:
+            impls.append(BASE)
     args.impls = impls
     return args
 
@@ -1983,9 +2014,13 @@ def resolve_profiler(want: str | None, python: str) -> str | None:
     )
 
 
-def layerfs_available(python: str, command: str) -> str | None:
+def layerfs_available(python: str, command: str, checkout: Path = REPO) -> str | None:
     r = subprocess.run(
-        [python, "-m", "unionfs", command, "--help"], capture_output=True, cwd=REPO, timeout=60
+        [python, "-m", "unionfs", command, "--help"],
+        capture_output=True,
+        cwd=checkout,
+        env=dict(os.environ, PYTHONPATH=str(checkout)),
+        timeout=60,
     )
     if r.returncode == 0:
         return None
@@ -2042,6 +2077,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if why is not None:
             log(f"layerfs overlay command not usable ({why}): skipped")
             impls.remove("layerfs")
+    baseline = args.baseline.resolve() if args.baseline else None
+    base_python = ""
+    if baseline is not None:
+        base_python = args.baseline_python or (
+            str(baseline / ".venv" / "bin" / "python")
+            if (baseline / ".venv" / "bin" / "python").exists()
+            else python
+        )
+        why = layerfs_available(base_python, "overlay", baseline)
+        if why is not None:
+            raise SystemExit(f"bench: the baseline's overlay command is not usable: {why}")
     if not (impls and wls) and not tools:
         log("nothing left to run")
         return 2
@@ -2055,6 +2101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout=args.timeout if args.timeout else max(120.0, 900.0 * args.scale),
         profile=resolve_profiler(args.profile, python) if "layerfs" in impls else None,
         profile_dir=workdir / "profiles",
+        baseline=baseline,
+        base_python=base_python,
     )
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -2074,6 +2122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ctx = Ctx(cfg=cfg, params=params, root=root)
     machine = machine_info(python)
+    if baseline is not None:
+        commit, dirty = git_commit(baseline)
+        machine["baseline"] = commit + (" +local changes" if dirty else "")
     t0 = time.perf_counter()
     try:
         res = run_all(ctx, wls, impls, args.rounds, args.check) if impls else Results()

@@ -2,7 +2,7 @@
 # Installs the Debian packages layerfs needs to build, test and demo. Idempotent; run as root.
 set -euo pipefail
 pkgs=(
-  fuse3 libfuse3-dev pkg-config gcc python3-dev   # pyfuse3 builds against libfuse3
+  fuse3                                           # fusermount3: unprivileged mounts
   attr zstd                                       # getfattr/setfattr for tests, zstd layers
   fuse-overlayfs                                  # the drop-in we compare against
   umoci skopeo buildah busybox-static             # real tools that build reference images

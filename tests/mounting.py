@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,27 +12,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from layerstore.mountinfo import is_mount_point
+
 LAYERFS = [sys.executable, "-m", "unionfs"]
 MOUNT_TIMEOUT = 30.0
 
 
-def _mount_points() -> set[bytes]:
-    points: set[bytes] = set()
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            raw = line.split()[4]
-            # mountinfo escapes space, tab, newline and backslash as octal.
-            points.add(
-                raw.replace(b"\\040", b" ")
-                .replace(b"\\011", b"\t")
-                .replace(b"\\012", b"\n")
-                .replace(b"\\134", b"\\")
-            )
-    return points
-
-
 def is_mounted(path: Path | str) -> bool:
-    return os.fsencode(os.path.realpath(path)) in _mount_points()
+    return is_mount_point(path)
 
 
 def wait_mounted(

@@ -1,8 +1,9 @@
-"""Run a union mount: mount, serve until unmounted or signalled, daemonize on request."""
+"""Run a union mount: mount, serve until unmounted or signalled; the one daemonizer of
+`overlay` and `mount`."""
 
 from __future__ import annotations
 
-import errno
+import gc
 import logging
 import logging.handlers
 import os
@@ -10,28 +11,38 @@ import resource
 import signal
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import pyfuse3
 import trio
 
-from layerstore.containers import is_mount_point
-from unionfs import fuse_loop, fuse_wire
+from layerstore.mountinfo import is_mount_point
 from unionfs.core.errors import FsError
 from unionfs.core.fs import UnionFS
 from unionfs.core.idmap import Presentation
 from unionfs.core.layers import DirLayer, Layer
 from unionfs.core.statahead import StatAhead
 from unionfs.core.upper import UpperLayer
-from unionfs.fuse_ops import Operations
+from unionfs.fuse import mount, passthrough
+from unionfs.fuse.handlers import Handlers
+from unionfs.fuse.mount import Mounted, MountError, MountOptions
+from unionfs.fuse.policy import Policy
+from unionfs.fuse.session import Options, Session
 
 log = logging.getLogger("layerfs")
 ENV_LOG_SOCKET = "LAYERFS_LOG_SOCKET"
+# Readahead window of the mount (KiB): the largest read request the kernel then sends is
+# min(this, max_pages = 1 MiB), 8 times fewer requests than its default of 128 KiB.
+READAHEAD_KB = 1024
 
 
-class MountError(Exception):
-    """A mount could not be made; the message is one line for the user."""
+@dataclass(frozen=True, slots=True)
+class Hooks:
+    """Calls into the command that asked for the mount, made in the serving process."""
+
+    mounted: Callable[[int], None] | None = None  # the mount is live; the daemon's pid
+    ended: Callable[[], None] | None = None  # the daemon is done (unmounted or failed)
 
 
 def check_mountpoint(mountpoint: Path) -> None:
@@ -49,50 +60,11 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def _run(ops: Operations) -> bool:
-    """Serve until the mount goes away (False) or a signal asks us to stop (True)."""
-    signalled = False
-    async with trio.open_nursery() as nursery:
-
-        async def watch(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            nonlocal signalled
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
-                task_status.started()
-                async for _ in sigs:
-                    signalled = True
-                    pyfuse3.terminate()
-                    return
-
-        # Started, not just scheduled: the request loop may not yield to trio for a while,
-        # and a SIGTERM before the receiver exists would kill us without unmounting.
-        await nursery.start(watch)
-        try:
-            wire = fuse_wire.Wire.start(ops)
-            if wire is not None:
-                await wire.run()
-            else:
-                await fuse_loop.main()
-        except* OSError as group:
-            # An unmount while requests are still queued (releases of files closed just
-            # before it; since FLUSH is off, close() waits for nothing) makes reading the
-            # device fail with ECONNABORTED on this kernel (6.18), where pyfuse3 expects
-            # ENODEV and raises. The mount is gone either way (tests/hardening/test_faults.py
-            # test_thousands_of_open_files failed in most runs without this).
-            _, rest = group.split(
-                lambda e: isinstance(e, OSError) and e.errno == errno.ECONNABORTED
-            )
-            if rest is not None:
-                raise rest from None
-            log.debug("the kernel aborted the connection: the mount is gone")
-        nursery.cancel_scope.cancel()
-    return signalled
-
-
 def check_unprivileged(
     options: Sequence[str], fuse_conf: str = "/etc/fuse.conf", dev: str = "/dev/fuse"
 ) -> None:
     """What a mount by an ordinary user needs, checked up front for a clear message:
-    /dev/fuse readable and writable (libfuse opens it before calling fusermount3), and
+    /dev/fuse readable and writable (fusermount3 opens it as the user), and
     `user_allow_other` in /etc/fuse.conf for allow_other/allow_root."""
     if os.geteuid() == 0:
         return
@@ -136,8 +108,8 @@ def privileged_upper(work: Path) -> bool:
 
 
 def _log_to_syslog() -> None:
-    """A detached daemon has no stderr: its log goes to syslog ($LAYERFS_LOG_SOCKET, by
-    default /dev/log) when there is one, else nowhere (image mounts log to the store)."""
+    """A detached daemon without a log file logs to syslog ($LAYERFS_LOG_SOCKET, by default
+    /dev/log) when there is one, else nowhere."""
     address = os.environ.get(ENV_LOG_SOCKET, "/dev/log")
     try:
         handler = logging.handlers.SysLogHandler(
@@ -153,28 +125,66 @@ def _log_to_syslog() -> None:
     root.addHandler(handler)
 
 
-def _mount(ops: Operations, mountpoint: Path, options: Sequence[str]) -> None:
-    ops.prepare_session()
-    # Before the mount: the read-ahead process must not hold the FUSE device.
-    if os.environ.get("LAYERFS_PREFETCH") != "0" and ops.fs.start_prefetch():
-        log.debug("reading lower directories ahead")
-    try:
-        pyfuse3.init(ops, os.fspath(mountpoint), set(options))
-    except RuntimeError as exc:
-        ops.fs.stop_prefetch()
-        raise MountError(f"cannot mount {mountpoint}: {exc}") from None
-    fds = fuse_loop.fuse_fds()
-    if len(fds) == 1 and ops.start_passthrough(fds[0]):
-        log.debug("asking the kernel for passthrough")
+@dataclass(slots=True)
+class _Daemon:
+    """What one mount serves, made before anything is mounted."""
+
+    fs: UnionFS
+    handlers: Handlers
+    mountpoint: Path
+    options: MountOptions
+
+    def mount(self) -> Mounted:
+        # Before the mount: the read-ahead process must not hold the FUSE device.
+        if os.environ.get("LAYERFS_PREFETCH") != "0" and self.fs.start_prefetch():
+            log.debug("reading lower directories ahead")
+        try:
+            return mount.mount(os.fspath(self.mountpoint), self.options)
+        except BaseException:
+            self.fs.stop_prefetch()
+            raise
+
+    def serve(self, mounted: Mounted) -> int:
+        where = os.fspath(self.mountpoint)
+        session = Session(
+            mounted.fd,
+            self.handlers,
+            Options(
+                passthrough=passthrough.wanted(),
+                deny_others=self.options.allow_root,
+                # INIT set the mount's readahead; no open has to wait for this.
+                after_init=lambda: mount.widen_readahead(where, READAHEAD_KB),
+            ),
+        )
+        signalled = False
+        try:
+            signalled = trio.run(_run, session)
+        finally:
+            self.fs.close()
+            mount.close(mounted, unmount_it=signalled)
+        return 0
 
 
-def _serve_mounted(ops: Operations) -> int:
-    try:
-        signalled = trio.run(_run, ops)
-    finally:
-        ops.fs.close()
-    pyfuse3.close(unmount=signalled)
-    return 0
+async def _run(session: Session) -> bool:
+    """Serve until the mount goes away (False) or a signal asks us to stop (True)."""
+    signalled = False
+    async with trio.open_nursery() as nursery:
+
+        async def watch(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            nonlocal signalled
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                task_status.started()
+                async for _ in sigs:
+                    signalled = True
+                    session.stop()
+                    return
+
+        # Started, not just scheduled: the request loop may not yield to trio for a while,
+        # and a SIGTERM before the receiver exists would kill us without unmounting.
+        await nursery.start(watch)
+        await session.run()
+        nursery.cancel_scope.cancel()
+    return signalled
 
 
 def serve(
@@ -187,23 +197,31 @@ def serve(
     *,
     debug: bool = False,
     presentation: Presentation | None = None,
+    policy: Policy | None = None,
+    log_path: Path | None = None,
+    hooks: Hooks | None = None,
 ) -> int:
     """Mount `layers` (top first) under an optional upper at `mountpoint` and serve it.
 
     In the foreground, returns the exit code once the mount is gone. Otherwise forks: the
-    parent returns 0 once the mount is live, or raises MountError with the child's reason.
-    Raises MountError for anything wrong before mounting; nothing is changed then.
+    parent returns 0 once the mount is live, or raises MountError with the daemon's reason
+    in one line. The detached daemon writes its log to `log_path` when given, else to
+    syslog. Raises MountError for anything wrong before mounting; nothing is changed then.
     """
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.WARNING,
         format="layerfs[%(process)d] %(levelname)s %(message)s",
     )
+    hooks = hooks or Hooks()
     mountpoint = Path(os.path.abspath(mountpoint))
+    if log_path is not None:
+        log_path = Path(os.path.abspath(log_path))  # opened after chdir("/")
+    options = list(fuse_options)
+    opts = mount.parse(options)
     check_mountpoint(mountpoint)
-    check_unprivileged(fuse_options)
+    check_unprivileged(options)
     _raise_nofile()
     os.umask(0)
-    options = list(fuse_options)
     try:
         upper_layer = (
             UpperLayer(os.fsencode(upper), os.fsencode(work), privileged_upper(work))
@@ -212,57 +230,99 @@ def serve(
         )
     except (OSError, FsError) as exc:
         raise MountError(f"cannot use upperdir/workdir: {exc}") from None
-    if upper_layer is None and "ro" not in options:
-        options.append("ro")
-    if os.geteuid() == 0 and not {"allow_other", "allow_root"} & set(options):
+    if upper_layer is None and not opts.readonly:
+        opts = opts.with_readonly()
+    if os.geteuid() == 0 and not (opts.allow_other or opts.allow_root):
         # As kernel overlayfs (and fuse-overlayfs run as root): other users reach the mount
         # as the modes allow (default_permissions is always on), instead of EACCES for all.
-        options.append("allow_other")
+        opts = opts.with_allow_other()
     if os.environ.get("LAYERFS_STATAHEAD") != "0":
         ahead = StatAhead()  # see core/statahead.py; started at the first listing
         for layer in layers:
             if isinstance(layer, DirLayer) and layer.immutable:
                 layer.statahead = ahead
     fs = UnionFS(layers, upper_layer, presentation)
-    ops = Operations(fs, os.fspath(mountpoint))
+    # The inode table and the layer caches are many long-lived objects (a mounted
+    # 100,000-file image: millions): with the default thresholds the collector scans them
+    # again and again (see scripts/BENCH-NOTES.md). Few of our objects form cycles.
+    gc.set_threshold(50_000, 20, 100)
+    daemon = _Daemon(fs, Handlers(fs, policy), mountpoint, opts)
     os.chdir("/")
     if foreground:
-        _mount(ops, mountpoint, options)
-        return _serve_mounted(ops)
+        try:
+            mounted = daemon.mount()
+            if hooks.mounted is not None:
+                hooks.mounted(os.getpid())
+            return daemon.serve(mounted)
+        finally:
+            if hooks.ended is not None:
+                hooks.ended()
+    return _detach(daemon, hooks, log_path)
 
+
+def _detach(daemon: _Daemon, hooks: Hooks, log_path: Path | None) -> int:
+    """Fork the daemon; return 0 once its mount is live, or raise MountError with its reason."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log_fd = None
+    if log_path is not None:
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid > 0:
         os.close(wfd)
+        if log_fd is not None:
+            os.close(log_fd)
         with os.fdopen(rfd, "rb") as r:
             msg = r.read().decode(errors="replace").strip()
         if msg == "ok":
             return 0
-        os.waitpid(pid, 0)
-        raise MountError(msg or "the daemon exited before mounting")
-    # Child: mount, report, detach, serve.
+        _pid, status = os.waitpid(pid, 0)
+        if not msg:
+            msg = f"the daemon exited before mounting (status {status})"
+            if log_path is not None:
+                msg += f"; see {log_path}"
+        raise MountError(msg)
+    # The daemon: detached from the terminal, its output to the log, then mount and report.
     os.close(rfd)
     code = 1
     try:
         os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        out = log_fd if log_fd is not None else devnull
+        os.dup2(devnull, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(devnull)
+        if log_fd is None:
+            _log_to_syslog()
         try:
-            _mount(ops, mountpoint, options)
+            mounted = daemon.mount()
         except MountError as exc:
             os.write(wfd, str(exc).encode())
-            os._exit(1)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        _log_to_syslog()
+            raise
+        except BaseException as exc:
+            log.exception("the daemon failed before mounting")
+            where = f"; see {log_path}" if log_path is not None else "; run with -f -d for more"
+            os.write(wfd, f"the daemon failed: {exc}{where}".encode())
+            raise
+        if hooks.mounted is not None:
+            hooks.mounted(os.getpid())
         os.write(wfd, b"ok\n")
         os.close(wfd)
-        code = _serve_mounted(ops)
+        code = daemon.serve(mounted)
+    except MountError:
+        pass
     except BaseException:
         log.exception("daemon failed")
     finally:
-        sys.stdout.flush()
-        os._exit(code)
+        try:
+            if hooks.ended is not None:
+                hooks.ended()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
 
 
-__all__ = ["serve", "MountError", "errno"]
+__all__ = ["serve", "Hooks", "MountError", "check_mountpoint", "check_unprivileged"]

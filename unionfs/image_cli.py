@@ -11,10 +11,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from layerstore import containers
+from layerstore import containers, mountinfo
 from layerstore.cli import IMAGE_HELP, _ago, add_output_options, emit, error_line, template
 from layerstore.containers import Container, MountRecord
 from layerstore.errors import StoreError
@@ -26,9 +27,10 @@ from unionfs.core.idmap import IdMap, IdMapError, Presentation
 from unionfs.core.layers import DirLayer, Layer
 from unionfs.core.storelayer import StoreView
 
-MOUNT_WAIT = 60.0  # bounded wait for a daemon's mount to appear (or the daemon to exit)
+if TYPE_CHECKING:
+    from unionfs.mount_options import Shared
+
 UMOUNT_WAIT = 10.0  # bounded wait for a daemon to exit after its mount went away
-FUSE_DEFAULTS = ["default_permissions", "fsname=layerfs", "subtype=layerfs"]
 
 
 class CliError(Exception):
@@ -73,18 +75,17 @@ def _init_upper_root(upper: Path, view: StoreView) -> None:
     os.utime(upper, ns=(st.atime_ns, st.mtime_ns))
 
 
-def _fuse_options(extra: list[str] | None) -> list[str]:
-    fuse = list(FUSE_DEFAULTS)
-    for text in extra or []:
-        for opt in text.split(","):
-            if not opt:
-                continue
-            key = opt.partition("=")[0]
-            if key in ("fsname", "subtype"):
-                fuse = [f for f in fuse if not f.startswith(key + "=")]
-            if opt not in fuse:
-                fuse.append(opt)
-    return fuse
+def _shared_options(extra: list[str] | None) -> Shared:
+    """`-o` options, checked as `overlay` checks them; CliError for a refused or unknown one."""
+    from unionfs.mount_options import OptionError, Shared
+
+    shared = Shared()
+    try:
+        for text in extra or []:
+            shared.take_all(text)
+    except OptionError as exc:
+        raise CliError(str(exc)) from None
+    return shared
 
 
 def _presentation(args: argparse.Namespace) -> Presentation:
@@ -143,11 +144,14 @@ def _prepare(
 
 def cmd_mount(args: argparse.Namespace) -> int:
     from unionfs.daemon import MountError, check_mountpoint
+    from unionfs.fuse import mount as fuse_mount
 
     root = _store_root(args)
     mountpoint = os.path.realpath(args.mountpoint)
     try:
         _presentation(args)  # bad values fail before anything is made
+        shared = _shared_options(args.options)
+        fuse_mount.parse(shared.fuse)  # MountError for a bad combination, before anything
         check_mountpoint(Path(mountpoint))
         with _open_store(root):
             pass  # a missing store, or someone else's, says so before anything is locked
@@ -187,12 +191,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
                 else:
                     upper, work = container.upper, container.work
             announce = fresh and not args.name and container is not None
-            if args.foreground:
-                if announce:
-                    print(record.name, flush=True)
-                return _run_foreground(args, root, record, layers, upper, work)
-            code = _run_daemon(args, root, record, layers, upper, work)
-            if announce:
+            if args.foreground and announce:
+                print(record.name, flush=True)
+            code = _serve(args, root, record, layers, upper, work, shared)
+            if announce and not args.foreground:
                 print(record.name)  # once the mount is live
             return code
         except (CliError, MountError):
@@ -224,108 +226,46 @@ def _mount_ended(root: Path, record: MountRecord) -> None:
 
 def _serve(
     args: argparse.Namespace,
+    root: Path,
+    record: MountRecord,
     layers: list[Layer],
     upper: Path | None,
     work: Path | None,
-    mountpoint: str,
+    shared: Shared,
 ) -> int:
-    from unionfs.daemon import serve
+    """Serve the mount (daemon.serve: in the foreground, or detached with its log in
+    STORE/mounts/<hash>.log). The registration written by cmd_mount passes to the serving
+    process once the mount is live, and goes (with a `--rm` upper) when it ends."""
+    from unionfs.daemon import Hooks, serve
+
+    root = root.absolute()  # the daemon works from "/"
+    log_path = None
+    if not args.foreground:
+        containers.mounts_dir(root).mkdir(parents=True, exist_ok=True)
+        log_path = containers.record_path(root, record.mountpoint).with_suffix(".log")
+
+    def mounted(pid: int) -> None:
+        containers.write_record(root, replace(record, pid=pid, started=containers.proc_start(pid)))
+
+    def ended() -> None:
+        _mount_ended(root, record)
+        with contextlib.suppress(OSError):
+            if log_path is not None and log_path.stat().st_size == 0:
+                log_path.unlink()  # nothing to tell: no file left behind
 
     return serve(
         layers,
         None if args.ro else upper,
         None if args.ro else work,
-        Path(mountpoint),
-        _fuse_options(args.options),
-        True,
+        Path(record.mountpoint),
+        shared.fuse,
+        args.foreground,
         debug=args.debug,
         presentation=_presentation(args),
+        policy=shared.policy(),
+        log_path=log_path,
+        hooks=Hooks(mounted=mounted, ended=ended),
     )
-
-
-def _run_foreground(
-    args: argparse.Namespace,
-    root: Path,
-    record: MountRecord,
-    layers: list[Layer],
-    upper: Path | None,
-    work: Path | None,
-) -> int:
-    try:
-        return _serve(args, layers, upper, work, record.mountpoint)
-    finally:
-        _mount_ended(root, record)
-
-
-def _run_daemon(
-    args: argparse.Namespace,
-    root: Path,
-    record: MountRecord,
-    layers: list[Layer],
-    upper: Path | None,
-    work: Path | None,
-) -> int:
-    """Fork the daemon; return once its mount is live (0) or it failed (1, its reason)."""
-    from dataclasses import replace
-
-    from unionfs.daemon import MountError
-
-    log_dir = containers.mounts_dir(root)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = containers.record_path(root, record.mountpoint).with_suffix(".log")
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.setsid()
-            devnull = os.open(os.devnull, os.O_RDWR)
-            os.dup2(devnull, 0)
-            os.dup2(log_fd, 1)
-            os.dup2(log_fd, 2)
-            os.close(devnull)
-            try:
-                code = _serve(args, layers, upper, work, record.mountpoint)
-            except MountError as exc:
-                print(f"layerfs: {exc}", file=sys.stderr)
-            finally:
-                _mount_ended(root, replace(record, pid=os.getpid()))
-        except BaseException as exc:  # the daemon must never return into the CLI
-            with contextlib.suppress(Exception):
-                print(f"layerfs: daemon failed: {exc!r}", file=sys.stderr)
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            with contextlib.suppress(OSError):
-                if os.fstat(log_fd).st_size == 0:
-                    log_path.unlink()  # nothing to tell: no file left behind
-            os._exit(code)
-    os.close(log_fd)
-    # The registration passes to the daemon at once (this process is about to exit).
-    rec = replace(record, pid=pid, started=containers.proc_start(pid))
-    if containers.pid_alive(pid):
-        containers.write_record(root, rec)
-    deadline = time.monotonic() + MOUNT_WAIT
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            reason = _last_line(log_path) or f"the daemon exited ({status})"
-            raise CliError(reason.removeprefix("layerfs: "))
-        if containers.is_mount_point(rec.mountpoint):
-            return 0
-        if time.monotonic() > deadline:
-            raise CliError(f"{rec.mountpoint} not mounted after {MOUNT_WAIT:.0f}s (pid {pid})")
-        time.sleep(0.02)
-
-
-def _last_line(path: Path) -> str:
-    with contextlib.suppress(OSError):
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-        if lines:
-            return lines[-1].strip()
-    return ""
 
 
 # ---- umount, ps, which -------------------------------------------------------------------
@@ -339,7 +279,7 @@ def _unmount(mountpoint: str) -> str | None:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except FileNotFoundError:
             continue
-        if not containers.is_mount_point(mountpoint):
+        if not mountinfo.is_mount_point(mountpoint):
             return None
         err = err or proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else err
     return err or "it is busy"
@@ -347,15 +287,15 @@ def _unmount(mountpoint: str) -> str | None:
 
 def _fstype(mountpoint: str) -> str:
     """The filesystem type of the mount at `mountpoint` ('' if none), from mountinfo."""
-    found = containers.mount_at(mountpoint)
-    return found[2] if found is not None else ""
+    found = mountinfo.mount_at(mountpoint)
+    return found.fstype if found is not None else ""
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
     root = _store_root(args)
     mountpoint = os.path.realpath(args.mountpoint)
     rec = containers.read_record(root, mountpoint)
-    mounted = containers.is_mount_point(mountpoint)
+    mounted = mountinfo.is_mount_point(mountpoint)
     if not mounted and rec is None:
         print(f"layerfs: {args.mountpoint} is not mounted", file=sys.stderr)
         return 1

@@ -11,26 +11,8 @@ from pathlib import Path
 
 from unionfs.core.idmap import IdMap, IdMapError, Presentation, parse_id
 from unionfs.core.layers import DirLayer, Layer
+from unionfs.mount_options import OptionError, Shared
 
-# Mount options handed to FUSE as they are.
-FUSE_FLAGS = {
-    "allow_other", "allow_root", "default_permissions", "auto_unmount", "ro", "rw", "suid",
-    "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime", "relatime", "norelatime",
-    "strictatime", "nostrictatime", "nodiratime", "diratime", "sync", "async", "dirsync",
-    "lazytime", "nolazytime",
-}  # fmt: skip
-FUSE_VALUED = {"fsname", "subtype", "max_read", "context", "fscontext", "defcontext",
-               "rootcontext"}  # fmt: skip
-# Accepted for compatibility with fuse-overlayfs and kernel overlayfs, without effect:
-# our behaviour is fixed (redirects on, inode numbers always persistent, xattrs supported).
-IGNORED_FLAGS = {
-    "userxattr", "volatile", "fast_ino", "noxattrs", "static_nlink", "noacl", "writeback",
-    "nfs_export", "xattr_permissions",
-}  # fmt: skip
-IGNORED_VALUED = {
-    "redirect_dir", "index", "metacopy", "xino", "uuid", "nfs_export", "fsync", "threaded",
-    "timeout", "plugins", "xattr_permissions", "noxattrs", "writeback", "volatile",
-}  # fmt: skip
 _MAP_TRIPLE = re.compile(r"^\d+:\d+:\d+(:\d+:\d+:\d+)*$")
 
 
@@ -43,7 +25,7 @@ class OverlayOptions:
     lowers: list[Path] = field(default_factory=list)
     upper: Path | None = None
     work: Path | None = None
-    fuse: list[str] = field(default_factory=list)
+    shared: Shared = field(default_factory=Shared)  # FUSE and fuse-overlayfs options
     uidmap: list[str] = field(default_factory=list)
     gidmap: list[str] = field(default_factory=list)
     squash_uid: int | None = None
@@ -131,12 +113,11 @@ def parse_options(option_strings: list[str]) -> OverlayOptions:
                 out.upper = Path(_split_escaped(value, ",")[0])
             elif key == "workdir" and eq:
                 out.work = Path(_split_escaped(value, ",")[0])
-            elif (key in FUSE_FLAGS and not eq) or (key in FUSE_VALUED and eq):
-                out.fuse.append(opt)
-            elif (key in IGNORED_FLAGS and not eq) or (key in IGNORED_VALUED and eq):
-                continue
             else:
-                raise UsageError(f"unknown mount option {opt!r}")
+                try:
+                    out.shared.take(opt)
+                except OptionError as exc:
+                    raise UsageError(str(exc)) from None
     if not out.lowers:
         raise UsageError("missing -o lowerdir=TOP:...:BOTTOM")
     if (out.upper is None) != (out.work is None):
@@ -189,13 +170,6 @@ def run_overlay(args: argparse.Namespace) -> int:
         opts = parse_options(args.options or [])
         presentation = opts.presentation()
         check_paths(opts)
-        fuse = ["default_permissions", "fsname=layerfs", "subtype=layerfs"]
-        for o in opts.fuse:
-            key = o.partition("=")[0]
-            if key in ("fsname", "subtype"):
-                fuse = [f for f in fuse if not f.startswith(key + "=")]
-            if o not in fuse:
-                fuse.append(o)
         layers: list[Layer] = []
         for p in opts.lowers:
             layer = DirLayer(os.fsencode(p))
@@ -208,10 +182,11 @@ def run_overlay(args: argparse.Namespace) -> int:
             opts.upper,
             opts.work,
             Path(args.mountpoint),
-            fuse,
+            opts.shared.fuse,
             args.foreground,
             debug=args.debug,
             presentation=presentation,
+            policy=opts.shared.policy(),
         )
     except (UsageError, MountError) as exc:
         print(f"layerfs: {exc}", file=sys.stderr)

@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from layerstore import mountinfo
 from tests.difftest.fixtures import (
     MAIN_STACK,
     NOW_THRESHOLD_NS,
@@ -51,7 +52,7 @@ from tests.difftest.fixtures import (
     layer_fingerprint,
 )
 from tests.difftest.ops import Op, Outcome, apply, close_all
-from tests.mounting import _mount_points, overlay_mount
+from tests.mounting import overlay_mount
 from tests.treecmp import Node, compare, snapshot
 
 KERNEL_OPTS = ("redirect_dir=on", "index=on")
@@ -112,7 +113,7 @@ def format_ops(ops: Sequence[Op]) -> str:
 
 def _mounts_below(base: Path) -> list[bytes]:
     prefix = os.fsencode(os.path.realpath(base)) + b"/"
-    return [m for m in _mount_points() if m.startswith(prefix)]
+    return [m for m in mountinfo.mount_points() if m.startswith(prefix)]
 
 
 @contextmanager
@@ -130,13 +131,11 @@ def scratch_dir() -> Iterator[Path]:
 
 def check_kernel_index(mnt: Path) -> None:
     """Fail loudly if the kernel mounted without index (it falls back silently on some fs)."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            if os.fsencode(str(mnt)) in line.split()[4:5]:
-                if b"index=on" not in line:
-                    raise RuntimeError(f"kernel overlay at {mnt} runs without index=on: {line!r}")
-                return
-    raise RuntimeError(f"{mnt} is not mounted")
+    m = mountinfo.mount_at(mnt)
+    if m is None:
+        raise RuntimeError(f"{mnt} is not mounted")
+    if b"index=on" not in m.super_options.split(b","):
+        raise RuntimeError(f"kernel overlay at {mnt} runs without index=on: {m.super_options!r}")
 
 
 def inode_numbers(root: Path) -> dict[bytes, int]:

@@ -206,7 +206,7 @@ def test_fallocate_is_in_the_exerciser(tmp_path: Path) -> None:
 
 @pytest.mark.mount
 def test_punch_hole_is_in_the_exerciser(tmp_path: Path) -> None:
-    """fallocate with mode flags (the daemon's FALLOCATE handler, fuse_fallocate.py) works
+    """fallocate with mode flags (the daemon's FALLOCATE handler) works
     through the mount, so the exerciser really punches holes (findings H2, fixed)."""
     skipped = run_random_io(tmp_path, 7, 20)
     assert not skipped, skipped

@@ -10,15 +10,8 @@ import pytest
 
 from tests.conftest import require_fuse
 from tests.mounting import overlay_mount
-from unionfs import fuse_dircache
 
 pytestmark = pytest.mark.mount
-
-
-def test_shim_knows_this_pyfuse3() -> None:
-    # Without it every `ls` goes to the daemon again (30x slower warm); a pyfuse3 upgrade
-    # that changes the layout must be noticed here, not in a benchmark.
-    assert fuse_dircache.install()
 
 
 def listing(path: Path) -> list[str]:

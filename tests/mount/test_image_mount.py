@@ -227,8 +227,15 @@ def test_errors_are_one_line(store: Path, tmp_path: Path) -> None:
     _one_line_error(layerfs(store, "umount", str(mnt)), "not mounted")
     (store / "containers").mkdir(exist_ok=True)
     before = sorted((store / "containers").iterdir())
-    _one_line_error(layerfs(store, "mount", "t/base", str(mnt), "-o", "no_such_fuse_option"))
+    bad = layerfs(store, "mount", "t/base", str(mnt), "-o", "ro,no_such_fuse_option")
+    _one_line_error(bad, "unknown mount option 'no_such_fuse_option'")
+    _one_line_error(layerfs(store, "mount", "t/base", str(mnt), "-o", "index=off"), "not supported")
+    # Refused by the kernel in the daemon: its own reason, in one line.
+    failed = layerfs(store, "mount", "t/base", str(mnt), "-o", "context=no_such_label")
+    _one_line_error(failed, f"cannot mount {mnt}")
     assert sorted((store / "containers").iterdir()) == before  # no container left behind
+    assert list((store / "mounts").glob("*")) == []  # no record, no log
+    assert not is_mounted(mnt)
     with image_mount(store, "t/base", mnt, "--name", "busy"):
         other = tmp_path / "other"
         other.mkdir()

@@ -1,4 +1,4 @@
-"""The request loop (unionfs.fuse_loop): requests are served while a handler waits on a thread."""
+"""The request loop (unionfs.fuse.session): requests are served while a handler waits."""
 
 from __future__ import annotations
 

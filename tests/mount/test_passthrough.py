@@ -1,4 +1,4 @@
-"""Kernel passthrough (unionfs.fuse_passthrough): upper files, and every file of a read-only
+"""Kernel passthrough (unionfs.fuse.passthrough): upper files, and every file of a read-only
 mount, are read and written by the kernel directly; the rest keeps overlayfs' semantics.
 
 How a test sees passthrough: the kernel then reads the host file itself, so bytes changed in
@@ -49,7 +49,7 @@ def read(path: Path) -> bytes:
         return f.read()
 
 
-LARGE = 1 << 20  # read-only opens pass through from fuse_ops.PASSTHROUGH_MIN_READ (256 KiB)
+LARGE = 1 << 20  # read-only opens pass through from handlers.PASSTHROUGH_MIN_READ (256 KiB)
 SMALL = 4096
 
 
@@ -182,7 +182,7 @@ def test_mixed_opens_match_kernel_overlayfs(tmp_path: Path) -> None:
 
 def test_many_files_written_and_read_back(tmp_path: Path) -> None:
     """Each passthrough open registers a backing file, kept after the last close for the
-    next open of the same file until 1024 others are kept (fuse_ops.IDLE_BACKING): more
+    next open of the same file until 1024 others are kept (handlers.IDLE_BACKING): more
     files than that, some open at once, read twice; every open gets its own file's bytes
     (no backing id reaches the wrong file, none is used after it was dropped)."""
     lower, upper, work, mnt = (tmp_path / d for d in ("l", "u", "w", "m"))

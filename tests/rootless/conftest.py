@@ -5,7 +5,7 @@ Why a runtime copy: the venv's python is a symlink into /root/.pyenv (mode 0700)
 repository may live under /root, so the user can execute neither. The session copies
 unionfs/, layerstore/ and the venv's runtime site-packages into a 0755 directory under
 /var/tmp and runs them with Debian's python of the same version (same ABI for the compiled
-modules: pyfuse3, xxhash, zstandard).
+modules: xxhash, zstandard).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 
+from layerstore import mountinfo
 from tests import treecmp
 from tests.conftest import require_root, require_tool
 from tests.mounting import MOUNT_TIMEOUT, force_unmount, is_mounted, reap, wait_mounted
@@ -389,7 +390,7 @@ def rootless() -> Iterator[Rootless]:
         os.chmod(scratch, 0o755)
         rl = Rootless(USER, pw.pw_uid, pw.pw_gid, python, runtime, scratch)
         check = rl.run_as_user(
-            [python, "-c", "import pyfuse3, trio, xxhash, zstandard, unionfs.cli"],
+            [python, "-c", "import trio, xxhash, zstandard, unionfs.cli"],
             scratch,
             check=False,
         )
@@ -402,12 +403,10 @@ def rootless() -> Iterator[Rootless]:
 
 def _remove_tree(base: Path) -> None:
     """Remove the scratch tree, first unmounting anything a failed test left mounted in it."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        points = [line.split()[4].decode(errors="replace") for line in f]
-    prefix = str(base) + "/"
-    for p in sorted(points, reverse=True):
+    prefix = os.fsencode(base) + b"/"
+    for p in sorted(mountinfo.mount_points(), reverse=True):
         if p.startswith(prefix):
-            force_unmount(p)
+            force_unmount(os.fsdecode(p))
     shutil.rmtree(base, ignore_errors=True)
 
 

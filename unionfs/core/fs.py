@@ -106,7 +106,9 @@ class UnionFS:
         self.metadata_xattrs = self.rootless or any(
             getattr(layer, "overrides", False) for layer in self.lowers
         )
-        self.private = (b"trusted.overlay.",) + (
+        # fuse-overlayfs' own xattrs (user.fuseoverlayfs.*) are hidden everywhere, as
+        # fuse-overlayfs hides them: a lower written by it must not show its bookkeeping.
+        self.private = (b"trusted.overlay.", override.FUSE_OVERLAYFS_PREFIX) + (
             (b"user.overlay.", *override.HIDDEN_XATTRS) if self.metadata_xattrs else ()
         )
         self.present = presentation if presentation and not presentation.identity else None
@@ -488,6 +490,9 @@ class UnionFS:
         node = self.node(ino)
         self._writable()
         uid, gid = self._store_ids(uid, gid)
+        # A call that changes nothing (chown(f, -1, -1)) still changes the ctime, as on the
+        # kernel's overlay (notify_change with ATTR_CTIME on the upper): an empty chown.
+        touch = (uid, gid, mode, size, atime_ns, mtime_ns) == (None,) * 6
         handle = self.handles.files.get(fh) if fh is not None else None
         if node.unlinked and handle is None:
             handle_fd = self.handles.any_fd(node)
@@ -504,7 +509,7 @@ class UnionFS:
             else:
                 if mode is not None:
                     os.chmod(fd, stat.S_IMODE(mode))
-                if uid is not None or gid is not None:
+                if uid is not None or gid is not None or touch:
                     os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
             if atime_ns is not None or mtime_ns is not None:
                 cur = os.fstat(fd)
@@ -534,7 +539,7 @@ class UnionFS:
         if self.rootless and (uid is not None or gid is not None or mode is not None):
             self._set_override(node, dfd, name, uid, gid, None if is_link else mode)
         else:
-            if uid is not None or gid is not None:
+            if uid is not None or gid is not None or touch:
                 # The root: through its /proc link, followed (not the link itself).
                 os.chown(
                     name if name else b"/proc/self/fd/%d" % dfd,
@@ -1100,7 +1105,9 @@ class UnionFS:
         return self._loc_path(node)
 
     @_oserr
-    def setxattr(self, ino: Ino, name: bytes, value: bytes) -> None:
+    def setxattr(self, ino: Ino, name: bytes, value: bytes, flags: int = 0) -> None:
+        """`flags`: XATTR_CREATE or XATTR_REPLACE, applied to the upper copy (a lower object
+        is copied up first, as the kernel does)."""
         if name == CAPS_XATTR:
             self.node(ino).no_caps = False
         target = self._xattr_target(ino, name)
@@ -1108,13 +1115,14 @@ class UnionFS:
             # trusted.* always, security.* when refused: kept under a user.* name.
             if not override.privileged_xattr(name):
                 try:
-                    os.setxattr(target, name, value, follow_symlinks=False)
+                    os.setxattr(target, name, value, flags, follow_symlinks=False)
                     return
                 except PermissionError:
                     pass
-            os.setxattr(target, override.stored_xattr(name), value, follow_symlinks=False)
+            stored = override.stored_xattr(name)
+            os.setxattr(target, stored, value, flags, follow_symlinks=False)
             return
-        os.setxattr(target, name, value, follow_symlinks=False)
+        os.setxattr(target, name, value, flags, follow_symlinks=False)
 
     @_oserr
     def removexattr(self, ino: Ino, name: bytes) -> None:

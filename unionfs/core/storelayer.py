@@ -28,10 +28,8 @@ T = TypeVar("T")
 Dispatch = Callable[[Callable[[], Any]], Any]
 
 # Bounds of the caches (the kernel caches entries and listings of immutable layers for long,
-# so these mostly serve one pass over each directory; a 100,000-file image must stay small).
-# A walk of the 102,059-entry bench image peaked the daemon at 197 MiB with bounds 4x these
-# (and 4,096 indexed directories, resolve.INDEX_DIRS), at 153 MiB with these; its time did
-# not change beyond the noise (3 interleaved runs each).
+# so these mostly serve one pass over each directory; a 100,000-file image must stay small:
+# larger bounds cost memory and bought no speed, see scripts/BENCH-NOTES.md).
 LOOKUP_CACHE = 2048  # names looked up one by one: index rows
 CONVERTED_CACHE = 4096  # names: engine entries, per layer
 LISTING_CACHE = 256  # (layer, directory) listings

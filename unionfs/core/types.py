@@ -42,8 +42,8 @@ def kind_of_mode(mode: int) -> Kind:
 
 # Values: Stat, Entry, Resolved and fs.Attributes are never changed once made (use
 # dataclasses.replace), but are not frozen: a frozen dataclass's __init__ sets each field
-# through object.__setattr__, 4x the cost (2.6 vs 0.7 us for a Stat), and a directory read
-# makes one of each per entry.
+# through object.__setattr__, several times the cost, and a directory read makes one of
+# each per entry.
 @dataclass(slots=True)
 class Stat:
     """The attributes the union reports for an object (st_ino is decided by the inode table)."""

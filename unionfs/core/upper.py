@@ -35,9 +35,9 @@ _fallocate.restype = ctypes.c_int
 WORK_SUBDIR = b"work"
 TMP_PREFIX = b"#layerfs-"
 # Whiteouts are hard links of one whiteout kept in the work directory, as the kernel makes
-# them (since 5.8): creating an inode costs ~40x a link on this VM's ext4 (615 against 14 us;
-# unlinking 5,000 lower files took 4.9 s, the kernel 0.13 s). A new one is made after this
-# many links (ext4 allows 65,000 per inode) or when a link gets EMLINK.
+# them (since 5.8): a new inode costs far more than a link (scripts/BENCH-NOTES.md). A new
+# one is made after this many links (ext4 allows 65,000 per inode) or when a link gets
+# EMLINK.
 WHITEOUT_LINKS = 60_000
 
 
