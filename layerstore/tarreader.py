@@ -170,6 +170,11 @@ def parse_pax(buf: bytes) -> dict[bytes, bytes]:
     return records
 
 
+def _xattr_record(key: bytes, value: bytes) -> bool:
+    """A record Go's Header.Xattrs holds (the one xattr spelling the runtimes read)."""
+    return bool(value) and key.startswith(b"SCHILY.xattr.")
+
+
 def _checksum_ok(blk: bytes) -> bool:
     """Go accepts the stored sum of the bytes as unsigned or as signed chars (the checksum
     field itself counted as spaces)."""
@@ -357,8 +362,10 @@ class TarReader:
                     records = parse_pax(self._special(m))
                 except _Bad as exc:
                     raise self._error(f"invalid PAX header {show(m.name)}: {exc}") from None
-                if typ == XGLOBAL:
-                    return replace(m, pax=records)
+                if typ == XGLOBAL:  # returned as it is, its records applied to nothing else
+                    xattrs = {k[13:]: v for k, v in records.items() if _xattr_record(k, v)}
+                    name = records.get(b"path") or m.name
+                    return replace(m, name=name, xattrs=tuple(sorted(xattrs.items())), pax=records)
                 pax = records
                 continue
             if typ in (GNU_LONGNAME, GNU_LONGLINK):
@@ -457,7 +464,7 @@ class TarReader:
                 parse_pax_time(v)
             elif k == b"size":
                 size = parse_int(v)
-            elif k.startswith(b"SCHILY.xattr."):
+            elif _xattr_record(k, v):
                 xattrs[k[13:]] = v
         if long_name:
             name = long_name

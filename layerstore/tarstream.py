@@ -130,7 +130,7 @@ def _convert(
                 parent,
                 name,
                 kind,
-                mode,
+                0o777,  # whatever the header says: a Linux symlink has no mode of its own
                 m.uid,
                 m.gid,
                 len(target),

@@ -1,0 +1,353 @@
+"""Layers read as Go's archive/tar reads them: a corpus of tars from real producers and
+hand-damaged ones, compared member by member with a Go lister built from Debian's golang-go,
+and as images (layerfs unpack and a read-only mount) with `umoci unpack`."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from layerstore.errors import LayerError
+from layerstore.paths import normalize
+from layerstore.tarreader import TarReader
+from tests import images, tarcorpus
+from tests.conftest import require_fuse, require_root, require_tool
+from tests.image_fixtures import image_snapshot, layerfs, layerfs_ok
+from tests.mount.test_image_mount import image_mount
+from tests.store.test_umoci_oracle import oracle_diff
+from tests.treecmp import Node
+
+pytestmark = pytest.mark.tools
+
+GOLISTER = Path(__file__).resolve().parents[1] / "support" / "golister" / "main.go"
+Member = dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def golister(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Go lister, built once per session offline (standard library only)."""
+    go = require_tool("go")
+    work = tmp_path_factory.mktemp("golister")
+    env = {
+        **os.environ,
+        "GOCACHE": str(work / "cache"),
+        "GOPATH": str(work / "gopath"),
+        "GOTOOLCHAIN": "local",
+        "GOPROXY": "off",
+        "GO111MODULE": "off",
+        "GOFLAGS": "",
+    }
+    out = work / "golister"
+    subprocess.run([go, "build", "-o", str(out), str(GOLISTER)], env=env, check=True, cwd=work)
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the corpus is built: its source trees are `common/` and `rich/` in there."""
+    return tmp_path_factory.mktemp("tar-corpus")
+
+
+@pytest.fixture(scope="session")
+def corpus(corpus_dir: Path) -> dict[str, bytes]:
+    require_root()  # the source trees hold devices, foreign owners and set-id files
+    require_tool("tar")
+    require_tool("bsdtar")
+    cases = tarcorpus.corpus(corpus_dir)
+    assert sorted(cases) == sorted(tarcorpus.CASES)
+    return cases
+
+
+def go_read(golister: Path, tar: bytes) -> tuple[list[Member], str | None]:
+    """Go's reading: the members (each with the SHA-256 of its data) and the error, if any."""
+    proc = subprocess.run([golister], input=tar, capture_output=True, check=True)
+    members: list[Member] = []
+    for line in proc.stdout.splitlines():
+        rec = json.loads(line)
+        if "end" in rec:
+            return members, None
+        if "error" in rec:
+            return members, str(rec["error"])
+        b64 = {k: base64.b64decode(rec[k] or "") for k in ("name", "linkname")}
+        members.append(
+            {
+                **{k: rec[k] for k in ("size", "mode", "uid", "gid", "devmajor", "devminor")},
+                **b64,
+                "type": bytes([rec["type"]]),
+                "mtime_ns": rec["mtime_s"] * 1_000_000_000 + rec["mtime_nsec"],
+                "xattrs": [(base64.b64decode(k), base64.b64decode(v)) for k, v in rec["xattrs"]],
+                "sha256": rec["sha256"],
+            }
+        )
+    raise AssertionError(f"the Go lister ended without a verdict: {proc.stdout[-200:]!r}")
+
+
+def our_read(tar: bytes) -> tuple[list[Member], str | None]:
+    """layerstore.tarreader's reading, in the same shape."""
+    reader = TarReader(io.BytesIO(tar))
+    members: list[Member] = []
+    try:
+        while (m := reader.next()) is not None:
+            rec: Member = {
+                "type": m.type,
+                "name": m.name,
+                "linkname": m.linkname,
+                "size": m.size,
+                "mode": m.mode,
+                "uid": m.uid,
+                "gid": m.gid,
+                "devmajor": m.devmajor,
+                "devminor": m.devminor,
+                "mtime_ns": m.mtime_ns,
+                "xattrs": list(m.xattrs),
+            }
+            members.append(rec)
+            h = hashlib.sha256()
+            while chunk := reader.read(1 << 20):
+                h.update(chunk)
+            rec["sha256"] = h.hexdigest()
+    except LayerError as exc:
+        return members, str(exc)
+    return members, None
+
+
+# A global header: Go returns it with only its name (its PAX `path`) and records set.
+_GLOBAL_FIELDS = ("type", "name", "xattrs")
+
+
+def _comparable(members: list[Member], error: str | None) -> list[Member]:
+    out = []
+    for i, m in enumerate(members):
+        if m["type"] == b"g":
+            m = {k: m[k] for k in _GLOBAL_FIELDS}
+        if error is not None and i == len(members) - 1:
+            m = {k: v for k, v in m.items() if k != "sha256"}  # its data failed midway
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("name", tarcorpus.CASES)
+def test_reader_reads_every_member_as_go_does(
+    golister: Path, corpus: dict[str, bytes], name: str
+) -> None:
+    tar = corpus[name]
+    want, go_error = go_read(golister, tar)
+    got, error = our_read(tar)
+    assert (error is None) == (go_error is None), f"Go: {go_error!r}, layerfs: {error!r}"
+    assert _comparable(got, error) == _comparable(want, go_error)
+    if error is not None:
+        assert "\n" not in error
+    assert (name in tarcorpus.REFUSED) == (go_error is not None)  # the corpus means what it says
+
+
+# ---- as images: layerfs unpack and mount vs umoci unpack ---------------------------------
+
+
+def _layout(corpus: dict[str, bytes], work: Path, name: str) -> Path:
+    """An OCI layout whose image `t` has the case's tar as its one layer, byte for byte."""
+    layout = images.init_layout(work / "layout")
+    images.run(["umoci", "new", "--image", f"{layout}:t"])
+    tar = work / f"{name}.tar"
+    tar.write_bytes(corpus[name])
+    images.run(["umoci", "raw", "add-layer", "--no-history", "--image", f"{layout}:t", tar])
+    return layout
+
+
+_KINDS = {b"0": "file", b"7": "file", b"S": "file", b"5": "dir", b"2": "symlink"}
+_KINDS |= {b"3": "char", b"4": "block", b"6": "fifo"}
+
+
+def _tree_from_go(members: list[Member], ours: dict[bytes, Node]) -> dict[bytes, Node]:
+    """The tree Go's reading of a layer makes, for layers umoci refuses to unpack (a member of
+    type S, 7 or g) although Go reads them: each member's metadata and data as Go gives them,
+    a hard link as its target (no case using this repeats a path); directories only implied
+    by a path take what our tree shows (their metadata is not in the image)."""
+    tree: dict[bytes, Node] = {}
+    links: dict[bytes, list[bytes]] = {}
+    for m in members:
+        if m["type"] == b"g":
+            continue
+        rel = normalize(m["name"]).lstrip(b"/") or b"."
+        if m["type"] == b"1":
+            target = normalize(m["linkname"]).lstrip(b"/")
+            links.setdefault(target, [target]).append(rel)
+            tree[rel] = tree[target]
+            continue
+        kind = _KINDS[m["type"]]
+        tree[rel] = Node(
+            kind,
+            0o777 if kind == "symlink" else m["mode"] & 0o7777,
+            m["uid"],
+            m["gid"],
+            m["size"] if kind == "file" else len(m["linkname"]) if kind == "symlink" else None,
+            m["sha256"] if kind == "file" else None,
+            m["linkname"] if kind == "symlink" else None,
+            None if kind == "dir" else 1,
+            tuple(m["xattrs"]),
+            (m["devmajor"], m["devminor"]) if kind in ("char", "block") else None,
+            m["mtime_ns"],
+        )
+    for group in links.values():
+        for rel in group:
+            tree[rel] = dataclasses.replace(tree[rel], nlink=len(group))
+    for path in list(tree):
+        while b"/" in path:
+            path = path.rsplit(b"/", 1)[0]
+            if path not in tree and path in ours:
+                tree[path] = ours[path]
+    if b"." not in tree:
+        tree[b"."] = ours[b"."]
+    return tree
+
+
+# Mounted as well as unpacked (the mount shows what the index holds, as unpack does; a mount
+# of every case would double this module's time): every producer, and the hand-made cases
+# whose metadata the mount presents in its own way.
+MOUNTED = (
+    *tarcorpus.PRODUCERS, "unpadded-last-member", "pax-empty-values", "pax-overrides",
+    "symlink-with-size", "same-path-twice", "parents-never-appear", "sparse-pax-1.0-by-hand",
+)  # fmt: skip
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("name", tarcorpus.READABLE)
+def test_unpack_and_mount_equal_umoci(
+    golister: Path, corpus: dict[str, bytes], tmp_path: Path, name: str
+) -> None:
+    layout = _layout(corpus, tmp_path, name)
+    store = tmp_path / "store"
+    if name in MOUNTED:
+        require_fuse()
+        ours, mounted = _import_unpack_mount(store, f"oci:{layout}:t", tmp_path)
+    else:
+        layerfs_ok(store, "import", f"oci:{layout}:t", "--tag", "case:t")
+        layerfs_ok(store, "unpack", "case:t", str(tmp_path / "rootfs"))
+        ours = mounted = image_snapshot(tmp_path / "rootfs")
+    members, go_error = go_read(golister, corpus[name])
+    assert go_error is None
+    has_root = any(normalize(m["name"]) == b"/" for m in members)
+    if name in tarcorpus.UMOCI_REFUSES:
+        # umoci (and docker, for S and 7) refuse the member type; Go's reader is the oracle.
+        proc = subprocess.run(
+            ["umoci", "unpack", "--image", f"{layout}:t", str(tmp_path / "bundle")],
+            capture_output=True,
+            check=False,
+        )
+        assert proc.returncode != 0, "umoci unpacks it now: compare with it instead"
+        expected = _tree_from_go(members, ours)
+    else:
+        expected = image_snapshot(images.umoci_unpack(layout, "t", tmp_path / "bundle"))
+        assert images.hardlink_groups(tmp_path / "rootfs") == images.hardlink_groups(
+            tmp_path / "bundle" / "rootfs"
+        )
+    # A directory only implied by a member's path has no time in the image (umoci's is the
+    # time of its unpack): every other field is compared.
+    listed = {normalize(m["name"]).lstrip(b"/") or b"." for m in members}
+    implied = [p.decode(errors="backslashreplace") for p in expected if p not in listed]
+    mtimes = tuple(f"{p}: mtime_ns " for p in implied)
+    assert [d for d in oracle_diff(expected, ours, has_root) if not d.startswith(mtimes)] == []
+    assert [d for d in oracle_diff(expected, mounted, has_root) if not d.startswith(mtimes)] == []
+    # A duplicated path with other contents leaves the earlier contents unreferenced: no split.
+    _rebuilds(store, all_split=name != "same-path-twice")
+
+
+@pytest.mark.parametrize("name", tarcorpus.REFUSED)
+def test_what_go_refuses_is_refused_in_one_line(
+    corpus: dict[str, bytes], tmp_path: Path, name: str
+) -> None:
+    layout = _layout(corpus, tmp_path, name)
+    store = tmp_path / "store"
+    layerfs_ok(store, "images")  # an empty store
+    before = sorted(p.relative_to(store) for p in store.rglob("*") if "tmp" not in p.parts)
+    proc = layerfs(store, "import", f"oci:{layout}:t", "--tag", "case:t")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("layerfs: layer sha256:"), proc.stderr
+    assert layerfs_ok(store, "images", "--json").stdout.strip() in ("[]", "")
+    after = sorted(p.relative_to(store) for p in store.rglob("*") if "tmp" not in p.parts)
+    assert [p for p in after if p.parts[0] == "content"] == [
+        p for p in before if p.parts[0] == "content"
+    ]
+    shutil.rmtree(store)
+
+
+def _import_unpack_mount(
+    store: Path, source: str, tmp_path: Path
+) -> tuple[dict[bytes, Node], dict[bytes, Node]]:
+    """`layerfs import` of `source`, then its unpacked tree and its read-only mount's tree."""
+    layerfs_ok(store, "import", source, "--tag", "case:t")
+    layerfs_ok(store, "unpack", "case:t", str(tmp_path / "rootfs"))
+    with image_mount(store, "case:t", tmp_path / "mnt", "--ro"):
+        mounted = image_snapshot(tmp_path / "mnt")
+    return image_snapshot(tmp_path / "rootfs"), mounted
+
+
+def _rebuilds(store: Path, all_split: bool = True) -> None:
+    """Every layer has a tar-split (unless not `all_split`), and each rebuilds to its DiffID."""
+    with sqlite3.connect(store / "index.db") as conn:
+        splits = [r[0] for r in conn.execute("SELECT tarsplit FROM layers")]
+    conn.close()
+    assert splits and (all(splits) or not all_split)
+    out = layerfs_ok(store, "fsck", "--full").stdout.strip()
+    assert out == "store is consistent (all contents re-hashed)"
+
+
+ZSTD_CHUNKED = ("gnutar-posix", "gnutar-posix-sparse-1.0", "bsdtar-pax", "python-gnu")
+
+
+@pytest.mark.mount
+@pytest.mark.parametrize("name", ZSTD_CHUNKED)
+def test_zstd_chunked_layers_equal_umoci(
+    corpus: dict[str, bytes], tmp_path: Path, name: str
+) -> None:
+    # skopeo re-tars each layer into zstd:chunked (a TOC in skippable frames); umoci cannot
+    # read zstd, so the oracle is its unpack of the source image.
+    require_fuse()
+    layout = _layout(corpus, tmp_path, name)
+    images.skopeo_copy(
+        f"oci:{layout}:t", f"oci:{tmp_path / 'chunked'}:t",
+        "--dest-compress", "--dest-compress-format", "zstd:chunked",
+    )  # fmt: skip
+    man = json.loads((tmp_path / "chunked" / "index.json").read_text())["manifests"][0]
+    blob = tmp_path / "chunked" / "blobs" / "sha256" / man["digest"].removeprefix("sha256:")
+    layer = json.loads(blob.read_text())["layers"][0]
+    assert "io.containers.zstd-chunked.manifest-checksum" in layer["annotations"]
+    store = tmp_path / "store"
+    ours, mounted = _import_unpack_mount(store, f"oci:{tmp_path / 'chunked'}:t", tmp_path)
+    expected = image_snapshot(images.umoci_unpack(layout, "t", tmp_path / "bundle"))
+    assert oracle_diff(expected, ours) == []
+    assert oracle_diff(expected, mounted) == []
+    _rebuilds(store)
+
+
+@pytest.mark.mount
+def test_umoci_insert_layers_equal_umoci(
+    corpus: dict[str, bytes], corpus_dir: Path, tmp_path: Path
+) -> None:
+    # umoci insert writes each layer itself (Go's tar writer, its own whiteouts and opaque
+    # markers): a tree, a single file, a whiteout and an opaque directory, over a GNU tar layer.
+    require_fuse()
+    layout = _layout(corpus, tmp_path, "gnutar-posix")
+    ref = f"{layout}:t"
+    images.run(["umoci", "insert", "--image", ref, corpus_dir / "common", "/inserted"])
+    images.run(["umoci", "insert", "--image", ref, corpus_dir / "rich" / "xattrs", "/etc/x"])
+    images.run(["umoci", "insert", "--image", ref, "--whiteout", "/etc/motd.sym"])
+    images.run(["umoci", "insert", "--image", ref, "--opaque", corpus_dir / "common/bin", "/bin"])
+    store = tmp_path / "store"
+    ours, mounted = _import_unpack_mount(store, f"oci:{ref}", tmp_path)
+    expected = image_snapshot(images.umoci_unpack(layout, "t", tmp_path / "bundle"))
+    assert b"etc/motd.sym" not in expected and b"bin/suid" in expected
+    assert oracle_diff(expected, ours) == []
+    assert oracle_diff(expected, mounted) == []
+    _rebuilds(store)
