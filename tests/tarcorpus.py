@@ -290,6 +290,24 @@ def damaged() -> dict[str, bytes]:
                 d("dir-twice", mode=0o750),
             ]
         ),
+        "unknown-type-with-data": member(b"volume-label", b"V", b"skipped data\n" * 50)
+        + member(b"after", b"0", b"after an unknown type\n")
+        + EOF,
+        "hardlinks-and-replaced-targets": layer_tar(
+            [
+                f("t", b"old content\n"),
+                hard("l", "t"),
+                f("t", b"new content\n", mode=0o600),
+                f("t2", b"old t2\n"),
+                hard("l2", "t2"),
+                hard("l3", "l2"),
+                d("t2"),
+                f("t2/x", b"x"),
+                f("chain", b"chain\n"),
+                hard("chain.1", "chain"),
+                hard("chain.2", "chain.1"),
+            ]
+        ),
         "parents-never-appear": layer_tar(
             [f("p/q/r/deep", b"deep\n"), sym("s/t/link", "../../p"), hard("h/i/hard", "p/q/r/deep")]
         ),
@@ -348,10 +366,15 @@ READABLE_BY_HAND = (
     "base256-ustar", "pax-empty-values", "pax-overrides", "pax-global-ignored", "pax-then-eof",
     "gnu-longname-beats-pax", "dir-with-size-has-no-data", "symlink-with-size",
     "rega-slash-is-dir", "contiguous-file", "v7-header", "octal-with-spaces",
-    "sparse-pax-1.0-by-hand", "same-path-twice", "parents-never-appear",
+    "sparse-pax-1.0-by-hand", "same-path-twice", "parents-never-appear", "unknown-type-with-data",
+    "hardlinks-and-replaced-targets",
 )  # fmt: skip
 READABLE = PRODUCERS + READABLE_BY_HAND
 CASES = READABLE + REFUSED
 # Go reads these, but umoci refuses a member type in them: old GNU sparse (S), contiguous (7),
-# a global header (g; docker and containerd skip it, as we do).
-UMOCI_REFUSES = ("gnutar-gnu", "gnutar-oldgnu", "contiguous-file", "pax-global-ignored")
+# a global header (g; docker and containerd skip it, as we do), an unknown type (V: docker
+# refuses it too; we skip it with a warning).
+UMOCI_REFUSES = (
+    "gnutar-gnu", "gnutar-oldgnu", "contiguous-file", "pax-global-ignored",
+    "unknown-type-with-data",
+)  # fmt: skip
