@@ -58,7 +58,9 @@ class Member:
     """One member as Go's tar.Reader.Next returns it (after PAX, long-name and sparse headers).
 
     `size` is the logical size (a sparse file's expanded size); `offset` and `physical` are
-    where its data section lies in the stream and how long it is (0 for header-only types).
+    where its data section lies in the stream and how long it is (0 for header-only types;
+    a sparse member's map, in the data with PAX 1.0, is not part of it). `start` is where its
+    first header (extension headers included) begins.
     `xattrs` are the non-empty SCHILY.xattr records, sorted. `pax` holds every PAX record that
     applied to the member (global headers: their own records).
     """
@@ -78,6 +80,7 @@ class Member:
     sparse: bool
     offset: int
     physical: int
+    start: int
 
 
 def parse_int(s: bytes) -> int:
@@ -328,6 +331,7 @@ class TarReader:
             return None
         pax: dict[bytes, bytes] = {}
         long_name = long_link = b""
+        first = -1  # where this member's first header begins
         while True:
             self._skip_rest()
             self._holes = None
@@ -338,6 +342,8 @@ class TarReader:
                     return None
             self._name = b""
             start = self.pos
+            if first < 0:
+                first = start
             blk = self._read_up_to(BLOCK)
             if not blk:
                 self._done = True
@@ -353,7 +359,7 @@ class TarReader:
                     raise self._error("unexpected end of data after a zero block")
                 raise self._error("a zero block followed by a header (not an end-of-archive)")
             try:
-                m = self._header(blk, start)
+                m = self._header(blk, start, first)
             except _Bad as exc:
                 raise self._error(f"invalid tar header: {exc}") from None
             typ = m.type
@@ -390,7 +396,7 @@ class TarReader:
         data = self._phys(m.physical)
         return data
 
-    def _header(self, blk: bytes, start: int) -> Member:
+    def _header(self, blk: bytes, start: int, first: int) -> Member:
         """Go's readHeader + handleRegularFile for one header block."""
         fmt = _format(blk)
         if fmt is None:
@@ -432,7 +438,7 @@ class TarReader:
         self._pad = -physical % BLOCK
         return Member(
             typ, name, _cstr(blk[157:257]), size, mode, uid, gid, mtime * 1_000_000_000,
-            devmajor, devminor, (), {}, False, start + BLOCK, physical,
+            devmajor, devminor, (), {}, False, start + BLOCK, physical, first,
         )  # fmt: skip
 
     def _finish(
@@ -496,7 +502,7 @@ class TarReader:
             self._lsize = size
         m = Member(
             typ, name, link, size, m.mode, uid, gid, mtime, m.devmajor, m.devminor,
-            tuple(sorted(xattrs.items())), pax, spd is not None, self.pos, self._left,
+            tuple(sorted(xattrs.items())), pax, spd is not None, self.pos, self._left, m.start,
         )  # fmt: skip
         self._prev = name
         return m
