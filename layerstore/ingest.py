@@ -253,10 +253,15 @@ class Importer:
         db = self.sdb
         lid = sl.sid
         dirs: set[bytes] = {b"/"}
-        self._links: dict[bytes, list[bytes]] = {}  # first name of an inode -> its other names
+        # Names of the linked inodes of this layer: path -> inode, inode -> names (the first
+        # one's row is the FILE, the others' rows HARDLINKs to it), as the tar built them so far.
+        self._ino: dict[bytes, int] = {}
+        self._names: dict[int, list[bytes]] = {}
+        self._inodes = 0
         self._seen: set[bytes] = set()  # paths with a row in this layer
         self._pending: list[tuple[object, ...]] = []
         self._pending_x: list[tuple[object, ...]] = []
+        self._layer_id = lid
         self._put(lid, _implicit_dir(b"", b""), dirs)
         nfile = 0
         cut: list[int] = []
@@ -295,24 +300,32 @@ class Importer:
                 # an entry of the same layer always wins over its whiteout
             elif e.kind == EntryKind.HARDLINK:
                 assert e.link is not None
+                self._forget_name(path)  # a name linked again joins the target's inode
                 target = self._get(lid, *_split(e.link))
-                if target is not None and target.kind == EntryKind.HARDLINK:
-                    assert target.link is not None
-                    target = self._get(lid, *_split(target.link))
                 if target is None or target.kind in (EntryKind.DIR, EntryKind.WHITEOUT):
                     raise LayerError(
                         f"entry {show(path)}: hard link to {show(e.link)} which is not a file "
                         "earlier in this layer (links may not leave the layer)"
                     )
-                if target.kind == EntryKind.FILE:
-                    self._links.setdefault(target.path, []).append(path)
+                if target.kind in (EntryKind.FILE, EntryKind.HARDLINK):
+                    ino = self._ino.get(e.link)
+                    if ino is None:  # the target's first link
+                        self._inodes += 1
+                        ino = self._ino[e.link] = self._inodes
+                        self._names[ino] = [e.link]
+                    first = self._names[ino][0]
+                    if target.kind == EntryKind.HARDLINK:
+                        target = self._get(lid, *_split(first))
+                        assert target is not None
                     linked = replace(
                         target, parent=e.parent, name=e.name, kind=EntryKind.HARDLINK,
-                        link=target.path, nlink=1, implicit=False,
+                        link=first, nlink=1, implicit=False,
                     )  # fmt: skip
+                    self._put(lid, linked, dirs)
+                    self._ino[path] = ino
+                    self._names[ino].append(path)
                 else:  # a hard link to a symlink/device/fifo: stored as a copy of it
-                    linked = replace(target, parent=e.parent, name=e.name)
-                self._put(lid, linked, dirs)
+                    self._put(lid, replace(target, parent=e.parent, name=e.name), dirs)
             elif e.kind == EntryKind.FILE:
                 assert fobj is not None
                 key = self._stage_content(fobj, e.size, path, sl)
@@ -417,6 +430,9 @@ class Importer:
             for d in [d for d in dirs if d == path or d.startswith(lo)]:
                 dirs.discard(d)
             self._seen = {p for p in self._seen if not p.startswith(lo)}
+            for p in sorted(p for p in self._ino if p.startswith(lo)):
+                self._forget_name(p)
+        self._forget_name(path)
         if path in self._seen:
             self._flush()
             db.execute(
@@ -431,21 +447,46 @@ class Importer:
         if e.kind == EntryKind.DIR:
             dirs.add(path)
 
+    def _forget_name(self, path: bytes) -> None:
+        """`path` stops being a name of its linked inode (the tar replaces it, or drops the
+        directory holding it): if it was the inode's first name, the next one becomes the
+        FILE row and the others link to it, as the inode lives on under them."""
+        ino = self._ino.pop(path, None)
+        if ino is None:
+            return
+        names = self._names[ino]
+        was_first = names[0] == path
+        names.remove(path)
+        if not names:
+            del self._names[ino]
+        elif was_first:
+            self._flush()
+            lid, first = self._layer_id, names[0]
+            self.sdb.execute(
+                "UPDATE entries SET kind = ?, link = NULL WHERE layer = ? AND parent = ? "
+                "AND name = ?",
+                (int(EntryKind.FILE), lid, *_split(first)),
+            )
+            self.sdb.execute(
+                "UPDATE entries SET link = ? WHERE layer = ? AND kind = ? AND link = ?",
+                (first, lid, int(EntryKind.HARDLINK), path),
+            )
+
     def _finish_layer(self, sl: StagedLayer) -> None:
         self._flush()
         db = self.sdb
         lid = sl.sid
-        for target, links in self._links.items():
-            n = len(links) + 1
+        for names in self._names.values():
+            n = len(names)
             db.execute(
                 "UPDATE entries SET nlink = ? WHERE layer = ? AND parent = ? AND name = ? "
                 "AND kind = ?",
-                (n, lid, *_split(target), int(EntryKind.FILE)),
+                (n, lid, *_split(names[0]), int(EntryKind.FILE)),
             )
             db.executemany(
                 "UPDATE entries SET nlink = ? WHERE layer = ? AND parent = ? AND name = ? "
                 "AND kind = ? AND link = ?",
-                [(n, lid, *_split(p), int(EntryKind.HARDLINK), target) for p in links],
+                [(n, lid, *_split(p), int(EntryKind.HARDLINK), names[0]) for p in names[1:]],
             )
         sl.files = int(
             db.execute("SELECT COUNT(*) FROM entries WHERE layer = ?", (lid,)).fetchone()[0]

@@ -25,7 +25,9 @@ class SplitRecorder:
     """Passes a tar stream through, writing everything but declared file data to `out`.
 
     `cut(offset, size)` declares that stream bytes [offset, offset+size) are the data of the
-    file whose key `file(key, size)` gives next. Memory stays bounded by tarfile's read-ahead.
+    file whose key `file(key, size)` gives next; the reader declares a cut before it reads past
+    `offset` (tarreader never reads ahead), so everything read before is recorded as it comes:
+    memory stays bounded whatever the stream holds (big headers, bytes after the end).
     """
 
     def __init__(self, src: Readable, out: BinaryIO) -> None:
@@ -47,6 +49,8 @@ class SplitRecorder:
             self._pending += data[k:]
         else:
             self._pending += data
+        if len(self._pending) >= OUT:
+            self._raw(self._pos)
         return data
 
     def _raw(self, upto: int) -> None:
@@ -61,6 +65,8 @@ class SplitRecorder:
             self._flushed = upto
 
     def cut(self, offset: int, size: int) -> None:
+        if offset < self._flushed:
+            raise AssertionError(f"tar-split: cut at {offset}, already recorded to {self._flushed}")
         self._raw(offset)
         k = min(size, len(self._pending))
         del self._pending[:k]

@@ -6,6 +6,7 @@ pkgs=(
   attr zstd                                       # getfattr/setfattr for tests, zstd layers
   fuse-overlayfs                                  # the drop-in we compare against
   umoci skopeo buildah busybox-static             # real tools that build reference images
+  libarchive-tools golang-go                      # bsdtar layers; Go's archive/tar as oracle
   docker-registry                                 # a real OCI registry on 127.0.0.1
   zsh                                             # the zsh completion test
   uidmap passwd python3.11                        # rootless tests: newuidmap, useradd, a

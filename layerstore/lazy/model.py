@@ -232,8 +232,8 @@ def toc_entry(obj: Mapping[str, Any]) -> Entry | None:
         target_b = _str(obj, "linkName", what).encode("utf-8", "surrogateescape")
         if not target_b or b"\0" in target_b:
             raise LayerError(f"{what}: invalid symlink target")
-        return Entry(
-            parent, name, kind, mode, uid, gid, len(target_b), mtime, link=target_b, xattrs=xattrs
+        return Entry(  # mode 0777, as tarstream reads a symlink (Linux gives it no mode)
+            parent, name, kind, 0o777, uid, gid, len(target_b), mtime, link=target_b, xattrs=xattrs
         )
     rdev = None
     if kind in (EntryKind.CHAR, EntryKind.BLOCK):

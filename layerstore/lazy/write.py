@@ -27,25 +27,24 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from .. import tarreader as tr
 from ..blobwriter import LAYER_TYPES
 from ..errors import LayerError
 from ..paths import ancestors, normalize, show
-from ..tarstream import _BoundedTarInfo, _mtime_ns, _xattrs
 from . import estargz, zstdchunked
 from .model import ESTARGZ, ZSTD_CHUNKED, format_time
 
 CHUNK_SIZE = 4 << 20  # bytes of file data per chunk (files up to this size are one chunk)
 COPY = 1 << 20
 _TYPES = {
-    tarfile.REGTYPE: "reg",
-    tarfile.AREGTYPE: "reg",
-    tarfile.CONTTYPE: "reg",
-    tarfile.LNKTYPE: "hardlink",
-    tarfile.SYMTYPE: "symlink",
-    tarfile.CHRTYPE: "char",
-    tarfile.BLKTYPE: "block",
-    tarfile.DIRTYPE: "dir",
-    tarfile.FIFOTYPE: "fifo",
+    tr.REG: "reg",
+    tr.CONT: "reg",
+    tr.LINK: "hardlink",
+    tr.SYMLINK: "symlink",
+    tr.CHAR: "char",
+    tr.BLOCKDEV: "block",
+    tr.DIR: "dir",
+    tr.FIFO: "fifo",
 }
 
 
@@ -59,7 +58,7 @@ class Member:
     size: int
     end: int
     path: bytes
-    info: tarfile.TarInfo
+    info: tr.Member
 
 
 @dataclass(frozen=True)
@@ -75,42 +74,33 @@ class Written:
 
 
 def walk(src: BinaryIO) -> tuple[list[Member], int]:
-    """The members of a seekable tar, and where its end-of-archive bytes begin."""
+    """The members of a seekable tar as the import reads them (tarreader: Go's rules), and
+    where its end-of-archive bytes begin."""
     src.seek(0)
     members: list[Member] = []
-    try:
-        tf = tarfile.open(  # noqa: SIM115 - closed below
-            fileobj=src, mode="r:", tarinfo=_BoundedTarInfo, encoding="utf-8",
-            errors="surrogateescape",
-        )  # fmt: skip
-    except tarfile.ReadError as exc:
-        raise LayerError(f"not a tar archive: {exc}") from None
-    with tf:
-        while True:
-            try:
-                ti = tf.next()
-            except tarfile.TarError as exc:
-                raise LayerError(f"corrupt tar: {exc}") from None
-            if ti is None:
-                break
-            tf.members.clear()  # type: ignore[attr-defined]  # stream: keep no headers
-            raw = ti.name.encode("utf-8", "surrogateescape")
-            if ti.type not in _TYPES:
-                raise LayerError(f"entry {show(raw)}: tar type {ti.type!r} cannot be converted")
-            if ti.sparse is not None:
-                raise LayerError(f"entry {show(raw)}: sparse files cannot be converted")
-            try:
-                ti.name.encode("utf-8")
-                ti.linkname.encode("utf-8")
-            except UnicodeEncodeError:
-                raise LayerError(
-                    f"entry {show(raw)}: a name that is not UTF-8 has no TOC form"
-                ) from None
-            size = ti.size if ti.isreg() else 0
-            data_end = ti.offset_data + size
-            end = data_end + (-size % tarfile.BLOCKSIZE)
-            members.append(Member(ti.offset, ti.offset_data, size, end, normalize(raw), ti))
-        tail = tf.offset
+    reader = tr.TarReader(src)
+    tail = 0
+    start = -1  # a global header's bytes go with the next member
+    while (m := reader.next()) is not None:
+        if start < 0:
+            start = m.start
+        size = m.physical if m.type in (tr.REG, tr.CONT) else 0
+        end = m.offset + m.physical + (-m.physical % tarfile.BLOCKSIZE)
+        tail = end
+        if m.type == tr.XGLOBAL:
+            continue
+        if m.type not in _TYPES or m.sparse:
+            what = "sparse files" if m.sparse else f"tar type {m.type!r}"
+            raise LayerError(f"entry {show(m.name)}: {what} cannot be converted")
+        try:
+            m.name.decode("utf-8")
+            m.linkname.decode("utf-8")
+        except UnicodeDecodeError:
+            raise LayerError(
+                f"entry {show(m.name)}: a name that is not UTF-8 has no TOC form"
+            ) from None
+        members.append(Member(start, m.offset, size, end, normalize(m.name), m))
+        start = -1
     return members, tail
 
 
@@ -131,8 +121,8 @@ def order(members: Sequence[Member], prefetch: Sequence[bytes]) -> tuple[list[in
         for anc in ancestors(path):
             take(anc)
         m = members[idx[0]]
-        if m.info.islnk():
-            take(normalize(m.info.linkname.encode("utf-8", "surrogateescape")))
+        if m.info.type == tr.LINK:
+            take(normalize(m.info.linkname))
         if idx[0] not in taken:
             taken.add(idx[0])
             first.append(idx[0])
@@ -192,21 +182,20 @@ def _read(src: BinaryIO, off: int, n: int) -> bytes:
 
 def _toc_entry(m: Member) -> dict[str, Any]:
     ti = m.info
-    e: dict[str, Any] = {"name": ti.name, "type": _TYPES[ti.type]}
-    if ti.isdir() and not e["name"].endswith("/"):
+    e: dict[str, Any] = {"name": ti.name.decode(), "type": _TYPES[ti.type]}
+    if ti.type == tr.DIR and not e["name"].endswith("/"):
         e["name"] += "/"
-    if ti.linkname and (ti.islnk() or ti.issym()):
-        e["linkName"] = ti.linkname
+    if ti.linkname and ti.type in (tr.LINK, tr.SYMLINK):
+        e["linkName"] = ti.linkname.decode()
     for key, val in (("mode", ti.mode), ("size", m.size), ("uid", ti.uid), ("gid", ti.gid)):
         if val:
             e[key] = val
-    e["modtime"] = format_time(_mtime_ns(ti))
-    if ti.ischr() or ti.isblk():
+    e["modtime"] = format_time(ti.mtime_ns)
+    if ti.type in (tr.CHAR, tr.BLOCKDEV):
         e["devMajor"], e["devMinor"] = ti.devmajor, ti.devminor
-    xattrs = _xattrs(ti)
-    if xattrs:
+    if ti.xattrs:
         e["xattrs"] = {
-            k.decode("utf-8", "surrogateescape"): base64.b64encode(v).decode() for k, v in xattrs
+            k.decode("utf-8", "surrogateescape"): base64.b64encode(v).decode() for k, v in ti.xattrs
         }
     return e
 
@@ -324,7 +313,7 @@ def convert(
         if m.size:
             toc.extend(_file_entries(base, _copy_data(src, m, w, fmt, chunk_size), fmt))
             if n < nfirst:
-                first_paths.append(m.info.name)
+                first_paths.append(m.info.name.decode())
         else:
             toc.append(base)
         w.write(_read(src, m.data + m.size, m.end - m.data - m.size))

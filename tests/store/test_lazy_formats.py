@@ -538,7 +538,7 @@ def _with_tar_split(
             lines.append(
                 {
                     "type": 1,
-                    "name": m.info.name,
+                    "name": m.info.name.decode(),
                     "size": m.size,
                     "payload": "",
                     "position": len(lines),
